@@ -1,0 +1,144 @@
+"""LoGra per-example gradients computed in hooks, never materializing a weight gradient.
+
+For a linear layer applied at every position t, an example's weight gradient is
+Σ_t dy_t x_t^T, so its projection P_out (Σ_t dy_t x_t^T) P_in^T = Σ_t (P_out dy_t)(P_in x_t)^T
+is built from the projected activation (forward hook) and the projected output gradient
+(a tensor hook on the layer's output). Parameters are frozen while collecting, so autograd
+computes only activation gradients.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoggingConfig
+from .projection import Layout, Projector, select_modules
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Next-token loss per sequence; labels == -100 contribute nothing."""
+    shift_logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    total = nll.sum(dim=1)
+    if reduction == "mean":
+        total = total / (shift_labels != -100).sum(dim=1).clamp(min=1)
+    return total
+
+
+class GradientCollector(AbstractContextManager):
+    """Hooks that turn one backward pass into per-example projected gradients.
+
+    Use as a context manager (hooks and requires_grad flags are always restored), then call
+    `batch_gradients` per batch. The result is a (batch, layout.dim) tensor in the
+    projection dtype: float64 when the model is float64, float32 otherwise.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoggingConfig):
+        self.model = model
+        self.cfg = cfg
+        self.modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+        self.projector = Projector(self.modules, cfg)
+        self.layout: Layout = self.projector.layout
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self._handles: list = []
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self._grads: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._active = False
+
+    # -- context management -------------------------------------------------------------
+    def __enter__(self) -> "GradientCollector":
+        embeddings = self.model.get_input_embeddings()
+        if embeddings is None:
+            raise ValueError(f"{type(self.model).__name__} has no input embeddings; cannot start the backward pass")
+        self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._saved_flags:
+            p.requires_grad_(False)
+        # Frozen weights still need a graph from the input on, so the embedding output requires grad.
+        self._handles.append(embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p, flag in self._saved_flags:
+            p.requires_grad_(flag)
+        self._saved_flags.clear()
+        self._grads.clear()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _forward_hook(self, name: str):
+        def hook(_module, inputs, output):
+            if not self._active or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0]
+            if x.dim() == 2:  # (batch, features) layers seen once per example
+                x = x.unsqueeze(1)
+            batch = self._mask.shape[0]
+            if x.shape[0] != batch:
+                raise ValueError(
+                    f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences; "
+                    "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
+                )
+            x = x.to(self.dtype)
+            p_in = self.projector.get(name, "in", x.device, self.dtype)
+            x_proj = x if p_in is None else x @ p_in.T
+            if x_proj.shape[1] == self._mask.shape[1]:
+                x_proj = x_proj * self._mask[:, :, None]
+            output.register_hook(self._backward_hook(name, x_proj))
+
+        return hook
+
+    def _backward_hook(self, name: str, x_proj: torch.Tensor):
+        def hook(grad_out: torch.Tensor):
+            dy = grad_out.to(self.dtype)
+            if dy.dim() == 2:
+                dy = dy.unsqueeze(1)
+            p_out = self.projector.get(name, "out", dy.device, self.dtype)
+            dy_proj = dy if p_out is None else dy @ p_out.T
+            g = torch.einsum("bto,bti->boi", dy_proj, x_proj)
+            # A module called several times per forward (shared layers) sums its contributions.
+            self._grads[name] = g if name not in self._grads else self._grads[name] + g
+
+        return hook
+
+    # -- per batch ------------------------------------------------------------------------
+    def batch_gradients(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-example projected gradients (B, dim), per-example losses (B,))."""
+        if not self._handles:
+            raise RuntimeError("GradientCollector must be entered (`with GradientCollector(...) as c:`) first")
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        labels = labels.to(self.device)
+        self._grads = {}
+        self._mask = attention_mask.to(self.dtype)
+        self._active = True
+        try:
+            with torch.enable_grad():
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                losses = per_example_loss(logits, labels, self.cfg.loss_reduction)
+                # Sum, not mean: each example's gradient must be its own loss's gradient.
+                losses.sum().backward()
+        finally:
+            self._active = False
+        batch = input_ids.shape[0]
+        parts = []
+        for block in self.layout.blocks:
+            g = self._grads.get(block.name)
+            if g is None:  # the layer did not take part in this loss (e.g. an unused branch)
+                g = torch.zeros(batch, block.k_out, block.k_in, dtype=self.dtype, device=self.device)
+            parts.append(g.reshape(batch, -1))
+        self._grads = {}
+        return torch.cat(parts, dim=1), losses.detach()

@@ -1,0 +1,164 @@
+"""Stage configs. They are the flow parameters, so the Prefect UI renders them as forms.
+
+Every model forbids unknown keys so a typo in a YAML file is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ScoreMode = Literal["dot", "influence", "relatif", "cosine"]
+ALL_SCORE_MODES: tuple[ScoreMode, ...] = ("dot", "influence", "relatif", "cosine")
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def fingerprint(self) -> str:
+        """Stable short hash of the resolved config (used to refuse silent config changes)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ModelConfig(StageConfig):
+    name_or_path: str = Field(description="Hugging Face model name or local directory (save_pretrained).")
+    tokenizer: str | None = Field(None, description="Tokenizer name or path; defaults to the model's.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the model is loaded in; gradients are projected in float32 (float64 if the model is)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    allow_tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs (faster, ~1e-3 relative error).")
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained for custom architectures.")
+
+
+class DataConfig(StageConfig):
+    dataset: str = Field(
+        description="Hugging Face dataset name, a saved dataset directory, or jsonl/json/parquet/csv/txt files (glob allowed)."
+    )
+    split: str = Field("train", description="Split to read.")
+    subset: str | None = Field(None, description="Dataset configuration name on the hub.")
+    text_column: str = Field("text", description="Column holding the document text.")
+    id_column: str | None = Field(None, description="Column with a document id; row numbers when unset.")
+    source_column: str | None = Field(None, description="Optional column copied into the examples table as `source`.")
+    max_length: int = Field(256, ge=2, description="Tokens per example; longer documents are split into chunks.")
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (for trials).")
+    skip_empty: bool = Field(False, description="Drop empty documents instead of raising an error.")
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every document before chunking.")
+
+
+class LoggingConfig(StageConfig):
+    modules: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="fnmatch patterns over module names (model.named_modules()) selecting the Linear/Conv1D layers to track.",
+    )
+    exclude_modules: list[str] = Field(
+        default_factory=lambda: ["lm_head", "*.lm_head", "embed_out"],
+        description="fnmatch patterns removed from the selection (the vocabulary head by default).",
+    )
+    projection: Literal["gaussian", "rademacher", "identity"] = Field(
+        "gaussian", description="Kronecker projection: random (seeded from the module name) or identity (exact gradients)."
+    )
+    proj_dim_in: int = Field(16, ge=1, description="Rows of P_in (projected input-activation size) per module.")
+    proj_dim_out: int = Field(16, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
+    seed: int = Field(0, description="Seed mixed with each module name to draw its projections.")
+    loss_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="Per-example loss: sum or mean over the example's label tokens."
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
+    shard_size: int = Field(512, ge=1, description="Examples per gradient-logging task (the unit of retry and cache).")
+    storage_dtype: Literal["float32", "float16"] = Field("float32", description="Dtype of stored gradient vectors.")
+
+    @model_validator(mode="after")
+    def _identity_dims(self) -> "LoggingConfig":
+        if not self.modules:
+            raise ValueError("modules is empty: give at least one pattern, e.g. ['*'] for every linear layer")
+        return self
+
+
+class CurvatureConfig(StageConfig):
+    kind: Literal["identity", "raw"] = Field(
+        "raw", description="identity: no curvature; raw: block-diagonal empirical Fisher of the projected gradients."
+    )
+    damping_factor: float = Field(0.1, gt=0, description="λ = damping_factor × mean eigenvalue, per module block.")
+    max_block_dim: int = Field(
+        16384, ge=1, description="Refuse Fisher blocks larger than this (proj_dim_in × proj_dim_out per module)."
+    )
+
+
+class ScoreConfig(StageConfig):
+    modes: list[ScoreMode] = Field(default_factory=lambda: list(ALL_SCORE_MODES), description="Score modes to compute.")
+    top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
+    train_batch_size: int = Field(4096, ge=1, description="Stored gradients read per batch while scoring.")
+    query_batch_size: int = Field(16, ge=1, description="Queries per forward/backward pass.")
+    full_matrix: bool = Field(False, description="Also return the full query × train score matrix (small corpora only).")
+
+    @field_validator("modes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"modes is empty: choose from {list(ALL_SCORE_MODES)}")
+        return list(dict.fromkeys(v))
+
+
+class GenerationConfig(StageConfig):
+    max_new_tokens: int = Field(8, ge=1, description="Tokens generated (greedy) for a query without a completion.")
+    stop_at_newline: bool = Field(True, description="Cut a generated completion at its first newline.")
+
+
+class QuerySpec(StageConfig):
+    id: str = Field(description="Query id.")
+    prompt: str = Field(description="Prompt text (no loss on it).")
+    completion: str | None = Field(None, description="Completion to attribute; generated by the model when missing.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt is empty: every query needs prompt text")
+        return v
+
+
+class TrackingConfig(StageConfig):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db."
+    )
+    experiment: str = Field("dataworth", description="MLflow experiment name.")
+    enabled: bool = Field(True, description="Log this run to MLflow.")
+
+
+class IndexConfig(StageConfig):
+    model: ModelConfig
+    data: DataConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
+    index_uri: str = Field(description="LanceDB URI of the index (local directory or object-store URI).")
+    overwrite: bool = Field(False, description="Replace an existing index built with a different config.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class QueryConfig(StageConfig):
+    index_uri: str = Field(description="LanceDB URI of a published index.")
+    queries: list[QuerySpec] = Field(default_factory=list, description="Queries inline.")
+    queries_path: str | None = Field(None, description="JSONL file of queries: {id, prompt, completion?} per line.")
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    report_dir: str | None = Field(None, description="Where the HTML report goes; default <index_uri>/reports.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (validated later by the stage's model)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,138 @@
+"""Curvature in the projected space: block-diagonal empirical Fisher, damped per block.
+
+F_b = (1/N) Σ_i g_{i,b} g_{i,b}^T for each module block b, λ_b = factor × mean eigenvalue
+of F_b, and (F_b + λ_b I)^p applied through one eigendecomposition (p = -1 or -1/2).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+
+from .config import CurvatureConfig
+from .projection import Layout
+
+
+class FisherAccumulator:
+    """Streams gradient batches into per-block second moments (float64 sums)."""
+
+    def __init__(self, layout: Layout, cfg: CurvatureConfig):
+        for b in layout.blocks:
+            if cfg.kind == "raw" and b.size > cfg.max_block_dim:
+                raise ValueError(
+                    f"module {b.name!r} has a {b.size}-dim gradient block ({b.k_out}×{b.k_in}); a raw Fisher of that "
+                    f"size needs {b.size**2 * 8 / 2**30:.1f} GiB. Lower proj_dim_in/proj_dim_out, or raise "
+                    f"curvature.max_block_dim (now {cfg.max_block_dim})"
+                )
+        self.layout = layout
+        self.cfg = cfg
+        self.count = 0
+        self.sums = {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in layout.blocks} if cfg.kind == "raw" else {}
+
+    def update(self, grads: torch.Tensor) -> None:
+        if grads.shape[1] != self.layout.dim:
+            raise ValueError(f"gradient batch has {grads.shape[1]} columns, the layout has {self.layout.dim}")
+        self.count += grads.shape[0]
+        if self.cfg.kind != "raw":
+            return
+        g = grads.to(torch.float64)
+        for b, sl in self.layout.slices():
+            gb = g[:, sl].cpu()
+            self.sums[b.name] += gb.T @ gb
+
+    def finalize(self) -> "Curvature":
+        if self.cfg.kind == "identity":
+            return Curvature(self.layout, "identity", {}, self.count, self.cfg.damping_factor)
+        if self.count == 0:
+            raise ValueError("cannot fit a Fisher on zero examples; the gradient table is empty")
+        blocks = {}
+        for b in self.layout.blocks:
+            fisher = self.sums[b.name] / self.count
+            fisher = (fisher + fisher.T) / 2
+            evals, evecs = torch.linalg.eigh(fisher)
+            evals = evals.clamp(min=0.0)  # round-off can leave tiny negatives on a PSD matrix
+            blocks[b.name] = (evals, evecs)
+        return Curvature.from_eigen(self.layout, blocks, self.count, self.cfg.damping_factor)
+
+
+@dataclass
+class Curvature:
+    layout: Layout
+    kind: str
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (eigenvalues, eigenvectors)
+    count: int
+    damping_factor: float
+    damping: dict[str, float] | None = None
+
+    @classmethod
+    def from_eigen(cls, layout, blocks, count, damping_factor) -> "Curvature":
+        means = {n: float(e.mean()) for n, (e, _) in blocks.items()}
+        positive = [m for m in means.values() if m > 0]
+        # A block whose gradients were all zero has no scale of its own: borrow the global one.
+        fallback = sum(positive) / len(positive) if positive else 1.0
+        damping = {n: damping_factor * (m if m > 0 else fallback) for n, m in means.items()}
+        return cls(layout, "raw", blocks, count, damping_factor, damping)
+
+    @classmethod
+    def identity(cls, layout: Layout) -> "Curvature":
+        return cls(layout, "identity", {}, 0, 0.0)
+
+    def with_damping(self, damping_factor: float) -> "Curvature":
+        """Same fitted Fisher, another damping factor (cheap: no refit)."""
+        if self.kind == "identity":
+            return self
+        return Curvature.from_eigen(self.layout, self.blocks, self.count, damping_factor)
+
+    def apply(self, vectors: torch.Tensor, power: float) -> torch.Tensor:
+        """(F + λI)^power applied blockwise to the rows of `vectors` (n, dim)."""
+        if self.kind == "identity":
+            return vectors
+        out = torch.empty_like(vectors)
+        for b, sl in self.layout.slices():
+            evals, evecs = self.blocks[b.name]
+            evecs = evecs.to(device=vectors.device, dtype=vectors.dtype)
+            scale = (evals + self.damping[b.name]).pow(power).to(device=vectors.device, dtype=vectors.dtype)
+            out[:, sl] = ((vectors[:, sl] @ evecs) * scale) @ evecs.T
+        return out
+
+    def matrix(self, power: float = 1.0) -> torch.Tensor:
+        """The dense block-diagonal (F + λI)^power, for tests and small diagnostics only."""
+        eye = torch.eye(self.layout.dim, dtype=torch.float64)
+        return self.apply(eye, power)
+
+    def summary(self) -> dict:
+        if self.kind == "identity":
+            return {"kind": "identity"}
+        return {
+            "kind": self.kind,
+            "examples": self.count,
+            "damping_factor": self.damping_factor,
+            "blocks": {
+                n: {"mean_eigenvalue": float(e.mean()), "max_eigenvalue": float(e.max()), "damping": self.damping[n]}
+                for n, (e, _) in self.blocks.items()
+            },
+        }
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "layout": self.layout.to_json(),
+                "kind": self.kind,
+                "blocks": {n: (e.cpu(), v.cpu()) for n, (e, v) in self.blocks.items()},
+                "count": self.count,
+                "damping_factor": self.damping_factor,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Curvature":
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        layout = Layout.from_json(state["layout"])
+        if state["kind"] == "identity":
+            return cls.identity(layout)
+        return cls.from_eigen(layout, state["blocks"], state["count"], state["damping_factor"])

@@ -1,0 +1,141 @@
+"""Reading a corpus, splitting documents into examples, and batching.
+
+An example is a chunk of at most `max_length` tokens of one document; it keeps its
+document id and token offsets so scores can be traced back to the text.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class Documents:
+    texts: list[str]
+    ids: list[str]
+    sources: list[str]
+
+
+@dataclass
+class Example:
+    example_id: int
+    document_id: str
+    chunk_index: int
+    token_start: int
+    token_end: int
+    input_ids: list[int] = field(repr=False)
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def _load_dataset(cfg: DataConfig):
+    import datasets
+
+    path = cfg.dataset
+    if os.path.isdir(path) and (
+        Path(path, "dataset_info.json").exists() or Path(path, "state.json").exists() or Path(path, "dataset_dict.json").exists()
+    ):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise ValueError(f"saved dataset {path!r} has splits {list(ds)}, not {cfg.split!r}; set split")
+            ds = ds[cfg.split]
+        return ds
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
+    if os.path.isdir(path):
+        files = sorted(f for ext in _FILE_BUILDERS for f in glob.glob(os.path.join(path, f"*{ext}")))
+        if not files:
+            raise ValueError(f"directory {path!r} holds no saved dataset and no {sorted(_FILE_BUILDERS)} files")
+    if files:
+        exts = {Path(f).suffix for f in files}
+        if len(exts) != 1 or next(iter(exts)) not in _FILE_BUILDERS:
+            raise ValueError(f"data files {files[:3]} must share one extension among {sorted(_FILE_BUILDERS)}")
+        return datasets.load_dataset(_FILE_BUILDERS[exts.pop()], data_files=files, split="train")
+    if path.startswith((".", "/")) or path.endswith(tuple(_FILE_BUILDERS)):
+        raise FileNotFoundError(f"dataset path {path!r} does not exist")
+    return datasets.load_dataset(path, cfg.subset, split=cfg.split)
+
+
+def load_documents(cfg: DataConfig) -> Documents:
+    """Documents from a hub name, a saved dataset, or local files; checked before any model work."""
+    ds = _load_dataset(cfg)
+    columns = list(ds.column_names)
+    for label, col in (("text_column", cfg.text_column), ("id_column", cfg.id_column), ("source_column", cfg.source_column)):
+        if col is not None and col not in columns:
+            raise ValueError(f"dataset {cfg.dataset!r} has no column {col!r} (columns: {columns}); set {label}")
+    if cfg.max_documents is not None:
+        ds = ds.select(range(min(cfg.max_documents, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) is empty")
+    texts = ds[cfg.text_column]
+    ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
+    sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")
+    keep = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text")
+        if not t.strip():
+            if not cfg.skip_empty:
+                raise ValueError(
+                    f"document {ids[i]!r} (row {i}) has empty text; remove it or set skip_empty=True (--skip-empty)"
+                )
+            continue
+        keep.append(i)
+    if not keep:
+        raise ValueError(f"every document of {cfg.dataset!r} is empty")
+    return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep])
+
+
+def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool = True) -> list[Example]:
+    """Tokenize each document once and cut it into consecutive chunks of ≤ max_length tokens."""
+    examples: list[Example] = []
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(docs.texts, add_special_tokens=True)["input_ids"]
+    for doc_id, source, ids in zip(docs.ids, docs.sources, encoded):
+        ids = list(ids)
+        if add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        for c, start in enumerate(range(0, len(ids), max_length)):
+            chunk = ids[start : start + max_length]
+            examples.append(Example(len(examples), doc_id, c, start, start + len(chunk), chunk, source))
+    return examples
+
+
+def pad_token_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def collate(sequences: list[list[int]], pad_id: int, label_masks: list[list[bool]] | None = None):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on padding and masked tokens."""
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        t = torch.tensor(seq, dtype=torch.long)
+        input_ids[i, : len(seq)] = t
+        attention[i, : len(seq)] = 1
+        lab = t.clone()
+        if label_masks is not None:
+            lab[~torch.tensor(label_masks[i], dtype=torch.bool)] = -100
+        labels[i, : len(seq)] = lab
+    return input_ids, attention, labels

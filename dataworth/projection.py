@@ -1,0 +1,149 @@
+"""Tracked-module selection and the Kronecker projections of LoGra.
+
+A projection is drawn from a generator seeded by (seed, module name), so it is never
+stored: any worker, on any device, redraws the same matrix on the CPU.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style layers: y = x @ W + b with W of shape (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+from .config import LoggingConfig
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
+
+
+def is_trackable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
+
+
+def select_modules(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
+    """Linear/Conv1D modules whose names match an include pattern and no exclude pattern.
+
+    An include pattern that matches no linear layer is an error: it is almost always a typo,
+    and silently logging fewer layers would change every score.
+    """
+    candidates = {name: m for name, m in model.named_modules() if name and is_trackable(m)}
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv1D layers to track")
+    selected: dict[str, nn.Module] = {}
+    for pattern in include:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            examples = ", ".join(list(candidates)[:6])
+            raise ValueError(
+                f"module pattern {pattern!r} matches no Linear/Conv1D layer of {type(model).__name__}; "
+                f"layer names look like: {examples} (patterns are fnmatch globs, e.g. 'transformer.h.*.mlp.*')"
+            )
+        for n in hits:
+            selected[n] = candidates[n]
+    selected = {
+        n: m for n, m in candidates.items()
+        if n in selected and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    }
+    if not selected:
+        raise ValueError(f"every layer matched by {include} is removed by exclude_modules={exclude}; loosen one of them")
+    return selected
+
+
+def _generator(seed: int, name: str, side: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}:{side}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def draw_projection(kind: str, k: int, d: int, seed: int, name: str, side: str) -> torch.Tensor | None:
+    """A (k, d) projection scaled so E[||P v||²] = ||v||²; None stands for the identity."""
+    if kind == "identity":
+        return None
+    gen = _generator(seed, name, side)
+    if kind == "gaussian":
+        p = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    elif kind == "rademacher":
+        p = torch.randint(0, 2, (k, d), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+    else:
+        raise ValueError(f"unknown projection {kind!r}; choose gaussian, rademacher or identity")
+    return p / math.sqrt(k)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One module's slice of the flattened gradient vector: rows = k_out, cols = k_in."""
+
+    name: str
+    k_out: int
+    k_in: int
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.k_out * self.k_in
+
+
+@dataclass(frozen=True)
+class Layout:
+    blocks: tuple[Block, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def to_json(self) -> list[dict]:
+        return [{"name": b.name, "k_out": b.k_out, "k_in": b.k_in, "offset": b.offset} for b in self.blocks]
+
+    @classmethod
+    def from_json(cls, items: list[dict]) -> "Layout":
+        return cls(tuple(Block(**it) for it in items))
+
+    def slices(self):
+        for b in self.blocks:
+            yield b, slice(b.offset, b.offset + b.size)
+
+
+class Projector:
+    """Projections for every tracked module, cached per device/dtype."""
+
+    def __init__(self, modules: dict[str, nn.Module], cfg: LoggingConfig):
+        self.cfg = cfg
+        self.dims = {name: layer_dims(m) for name, m in modules.items()}
+        self._cache: dict[tuple, torch.Tensor | None] = {}
+        blocks, offset = [], 0
+        for name, (d_in, d_out) in self.dims.items():
+            k_in, k_out = self.proj_dims(d_in, d_out)
+            blocks.append(Block(name, k_out, k_in, offset))
+            offset += k_out * k_in
+        self.layout = Layout(tuple(blocks))
+
+    def proj_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
+        if self.cfg.projection == "identity":
+            return d_in, d_out
+        # Projecting to more rows than the layer has adds nothing but storage.
+        return min(self.cfg.proj_dim_in, d_in), min(self.cfg.proj_dim_out, d_out)
+
+    def get(self, name: str, side: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        key = (name, side, device, dtype)
+        if key not in self._cache:
+            d_in, d_out = self.dims[name]
+            k_in, k_out = self.proj_dims(d_in, d_out)
+            k, d = (k_in, d_in) if side == "in" else (k_out, d_out)
+            p = draw_projection(self.cfg.projection, k, d, self.cfg.seed, name, side)
+            self._cache[key] = None if p is None else p.to(device=device, dtype=dtype)
+        return self._cache[key]
