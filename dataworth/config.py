@@ -97,7 +97,10 @@ class ScoreConfig(StageConfig):
     top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
     train_batch_size: int = Field(4096, ge=1, description="Stored gradients read per batch while scoring.")
     query_batch_size: int = Field(16, ge=1, description="Queries per forward/backward pass.")
-    full_matrix: bool = Field(False, description="Also return the full query × train score matrix (small corpora only).")
+    full_matrix: bool = Field(False, description="Also save the full query × train score matrix (small corpora only).")
+    damping_factor: float | None = Field(
+        None, gt=0, description="Override the index's damping factor for this run (refits nothing: same eigenbasis)."
+    )
 
     @field_validator("modes")
     @classmethod
@@ -131,6 +134,7 @@ class TrackingConfig(StageConfig):
     )
     experiment: str = Field("dataworth", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log this run to MLflow.")
+    parent_run_id: str | None = Field(None, description="MLflow run this run nests under (set by the demo flow).")
 
 
 class IndexConfig(StageConfig):
@@ -162,3 +166,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+class DemoConfig(StageConfig):
+    workspace: str = Field("dataworth-runs/demo", description="Folder for the corpus, model, index and reports.")
+    corpus_size: Literal["small", "medium", "large"] = Field("small", description="Generated fact-corpus preset.")
+    seed: int = Field(0, description="Seed of the corpus, the model initialization and the projections.")
+    train_epochs: int | None = Field(None, ge=1, description="Training epochs of the tiny model (preset default when unset).")
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig(batch_size=16, shard_size=128))
+    curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    show_queries: int = Field(8, ge=0, description="Queries printed with their top-5 (all are in the report).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -147,3 +147,10 @@ class Projector:
             p = draw_projection(self.cfg.projection, k, d, self.cfg.seed, name, side)
             self._cache[key] = None if p is None else p.to(device=device, dtype=dtype)
         return self._cache[key]
+
+
+def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
+    """(layout of the stored vector, number of weights it compresses) without running the model."""
+    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    projector = Projector(modules, cfg)
+    return projector.layout, sum(d_in * d_out for d_in, d_out in projector.dims.values())

@@ -1,0 +1,105 @@
+"""The `index` flow: tokenize → log gradients (one task per shard) → fit curvature → publish."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from prefect import flow, get_run_logger
+
+from dataworth.config import IndexConfig
+from dataworth.fingerprint import data_fingerprint, model_fingerprint
+from tasks.index import fit_curvature, index_state, log_gradients, prune_index, publish_index, tokenize_corpus
+from tasks.tracking import Tracker
+
+# What the stored gradients depend on; the curvature may change without a rebuild.
+GRADIENT_KEYS = ("model", "data", "logging")
+
+
+def _check_compatible(config: IndexConfig, manifest: dict | None) -> None:
+    if manifest is None or config.overwrite:
+        return
+    old, new = manifest["config"], config.model_dump(mode="json")
+    changed = [k for k in GRADIENT_KEYS if old.get(k) != new[k]]
+    if changed:
+        diffs = "; ".join(
+            f"{k}.{f}: {old[k].get(f)!r} → {new[k][f]!r}" for k in changed for f in new[k] if old[k].get(f) != new[k][f]
+        )
+        raise ValueError(
+            f"index {config.index_uri!r} was built with a different config ({diffs}). Pass overwrite=True "
+            "(--overwrite) to rebuild it, or choose another index_uri"
+        )
+
+
+@flow(name="index", log_prints=True)
+def index_flow(config: IndexConfig, progress: bool = True) -> dict:
+    """Build (or bring up to date) an attribution index over a corpus."""
+    log = get_run_logger()
+    state = index_state(config.index_uri)
+    _check_compatible(config, state["manifest"])
+    fresh = config.overwrite or not state["has_examples"]
+    if config.overwrite and (state["manifest"] or state["has_examples"]):
+        state = prune_index(config.index_uri, drop_all=True)
+
+    tracker = Tracker(config.tracking)
+    run_id = tracker.start("index", config.model_dump(mode="json"), {"dataworth.flow": "index"})
+    common = {"run_id": run_id, "tracking_uri": tracker.uri}
+    ok = False
+    try:
+        tok = tokenize_corpus.with_options(refresh_cache=fresh)(
+            config.index_uri, config.model, config.data, data_fingerprint(config.data), **common
+        )
+        n_shards = math.ceil(tok["examples"] / config.logging.shard_size)
+        mfp = model_fingerprint(config.model)
+        present = set(state["shards"])
+        futures = [
+            log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
+                config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s,
+                progress=progress, **common,
+            )
+            for s in range(n_shards)
+        ]
+        shards = [f.result() for f in futures]
+        # A corpus that shrank leaves shards past the new end behind: they must not be scored.
+        after = prune_index(config.index_uri, keep_shards=n_shards)
+        curv = fit_curvature(
+            config.index_uri, config.curvature, shards[0]["layout"], after["gradients_version"], **common
+        )
+        tokens = sum(s["tokens"] for s in shards)
+        seconds = sum(s["seconds"] for s in shards)
+        manifest = {
+            "config": config.model_dump(mode="json", exclude={"overwrite", "tracking"}),
+            "model_fingerprint": mfp,
+            "data_fingerprint": data_fingerprint(config.data),
+            "layout": shards[0]["layout"],
+            "dim": shards[0]["dim"],
+            "full_gradient_params": shards[0]["full_gradient_params"],
+            "num_examples": tok["examples"],
+            "num_documents": tok["documents"],
+            "num_tokens": tok["tokens"],
+            "examples_version": tok["examples_version"],
+            "gradients_version": after["gradients_version"],
+            "curvature_artifact": curv["artifact"],
+            "mlflow_run_id": run_id,
+        }
+        published = publish_index(config.index_uri, manifest, **common)
+        tracker.artifact_text("index_config.json", config.model_dump_json(indent=2))
+        tracker.artifact_text("manifest.json", json.dumps(manifest, indent=2))
+        ok = True
+    finally:
+        tracker.finish(ok)
+    summary = {
+        "index_uri": config.index_uri,
+        "examples": tok["examples"],
+        "documents": tok["documents"],
+        "shards": n_shards,
+        "dim": manifest["dim"],
+        "compression_ratio": manifest["full_gradient_params"] / manifest["dim"],
+        "bytes_stored": published["bytes_stored"],
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracker.uri,
+    }
+    log.info("index ready at %s: %d examples, %d-dim gradients (%.0f× compression)",
+             config.index_uri, tok["examples"], manifest["dim"], summary["compression_ratio"])
+    return summary

@@ -1,0 +1,161 @@
+"""Index stages: tokenize → log gradients (per shard) → fit curvature → publish."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import torch
+from prefect import get_run_logger, task
+
+from dataworth.config import CurvatureConfig, DataConfig, LoggingConfig, ModelConfig
+from dataworth.curvature import FisherAccumulator
+from dataworth.data import Example, chunk_documents, load_documents
+from dataworth.gradients import log_example_gradients
+from dataworth.model import load_tokenizer
+from dataworth.projection import Layout, describe_layout
+from storage import IndexStore
+from storage.schemas import SCHEMA_VERSION
+
+from .common import CACHE, IO_RETRIES, cached_model
+from .tracking import Tracker
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@task(name="index_state", **IO_RETRIES)
+def index_state(index_uri: str) -> dict:
+    """What an index holds now: its manifest (if published), tables and gradient shards."""
+    return IndexStore(index_uri).state()
+
+
+@task(name="prune_index", **IO_RETRIES)
+def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None = None) -> dict:
+    """Drop the whole index (overwrite), or gradient shards numbered keep_shards and above."""
+    store = IndexStore(index_uri)
+    if drop_all:
+        store.drop()
+    elif keep_shards is not None:
+        store.delete_shards_from(keep_shards)
+    return store.state()
+
+
+@task(name="tokenize_corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def tokenize_corpus(
+    index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str,
+    run_id: str | None = None, tracking_uri: str | None = None,
+) -> dict:
+    """Read documents, split them into ≤ max_length-token examples, write the examples table."""
+    start = time.perf_counter()
+    docs = load_documents(data)
+    tokenizer = load_tokenizer(model)
+    examples = chunk_documents(docs, tokenizer, data.max_length, data.add_eos)
+    table = pa.table(
+        {
+            "example_id": pa.array([e.example_id for e in examples], pa.int64()),
+            "document_id": [e.document_id for e in examples],
+            "chunk_index": pa.array([e.chunk_index for e in examples], pa.int32()),
+            "token_start": pa.array([e.token_start for e in examples], pa.int32()),
+            "token_end": pa.array([e.token_end for e in examples], pa.int32()),
+            "num_tokens": pa.array([e.num_tokens for e in examples], pa.int32()),
+            "text": [tokenizer.decode(e.input_ids) for e in examples],
+            "source": [e.source or None for e in examples],
+            "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
+        }
+    )
+    version = IndexStore(index_uri).write_examples(table)
+    n_tokens = int(sum(e.num_tokens for e in examples))
+    seconds = time.perf_counter() - start
+    Tracker.attach(tracking_uri, run_id).metrics(
+        {"documents": len(docs.texts), "examples": len(examples), "tokens": n_tokens, "tokenize_seconds": seconds}
+    )
+    get_run_logger().info("tokenized %d documents into %d examples (%d tokens)", len(docs.texts), len(examples), n_tokens)
+    return {"examples_version": version, "examples": len(examples), "documents": len(docs.texts), "tokens": n_tokens}
+
+
+def _shard_examples(store: IndexStore, examples_version: int, lo: int, hi: int) -> list[Example]:
+    t = store.read_examples(
+        columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids"],
+        version=examples_version, where=f"example_id >= {lo} AND example_id < {hi}",
+    ).to_pydict()
+    return [
+        Example(eid, doc, c, s, e, ids)
+        for eid, doc, c, s, e, ids in zip(
+            t["example_id"], t["document_id"], t["chunk_index"], t["token_start"], t["token_end"], t["input_ids"]
+        )
+    ]
+
+
+@task(name="log_gradients", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES,
+      task_run_name="log_gradients-shard-{shard}")
+def log_gradients(
+    index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str,
+    examples_version: int, shard: int, run_id: str | None = None, tracking_uri: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Projected per-example gradients of one shard of examples, written to the gradients table."""
+    store = IndexStore(index_uri)
+    lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
+    examples = _shard_examples(store, examples_version, lo, hi)
+    if not examples:
+        raise ValueError(f"shard {shard} (example ids {lo}..{hi - 1}) is empty; the examples table has fewer rows")
+    lm, tokenizer = cached_model(model)
+    start = time.perf_counter()
+    ids, rows = [], []
+    for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress=progress):
+        ids.append(batch_ids)
+        rows.append(grads)
+    seconds = time.perf_counter() - start
+    ids_np = torch.cat(ids).numpy()
+    vectors = torch.cat(rows).numpy()
+    store.write_gradient_shard(shard, ids_np, vectors, logging.storage_dtype)
+    tokens = sum(e.num_tokens for e in examples)
+    layout, full_params = describe_layout(lm, logging)
+    stats = {"shard": shard, "examples": len(examples), "tokens": tokens, "seconds": seconds,
+             "layout": layout.to_json(), "dim": layout.dim, "full_gradient_params": full_params}
+    Tracker.attach(tracking_uri, run_id).metrics(
+        {"log_tokens_per_s": tokens / seconds, "log_examples_per_s": len(examples) / seconds,
+         "peak_memory_mb": _peak_memory_mb()}, step=shard,
+    )
+    return stats
+
+
+@task(name="fit_curvature", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def fit_curvature(
+    index_uri: str, curvature: CurvatureConfig, layout: list[dict], gradients_version: int,
+    run_id: str | None = None, tracking_uri: str | None = None, batch_size: int = 4096,
+) -> dict:
+    """Stream the gradients table into the block-diagonal Fisher and store its eigendecomposition."""
+    store = IndexStore(index_uri)
+    start = time.perf_counter()
+    acc = FisherAccumulator(Layout.from_json(layout), curvature)
+    for _ids, vectors, _sq in store.iter_gradients(batch_size, version=gradients_version):
+        acc.update(torch.from_numpy(vectors))
+    curv = acc.finalize()
+    key = f"curvature-{curvature.fingerprint()}-v{gradients_version}"
+    store.write_artifact(key, curv.to_bytes())
+    summary = curv.summary()
+    Tracker.attach(tracking_uri, run_id).metrics({"curvature_seconds": time.perf_counter() - start})
+    return {"artifact": key, "examples": acc.count, "summary": json.dumps(summary)}
+
+
+@task(name="publish_index", **IO_RETRIES)
+def publish_index(index_uri: str, manifest: dict, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+    """Write the manifest last: only then does the index exist for queries."""
+    store = IndexStore(index_uri)
+    manifest = {**manifest, "schema_version": SCHEMA_VERSION, "published_at": time.time()}
+    store.publish_manifest(manifest)
+    stored = store.bytes_stored()
+    n, dim = manifest["num_examples"], manifest["dim"]
+    Tracker.attach(tracking_uri, run_id).metrics(
+        {"bytes_stored": stored, "gradient_dim": dim,
+         "compression_ratio": manifest["full_gradient_params"] / max(dim, 1), "indexed_examples": n}
+    )
+    return {"index_uri": index_uri, "bytes_stored": stored, "gradients_version": manifest["gradients_version"]}

@@ -1,0 +1,175 @@
+"""HTML report: escaping, relevance marking, optional sections, atomic writes."""
+
+import base64
+import os
+import re
+import stat
+from html.parser import HTMLParser
+
+import pytest
+
+from dataworth.report import TEXT_LIMIT, render_query_report, write_report
+
+EVIL = '<script>alert("x")</script>'
+
+QUERIES = [
+    {"id": "q-cat", "prompt": "The cat sat on", "completion": " the mat.", "generated": True},
+    {"id": "q-dog", "prompt": "Dogs like", "completion": " bones.", "generated": False},
+]
+
+
+def rows(prefix, relevant=(True, False, None)):
+    return [
+        {"rank": i + 1, "score": 1.0 / (i + 1) * 3.14159265, "example_id": f"{prefix}-ex{i}",
+         "document_id": f"{prefix}-doc{i}", "text": f"{prefix} training text {i}", "relevant": r}
+        for i, r in enumerate(relevant)
+    ]
+
+
+RESULTS = {
+    "influence": {"q-cat": rows("infcat"), "q-dog": rows("infdog")},
+    "cosine": {"q-cat": rows("coscat", (False, True, None)), "q-dog": rows("cosdog")},
+}
+
+
+class _Collect(HTMLParser):
+    """Collects tags and script contents, and checks non-void tags are balanced."""
+
+    VOID = {"meta", "img", "col", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.tags, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>, open: {self.stack[-3:]}")
+        else:
+            self.stack.pop()
+
+
+def parse(page):
+    p = _Collect()
+    p.feed(page)
+    p.close()
+    assert not p.errors and not p.stack, (p.errors, p.stack)
+    return p.tags
+
+
+def render(**kw):
+    args = dict(title="Attribution report", queries=QUERIES, results=RESULTS)
+    args.update(kw)
+    return render_query_report(**args)
+
+
+def test_everything_user_provided_is_escaped():
+    q = [{"id": EVIL, "prompt": EVIL, "completion": EVIL, "generated": True}]
+    res = {EVIL: {EVIL: [{"rank": 1, "score": 0.5, "example_id": EVIL, "document_id": EVIL,
+                          "text": EVIL, "relevant": True}]}}
+    page = render_query_report(EVIL, q, res, metrics={EVIL: {EVIL: 1.0}}, run_info={EVIL: EVIL},
+                               score_samples={EVIL: [1.0, 2.0]})
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    tags = parse(page)
+    assert not any(t == "script" for t, _ in tags)
+    # Self-contained: no external resources, only inline data images.
+    for tag, attrs in tags:
+        for key in ("src", "href"):
+            if key in attrs:
+                assert attrs[key].startswith(("data:image/png;base64,", "#")), attrs[key]
+
+
+def test_relevant_rows_are_marked_and_others_plain():
+    page = render()
+    parse(page)
+    marked = re.findall(r'<tr class="relevant">(.*?)</tr>', page)
+    assert len(marked) == 4  # one relevant row per (mode, query)
+    assert all("✓" in m for m in marked)
+    assert {re.search(r"(\w+-ex\d)", m).group(1) for m in marked} == {
+        "infcat-ex0", "infdog-ex0", "coscat-ex1", "cosdog-ex0"}
+    # relevant=False and None rows carry no mark
+    plain = re.findall(r"<tr>(<td class=\"rank\">.*?)</tr>", page)
+    assert len(plain) == 8
+    assert not any("✓" in p for p in plain)
+    assert "1 relevant" in page
+
+
+def test_ranked_rows_show_rank_score_ids_and_cut_text():
+    long_text = "word " * 200
+    res = {"dot": {"q-cat": [{"rank": 7, "score": 0.000123456789, "example_id": 42,
+                              "document_id": "doc-9", "text": long_text, "relevant": None}]}}
+    page = render(results=res, queries=QUERIES[:1])
+    assert "0.0001235" in page  # 4 significant digits
+    assert '<td class="rank">7</td>' in page
+    assert "doc-9" in page and ">42<" in page
+    cell = re.search(r'<td class="text"><div>(.*?)</div>', page).group(1)
+    assert cell.endswith("…") and len(cell) <= TEXT_LIMIT + 2
+    assert long_text not in page
+
+
+def test_metrics_table_present_with_best_in_bold_and_absent_without():
+    metrics = {"influence": {"mrr": 0.5, "recall@10": 0.9}, "cosine": {"mrr": 0.75, "recall@10": 0.8}}
+    page = render(metrics=metrics)
+    parse(page)
+    assert '<table class="metrics">' in page
+    best = re.findall(r'<td class="num best">([^<]*)</td>', page)
+    assert sorted(best) == ["0.7500", "0.9000"]
+    assert "Evaluation" in page
+    assert '<table class="metrics">' not in render()
+    assert '<table class="metrics">' not in render(metrics={})
+
+
+def test_histogram_image_only_with_score_samples():
+    page = render(score_samples={"influence": [0.1, 0.2, 0.2, 0.5], "cosine": [], "dot": [float("nan"), 1.0]})
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) == 1
+    assert base64.b64decode(imgs[0]).startswith(b"\x89PNG")
+    assert "data:image/png" not in render()
+
+
+def test_all_queries_and_modes_appear():
+    page = render()
+    for q in QUERIES:
+        assert q["prompt"] in page and q["completion"] in page
+    for mode, per_query in RESULTS.items():
+        assert f"<h3>{mode}" in page
+        for qrows in per_query.values():
+            for r in qrows:
+                assert r["example_id"] in page
+    assert page.count('class="textbox completion"') == 2
+    assert page.count('<span class="badge">generated</span>') == 1
+    # a mode without results for a query says so instead of failing
+    partial = render(results={"dot": {"q-cat": rows("dotcat")}})
+    assert "No results for this query." in partial
+
+
+def test_empty_report_renders():
+    page = render_query_report("empty", [], {})
+    parse(page)
+    assert "No queries." in page
+
+
+def test_write_report_is_atomic_and_creates_parents(tmp_path):
+    target = tmp_path / "a" / "b" / "report.html"
+    page = render()
+    out = write_report(page, target)
+    assert out == target and target.read_text(encoding="utf-8") == page
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    write_report("<p>new</p>", str(target))  # overwrite replaces in place
+    assert target.read_text(encoding="utf-8") == "<p>new</p>"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.html"]  # no temp leftovers
+
+
+def test_write_report_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_report("<p>x</p>", tmp_path / "r.html")
+    assert list(tmp_path.iterdir()) == []
