@@ -103,7 +103,7 @@ def encode_queries(
         total = len(e.prompt_ids) + len(e.completion_ids)
         if total > max_length:
             raise ValueError(
-                f"query {e.id!r} has {total} tokens, more than the index's max_length={max_length}; shorten its prompt"
+                f"query {e.id!r} has {total} tokens, more than the model's context of {max_length}; shorten its prompt"
             )
     return encoded
 

@@ -50,3 +50,13 @@ def load_model(cfg: ModelConfig):
         ) from err
     model.to(device).eval()
     return model, load_tokenizer(cfg)
+
+
+def context_length(model, fallback: int) -> int:
+    """Longest sequence the model accepts (from its config), else `fallback`."""
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return fallback

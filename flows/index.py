@@ -52,14 +52,16 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         n_shards = math.ceil(tok["examples"] / config.logging.shard_size)
         mfp = model_fingerprint(config.model)
         present = set(state["shards"])
-        futures = [
-            log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
+
+        def submit(s: int):
+            return log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
                 config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s,
                 progress=progress, **common,
             )
-            for s in range(n_shards)
-        ]
-        shards = [f.result() for f in futures]
+
+        # Shard 0 alone first: it creates the gradients table, which concurrent creators could clobber.
+        first = submit(0).result()
+        shards = [first] + [f.result() for f in [submit(s) for s in range(1, n_shards)]]
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
         after = prune_index(config.index_uri, keep_shards=n_shards)
         curv = fit_curvature(

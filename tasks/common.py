@@ -32,6 +32,9 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=ret
 
 _models: dict[str, tuple] = {}
 _lock = threading.Lock()
+# Hooks live on the shared model object: two threads collecting on it at once would mix
+# their activations, so model work in one process is serialized (scale out with processes).
+MODEL_LOCK = threading.Lock()
 
 
 def cached_model(cfg: ModelConfig):

@@ -18,7 +18,7 @@ from dataworth.projection import Layout, describe_layout
 from storage import IndexStore
 from storage.schemas import SCHEMA_VERSION
 
-from .common import CACHE, IO_RETRIES, cached_model
+from .common import CACHE, IO_RETRIES, MODEL_LOCK, cached_model
 from .tracking import Tracker
 
 
@@ -107,12 +107,13 @@ def log_gradients(
     if not examples:
         raise ValueError(f"shard {shard} (example ids {lo}..{hi - 1}) is empty; the examples table has fewer rows")
     lm, tokenizer = cached_model(model)
-    start = time.perf_counter()
     ids, rows = [], []
-    for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress=progress):
-        ids.append(batch_ids)
-        rows.append(grads)
-    seconds = time.perf_counter() - start
+    with MODEL_LOCK:
+        start = time.perf_counter()
+        for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress=progress):
+            ids.append(batch_ids)
+            rows.append(grads)
+        seconds = time.perf_counter() - start
     ids_np = torch.cat(ids).numpy()
     vectors = torch.cat(rows).numpy()
     store.write_gradient_shard(shard, ids_np, vectors, logging.storage_dtype)
@@ -137,7 +138,7 @@ def fit_curvature(
     start = time.perf_counter()
     acc = FisherAccumulator(Layout.from_json(layout), curvature)
     for _ids, vectors, _sq in store.iter_gradients(batch_size, version=gradients_version):
-        acc.update(torch.from_numpy(vectors))
+        acc.update(torch.tensor(vectors))
     curv = acc.finalize()
     key = f"curvature-{curvature.fingerprint()}-v{gradients_version}"
     store.write_artifact(key, curv.to_bytes())
@@ -150,6 +151,12 @@ def fit_curvature(
 def publish_index(index_uri: str, manifest: dict, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
     """Write the manifest last: only then does the index exist for queries."""
     store = IndexStore(index_uri)
+    stored_rows = store.num_gradients(manifest["gradients_version"])
+    if stored_rows != manifest["num_examples"]:
+        raise ValueError(
+            f"index {index_uri!r} holds {stored_rows} gradients for {manifest['num_examples']} examples; a shard was "
+            "lost (e.g. to a concurrent table creation). Re-run the index flow: missing shards are logged again"
+        )
     manifest = {**manifest, "schema_version": SCHEMA_VERSION, "published_at": time.time()}
     store.publish_manifest(manifest)
     stored = store.bytes_stored()

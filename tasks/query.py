@@ -16,17 +16,18 @@ from prefect import get_run_logger, task
 from dataworth.config import GenerationConfig, LoggingConfig, ModelConfig, QuerySpec, ScoreConfig
 from dataworth.curvature import Curvature
 from dataworth.data import pad_token_id
+from dataworth.model import context_length
 from dataworth.gradients import encode_queries, query_gradients
 from dataworth.report import render_query_report, write_report
 from dataworth.scoring import Scorer
 from storage import IndexStore
 
-from .common import CACHE, IO_RETRIES, cached_model
+from .common import CACHE, IO_RETRIES, MODEL_LOCK, cached_model
 from .tracking import Tracker
 
 
 def score_run_id(*parts) -> str:
-    blob = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
+    blob = json.dumps(parts, sort_keys=True, default=lambda o: o.model_dump(mode="json"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -50,9 +51,11 @@ def score_queries(
         curvature = curvature.with_damping(score.damping_factor)
 
     lm, tokenizer = cached_model(model_cfg)
-    start = time.perf_counter()
-    encoded = encode_queries(lm, tokenizer, queries, generation, max_length, score.query_batch_size)
-    q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), score.query_batch_size)
+    with MODEL_LOCK:
+        start = time.perf_counter()
+        limit = context_length(lm, max_length)
+        encoded = encode_queries(lm, tokenizer, queries, generation, limit, score.query_batch_size)
+        q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), score.query_batch_size)
     if q_grads.shape[1] != manifest["dim"]:
         raise ValueError(f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
                          "the model or logging config no longer matches the index; rebuild it")
@@ -63,7 +66,7 @@ def score_queries(
     scorer = Scorer(q_grads, curvature, score.modes, score.top_k, n_train if full_matrix_path else None)
     start = time.perf_counter()
     for ids, vectors, _sq in store.iter_gradients(score.train_batch_size, version=version):
-        scorer.update(torch.from_numpy(ids), torch.from_numpy(vectors))
+        scorer.update(torch.from_numpy(ids), torch.tensor(vectors))
     score_seconds = time.perf_counter() - start
 
     srid = score_run_id(manifest["gradients_version"], manifest["curvature_artifact"], queries, score, generation)

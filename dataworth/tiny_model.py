@@ -1,0 +1,309 @@
+"""A tiny GPT-2 and its byte-level BPE tokenizer, trained in-process on a small corpus.
+
+Tests and the demo need a real causal LM that has memorised known facts, without a model
+hub. Training uses a plain torch loop rather than `Trainer`: it is faster to start, has no
+hidden data shuffling or dataloader workers, and with a seed gives the same model on the
+same machine. Dropout is off: the model should memorise, and attribution assumes the
+gradient of a training example is a function of the example alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+# A dedicated pad token, so masking by id never hides a real end-of-text.
+PAD_TOKEN = "<|pad|>"
+
+
+@dataclass
+class TrainResult:
+    """Where the model and tokenizer were saved, and how training went."""
+
+    path: Path
+    final_loss: float  # mean token loss over the whole corpus after training
+    initial_loss: float  # the same before training
+    steps: int
+    seconds: float
+    evals: list[tuple[int, Any]] = field(default_factory=list)  # (step, eval_fn result)
+
+
+def train_tokenizer(
+    texts: Sequence[str],
+    vocab_size: int = 1024,
+    out_dir: str | Path | None = None,
+    model_max_length: int = 128,
+) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE tokenizer; saved with save_pretrained when out_dir is given."""
+    if not texts:
+        raise ValueError("texts is empty: the tokenizer needs at least one document to train on")
+    specials = [EOS_TOKEN, PAD_TOKEN]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens plus specials; use at least 258")
+    tok = Tokenizer(models.BPE())
+    # No prefix space: a prompt ending before " value" then splits exactly where training text does.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+    )
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def train_tiny_gpt2(
+    texts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    vocab_size: int = 1024,
+    n_layer: int = 2,
+    n_embd: int = 128,
+    n_head: int = 4,
+    max_length: int = 128,
+    epochs: int = 40,
+    max_steps: int | None = None,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    warmup_fraction: float = 0.05,
+    seed: int = 0,
+    num_threads: int | None = None,
+    progress: bool = True,
+    eval_fn: Callable[[GPT2LMHeadModel, PreTrainedTokenizerFast], Any] | None = None,
+    eval_every: int | None = None,
+) -> TrainResult:
+    """Train a randomly initialised GPT-2 on `texts` (each + EOS) and save model and tokenizer to out_dir.
+
+    Runs `max_steps` steps when given, else `epochs` passes over the shuffled documents.
+    `eval_fn(model, tokenizer)` runs every `eval_every` steps (when set) and after the last
+    step; its results land in `TrainResult.evals`. `num_threads` calls torch.set_num_threads,
+    which holds for the whole process; 1 is steadier than the default on a busy machine.
+    """
+    if not texts:
+        raise ValueError("texts is empty: pass the training documents")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head dividing n_embd")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps={max_steps} must be at least 1 (or None to train for `epochs`)")
+    if max_steps is None and epochs < 1:
+        raise ValueError(f"epochs={epochs} must be at least 1")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    order_rng = random.Random(seed)
+
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max_length)
+    elif tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad or eos token: set both (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+        )
+    examples = _encode(texts, tokenizer, max_length)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=max_length,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+
+    batches_per_epoch = math.ceil(len(examples) / batch_size)
+    total = max_steps if max_steps is not None else epochs * batches_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, int(warmup_fraction * total))
+
+    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    initial_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
+    evals: list[tuple[int, Any]] = []
+    bar = _progress_bar(total, progress)
+    step = 0
+    model.train()
+    while step < total:
+        order = list(range(len(examples)))
+        order_rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            if step >= total:
+                break
+            batch = [examples[j] for j in order[i : i + batch_size]]
+            input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
+            loss = _token_loss(model, input_ids, attention_mask, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
+                evals.append((step, _run_eval(eval_fn, model, tokenizer)))
+    if bar is not None:
+        bar.close()
+    if eval_fn is not None:
+        evals.append((step, _run_eval(eval_fn, model, tokenizer)))
+    final_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
+
+    model.eval()
+    _save(model, tokenizer, out)
+    return TrainResult(path=out, final_loss=final_loss, initial_loss=initial_loss, steps=step,
+                       seconds=time.perf_counter() - start, evals=evals)
+
+
+@torch.no_grad()
+def _corpus_loss(model: GPT2LMHeadModel, examples: list[list[int]], pad_id: int, batch_size: int = 64) -> float:
+    # Mean over all label tokens of the corpus: comparable before and after training,
+    # unlike the last batch's loss.
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        input_ids, attention_mask, labels = _collate(examples[i : i + batch_size], pad_id)
+        n = int((labels[:, 1:] != -100).sum())
+        total += _token_loss(model, input_ids, attention_mask, labels).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuation text of each prompt (decoded new tokens, stopped at EOS)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            if ids.shape[1] >= model.config.max_position_embeddings:
+                break
+            next_id = int(model(input_ids=ids).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            new.append(next_id)
+            ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
+        outputs.append(tokenizer.decode(new))
+    model.train(was_training)
+    return outputs
+
+
+def fact_accuracy(model, tokenizer, queries: Sequence[dict]) -> float:
+    """Fraction of queries whose greedy continuation of `prompt` begins with the `completion` as a whole word."""
+    if not queries:
+        raise ValueError("queries is empty: pass the corpus queries ({'prompt', 'completion'} dicts)")
+    correct = 0
+    for q in queries:
+        value = q["completion"].strip()
+        n_tokens = len(tokenizer(q["completion"])["input_ids"])
+        generated = greedy_completions(model, tokenizer, [q["prompt"]], max_new_tokens=n_tokens + 1)[0].lstrip()
+        rest = generated[len(value) :]
+        correct += generated.startswith(value) and not (rest[:1].isalnum())
+    return correct / len(queries)
+
+
+def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_length: int) -> list[list[int]]:
+    examples = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+        if len(ids) < 2:
+            raise ValueError(f"document {i} is empty: drop empty texts before training")
+        examples.append(ids)
+    return examples
+
+
+def _token_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    # Computed here rather than by passing labels= so the loss is the same across
+    # transformers versions (whose loss functions and their warnings change).
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return input_ids, attention_mask, labels
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    # Stage then move, so a crash mid-save never leaves a directory that loads half a model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if not out.exists():
+            staging.rename(out)
+            return
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run_eval(eval_fn, model, tokenizer):
+    was_training = model.training
+    model.eval()
+    try:
+        return eval_fn(model, tokenizer)
+    finally:
+        model.train(was_training)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train tiny gpt2", unit="step")

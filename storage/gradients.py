@@ -1,0 +1,83 @@
+"""Conversions between numpy gradient shards and Arrow rows of the gradients table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import IndexStoreError
+from storage.schemas import gradients_schema
+
+_INT32_MAX = np.iinfo(np.int32).max
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _show(ids: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
+
+
+def gradient_table(shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str) -> pa.Table:
+    """Validate one shard and build its rows; sq_norm comes from the float32 values."""
+    if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard <= _INT32_MAX:
+        raise IndexStoreError(f"shard must be an int in [0, {_INT32_MAX}], got {shard!r}")
+    shard = int(shard)
+    ids = np.asarray(example_ids)
+    vecs = np.asarray(vectors)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise IndexStoreError(
+            f"shard {shard}: example_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}"
+        )
+    if vecs.ndim != 2 or vecs.shape[0] == 0 or vecs.shape[1] == 0:
+        raise IndexStoreError(
+            f"shard {shard}: vectors must be a non-empty 2-D array [num_examples, dim], got shape {vecs.shape}"
+        )
+    if not (np.issubdtype(vecs.dtype, np.floating) or np.issubdtype(vecs.dtype, np.integer)):
+        raise IndexStoreError(f"shard {shard}: vectors must be numeric, got dtype {vecs.dtype}")
+    if len(ids) != vecs.shape[0]:
+        raise IndexStoreError(
+            f"shard {shard}: {len(ids)} example_ids for {vecs.shape[0]} vectors; pass one id per row of vectors"
+        )
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) != len(ids):
+        raise IndexStoreError(f"shard {shard}: duplicate example_ids {_show(unique[counts > 1])}; ids must be unique")
+
+    vecs32 = np.ascontiguousarray(vecs, dtype=np.float32)
+    bad_rows = ~np.isfinite(vecs32).all(axis=1)
+    if bad_rows.any():
+        raise IndexStoreError(
+            f"shard {shard}: non-finite gradient values (NaN or inf in float32) for example_ids "
+            f"{_show(ids[bad_rows])}; check the loss of these examples and the model dtype"
+        )
+    if dtype == "float16":
+        # Values past float16's range would silently become inf in storage.
+        big_rows = (np.abs(vecs32) > _FLOAT16_MAX).any(axis=1)
+        if big_rows.any():
+            raise IndexStoreError(
+                f"shard {shard}: gradient values exceed the float16 range (±{_FLOAT16_MAX:g}) for example_ids "
+                f"{_show(ids[big_rows])}; use storage_dtype='float32'"
+            )
+
+    schema = gradients_schema(int(vecs32.shape[1]), dtype)
+    sq_norm = np.square(vecs32, dtype=np.float64).sum(axis=1).astype(np.float32)
+    stored = vecs32 if dtype == "float32" else vecs32.astype(np.float16)
+    vector_col = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), vecs32.shape[1])
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids.astype(np.int64)),
+            pa.array(np.full(len(ids), shard, dtype=np.int32)),
+            vector_col,
+            pa.array(sq_norm),
+        ],
+        schema=schema,
+    )
+
+
+def batch_arrays(batch: pa.RecordBatch, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(example_ids int64, vectors float32 [n, dim], sq_norm float32) of one scanned batch."""
+    ids = batch.column("example_id").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    # flatten() honours slice offsets, unlike .values.
+    flat = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
+    vectors = flat.reshape(-1, dim).astype(np.float32, copy=False)
+    sq_norm = batch.column("sq_norm").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, vectors, sq_norm

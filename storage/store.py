@@ -1,0 +1,445 @@
+"""IndexStore: every table of one index, in one LanceDB database (a directory or object-store URI).
+
+Writers are idempotent (a shard or a run written twice is stored once), so retried tasks are
+safe. Every write makes a new table version; readers pass the versions recorded in the
+published manifest, so an index being rebuilt stays invisible to them until it is republished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import REBUILD_HINT, IndexStoreError
+from storage.gradients import batch_arrays, gradient_table
+from storage.schemas import (
+    SCHEMA_VERSION,
+    artifacts_schema,
+    check_stored_schema,
+    conform,
+    examples_schema,
+    gradients_schema,
+    queries_schema,
+    scores_schema,
+    vector_layout,
+)
+
+EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS = "examples", "gradients", "scores", "queries", "artifacts"
+TABLES = (EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS)
+MANIFEST_KEY = "manifest.json"
+
+# Schema expected of each stored table, given what is stored (gradients carry their own dim/dtype).
+_EXPECTED: dict[str, Callable[[pa.Schema], pa.Schema]] = {
+    EXAMPLES: lambda _: examples_schema(),
+    GRADIENTS: lambda stored: gradients_schema(*vector_layout(stored)),
+    SCORES: lambda _: scores_schema(),
+    QUERIES: lambda _: queries_schema(),
+    ARTIFACTS: lambda _: artifacts_schema(),
+}
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _check_key(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise IndexStoreError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+class IndexStore:
+    """The tables of one attribution index: examples, gradients, artifacts (curvature,
+    manifest), and the scores and queries of scoring runs."""
+
+    def __init__(self, uri: str | os.PathLike[str], storage_options: dict[str, str] | None = None):
+        uri = os.fspath(uri) if isinstance(uri, os.PathLike) else uri
+        self.uri = _check_key("index uri", uri)
+        self.storage_options = storage_options
+        self._local_path = self._local_dir(self.uri)
+        self._conn: Any = None
+
+    def __repr__(self) -> str:
+        return f"IndexStore({self.uri!r})"
+
+    # ---- connection and tables -------------------------------------------------------------
+
+    @staticmethod
+    def _local_dir(uri: str) -> str | None:
+        if uri.startswith("file://"):
+            return os.path.expanduser(uri[len("file://") :])
+        return None if "://" in uri else os.path.expanduser(uri)
+
+    @property
+    def _db(self) -> Any:
+        # Connected lazily: lancedb.connect creates a local directory, which a read must not do.
+        if self._conn is None:
+            self._conn = lancedb.connect(self.uri, storage_options=self.storage_options)
+        return self._conn
+
+    def _table_names(self) -> set[str]:
+        if self._local_path is not None and not os.path.isdir(self._local_path):
+            return set()
+        names: set[str] = set()
+        token = None
+        while True:
+            page = self._db.list_tables(page_token=token)
+            names.update(page.tables)
+            token = page.page_token
+            if not token:
+                return names
+
+    def _open(self, name: str, version: int | None = None) -> Any | None:
+        """The table checked against its schema, at `version` if given; None when absent."""
+        if name not in self._table_names():
+            return None
+        try:
+            # Opened afresh on every call so that writes by other workers are seen.
+            table = self._db.open_table(name)
+            stored = table.schema
+        except ValueError as exc:
+            if "was not found" in str(exc):
+                return None  # a directory with no committed version yet: another worker is creating it
+            raise IndexStoreError(f"table {name!r} in {self.uri} cannot be opened ({exc}); {REBUILD_HINT}") from exc
+        except Exception as exc:  # lance raises assorted error types for damaged datasets
+            raise IndexStoreError(f"table {name!r} in {self.uri} cannot be opened ({exc}); {REBUILD_HINT}") from exc
+        check_stored_schema(stored, _EXPECTED[name], name)
+        if version is not None:
+            self._checkout(table, name, version)
+        return table
+
+    @staticmethod
+    def _checkout(table: Any, name: str, version: int) -> None:
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise IndexStoreError(f"{name} version must be an int, got {version!r}")
+        available = [v["version"] for v in table.list_versions()]
+        if int(version) not in available:
+            raise IndexStoreError(
+                f"table {name!r} has no version {version} (available: {min(available)}..{max(available)}); "
+                "the index was rebuilt or its old versions cleaned up: re-read the manifest and use its versions"
+            )
+        table.checkout(int(version))
+        # An overwrite may have changed the schema between versions.
+        check_stored_schema(table.schema, _EXPECTED[name], name)
+
+    def _require(self, name: str, version: int | None = None) -> Any:
+        table = self._open(name, version)
+        if table is None:
+            raise IndexStoreError(f"no {name!r} table in {self.uri}; build the index first (the index flow)")
+        return table
+
+    @contextlib.contextmanager
+    def _creation_lock(self, name: str) -> Iterator[None]:
+        # Lance lets two concurrent creates both commit; the later one is an overwrite that can
+        # erase rows written in between. A file lock serialises creation on a local directory;
+        # on object stores, create tables before writers fan out (create_gradient_table).
+        if self._local_path is None:
+            yield
+            return
+        os.makedirs(self._local_path, exist_ok=True)
+        with open(os.path.join(self._local_path, f".{name}.create.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _open_or_create(self, name: str, schema: pa.Schema) -> Any:
+        table = self._open(name)
+        if table is not None:
+            return table
+        with self._creation_lock(name):
+            table = self._open(name)
+            if table is None:
+                try:
+                    table = self._db.create_table(name, schema=schema, exist_ok=True)
+                except Exception:
+                    # Lost a creation race, or the stored schema differs: reopen for the precise error.
+                    table = self._open(name)
+                    if table is None:
+                        raise
+        check_stored_schema(table.schema, _EXPECTED[name], name)
+        return table
+
+    # ---- examples --------------------------------------------------------------------------
+
+    def write_examples(self, table: pa.Table) -> int:
+        """Replace the examples table (one new version, atomically); returns that version."""
+        data = conform(table, examples_schema(), EXAMPLES)
+        if data.num_rows == 0:
+            raise IndexStoreError("examples table is empty: the dataset produced no examples; check data.dataset")
+        ids = data.column("example_id").to_numpy()
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(unique) != len(ids):
+            raise IndexStoreError(f"examples has duplicate example_id values {unique[counts > 1][:10].tolist()}")
+        self._open(EXAMPLES)  # a foreign table of that name is an error, not silently replaced
+        written = self._db.create_table(EXAMPLES, data=data, schema=examples_schema(), mode="overwrite")
+        return int(written.version)
+
+    def read_examples(
+        self, columns: list[str] | None = None, version: int | None = None, where: str | None = None
+    ) -> pa.Table:
+        """The examples table, or some columns of it; `where` is a SQL filter such as "example_id IN (1, 2)"."""
+        table = self._require(EXAMPLES, version)
+        query = table.search()
+        if where is not None:
+            query = query.where(_check_key("where filter", where))
+        if columns is not None:
+            unknown = [c for c in columns if c not in examples_schema().names]
+            if unknown:
+                raise IndexStoreError(f"unknown examples columns {unknown}; choose from {examples_schema().names}")
+            query = query.select(list(columns))
+        return query.to_arrow()
+
+    def examples_version(self) -> int:
+        return int(self._require(EXAMPLES).version)
+
+    def num_examples(self, version: int | None = None) -> int:
+        return int(self._require(EXAMPLES, version).count_rows())
+
+    # ---- gradients -------------------------------------------------------------------------
+
+    def create_gradient_table(self, dim: int, dtype: str = "float32") -> int:
+        """Create the empty gradients table (or check the existing one); returns its version.
+
+        Call it once before shards are written in parallel: two workers that both create the
+        table commit two overwrites, and the second can erase a shard the first already wrote.
+        """
+        return int(self._gradients_for(dim, dtype, "requested").version)
+
+    def _gradients_for(self, dim: int, dtype: str, what: str) -> Any:
+        schema = gradients_schema(dim, dtype)
+        table = self._open_or_create(GRADIENTS, schema)
+        stored_dim, stored_dtype = vector_layout(table.schema)
+        if (stored_dim, stored_dtype) != (dim, dtype):
+            raise IndexStoreError(
+                f"{what} {dtype} vectors of dim {dim}, but the gradients table stores {stored_dtype} "
+                f"of dim {stored_dim} (the logging config changed); {REBUILD_HINT}"
+            )
+        return table
+
+    def write_gradient_shard(
+        self, shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str = "float32"
+    ) -> int:
+        """Store one shard's gradients so that it holds exactly these rows; returns the table version.
+
+        Creates the table on first use; with parallel writers, call create_gradient_table first.
+        """
+        data = gradient_table(shard, example_ids, vectors, dtype)
+        table = self._gradients_for(data.schema.field("vector").type.list_size, dtype, f"shard {shard} has")
+        # One commit: rows of this shard are updated, added, or (if no longer in it) deleted.
+        result = (
+            table.merge_insert("example_id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete(f"shard = {int(shard)}")
+            .execute(data)
+        )
+        return int(result.version)
+
+    def iter_gradients(
+        self, batch_size: int, version: int | None = None, shards: list[int] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream (example_ids int64, vectors float32 [n, dim], sq_norm float32), n <= batch_size.
+
+        Rows come in scan order; use the ids. Only one batch is held in memory at a time.
+        Arguments and the table are checked now, not at the first next().
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise IndexStoreError(f"batch_size must be a positive int, got {batch_size!r}")
+        table = self._require(GRADIENTS, version)
+        dim, _ = vector_layout(table.schema)
+        query = table.search().select(["example_id", "vector", "sq_norm"])
+        if shards is not None:
+            bad = [s for s in shards if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
+            if bad or not shards:
+                raise IndexStoreError(f"shards must be a non-empty list of ints, got {shards!r}")
+            query = query.where(f"shard IN ({', '.join(str(int(s)) for s in shards)})")
+        return self._stream(query.to_batches(batch_size=int(batch_size)), int(batch_size), dim)
+
+    @staticmethod
+    def _stream(reader: pa.RecordBatchReader, batch_size: int, dim: int) -> Iterator[tuple[np.ndarray, ...]]:
+        for batch in reader:
+            # The scanner treats batch_size as a hint; slice so callers can rely on the bound.
+            for start in range(0, batch.num_rows, batch_size):
+                yield batch_arrays(batch.slice(start, batch_size), dim)
+
+    def gradients_version(self) -> int:
+        return int(self._require(GRADIENTS).version)
+
+    def num_gradients(self, version: int | None = None) -> int:
+        return int(self._require(GRADIENTS, version).count_rows())
+
+    def gradient_dim(self) -> int:
+        return vector_layout(self._require(GRADIENTS).schema)[0]
+
+    def gradient_dtype(self) -> str:
+        return vector_layout(self._require(GRADIENTS).schema)[1]
+
+    def delete_shards_from(self, first_shard: int) -> int | None:
+        """Delete gradient shards numbered first_shard and above (left by a corpus that shrank).
+
+        Returns the table version after the delete; None when there is no gradients table.
+        """
+        if isinstance(first_shard, bool) or not isinstance(first_shard, (int, np.integer)) or first_shard < 0:
+            raise IndexStoreError(f"first_shard must be a non-negative int, got {first_shard!r}")
+        table = self._open(GRADIENTS)
+        if table is None:
+            return None
+        # A delete that matches nothing still commits a version, which would bust every cache keyed on it.
+        if table.count_rows(f"shard >= {int(first_shard)}"):
+            table.delete(f"shard >= {int(first_shard)}")
+        return int(table.version)
+
+    def shards_present(self) -> set[int]:
+        table = self._open(GRADIENTS)
+        if table is None:
+            return set()
+        present: set[int] = set()
+        for batch in table.search().select(["shard"]).to_batches(batch_size=65536):
+            present.update(np.unique(batch.column("shard").to_numpy()).tolist())
+        return present
+
+    # ---- artifacts and manifest ------------------------------------------------------------
+
+    def _put(self, key: str, data: bytes) -> None:
+        table = self._open_or_create(ARTIFACTS, artifacts_schema())
+        row = pa.Table.from_arrays([pa.array([key]), pa.array([data], pa.large_binary())], schema=artifacts_schema())
+        table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all().execute(row)
+
+    def _get(self, key: str) -> bytes | None:
+        table = self._open(ARTIFACTS)
+        if table is None:
+            return None
+        rows = table.search().where(f"key = {_sql_str(key)}").select(["value"]).to_arrow()
+        return rows.column("value")[0].as_py() if rows.num_rows else None
+
+    def write_artifact(self, key: str, data: bytes) -> None:
+        """Store a blob under `key`, replacing any previous one (e.g. the fitted curvature)."""
+        _check_key("artifact key", key)
+        if key == MANIFEST_KEY:
+            raise IndexStoreError(f"artifact key {key!r} is reserved; publish the manifest with publish_manifest()")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise IndexStoreError(f"artifact {key!r} must be bytes, got {type(data).__name__}")
+        self._put(key, bytes(data))
+
+    def read_artifact(self, key: str) -> bytes | None:
+        return self._get(_check_key("artifact key", key))
+
+    def publish_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest, which makes the index visible; call it after every other write."""
+        if not isinstance(manifest, dict):
+            raise IndexStoreError(f"manifest must be a dict, got {type(manifest).__name__}")
+        declared = manifest.get("schema_version", SCHEMA_VERSION)
+        if declared != SCHEMA_VERSION:
+            raise IndexStoreError(
+                f"manifest declares schema_version {declared!r}; this dataworth writes {SCHEMA_VERSION}"
+            )
+        try:
+            blob = json.dumps({**manifest, "schema_version": SCHEMA_VERSION}, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise IndexStoreError(
+                f"manifest is not JSON-serialisable ({exc}); store plain str/int/float/list/dict values"
+            ) from None
+        self._put(MANIFEST_KEY, blob.encode())
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        blob = self._get(MANIFEST_KEY)
+        if blob is None:
+            return None
+        try:
+            manifest = json.loads(blob)
+        except ValueError as exc:
+            raise IndexStoreError(f"the manifest in {self.uri} is not valid JSON ({exc}); {REBUILD_HINT}") from None
+        if not isinstance(manifest, dict):
+            raise IndexStoreError(f"the manifest in {self.uri} is not a JSON object; {REBUILD_HINT}")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise IndexStoreError(
+                f"the index at {self.uri} has schema version {version!r}, this dataworth reads version "
+                f"{SCHEMA_VERSION}; {REBUILD_HINT}"
+            )
+        return manifest
+
+    def exists(self) -> bool:
+        """True when a manifest has been published (the index is complete and visible)."""
+        return self._get(MANIFEST_KEY) is not None
+
+    # ---- scoring runs ----------------------------------------------------------------------
+
+    def _replace_run(self, name: str, schema: pa.Schema, run_id: str, table: pa.Table) -> int:
+        _check_key("run_id", run_id)
+        data = conform(table, schema, name)
+        others = sorted(set(data.column("run_id").to_pylist()) - {run_id})
+        if others:
+            raise IndexStoreError(f"{name} rows for run_id {run_id!r} also carry run_id values {others[:5]}")
+        stored = self._open_or_create(name, schema)
+        # Delete then add: two commits, but readers filter by a finished run_id.
+        stored.delete(f"run_id = {_sql_str(run_id)}")
+        if data.num_rows:
+            stored.add(data)
+        return int(stored.version)
+
+    def write_scores(self, run_id: str, table: pa.Table) -> int:
+        """Store the scores of one run, replacing any earlier rows of that run_id."""
+        return self._replace_run(SCORES, scores_schema(), run_id, table)
+
+    def write_queries(self, run_id: str, table: pa.Table) -> int:
+        """Store the queries of one run, replacing any earlier rows of that run_id."""
+        return self._replace_run(QUERIES, queries_schema(), run_id, table)
+
+    def _read_run(self, name: str, schema: pa.Schema, run_id: str | None) -> pa.Table:
+        table = self._open(name)
+        if table is None:
+            return schema.empty_table()
+        query = table.search()
+        if run_id is not None:
+            query = query.where(f"run_id = {_sql_str(_check_key('run_id', run_id))}")
+        return query.to_arrow()
+
+    def read_scores(self, run_id: str | None = None) -> pa.Table:
+        return self._read_run(SCORES, scores_schema(), run_id)
+
+    def read_queries(self, run_id: str | None = None) -> pa.Table:
+        return self._read_run(QUERIES, queries_schema(), run_id)
+
+    # ---- housekeeping ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """A small JSON-able summary of what the index holds now (None for absent tables)."""
+        examples = self._open(EXAMPLES)
+        gradients = self._open(GRADIENTS)
+        return {
+            "manifest": self.read_manifest(),
+            "has_examples": examples is not None,
+            "examples_version": None if examples is None else int(examples.version),
+            "num_examples": None if examples is None else int(examples.count_rows()),
+            "gradients_version": None if gradients is None else int(gradients.version),
+            "num_gradients": None if gradients is None else int(gradients.count_rows()),
+            "shards": sorted(self.shards_present()),
+        }
+
+    def drop(self) -> None:
+        """Remove every table of the index (overwrite=True); table versions start again at 1."""
+        for name in sorted(self._table_names() & set(TABLES)):
+            self._db.drop_table(name, ignore_missing=True)
+
+    def bytes_stored(self) -> int:
+        """Bytes the index occupies: file sizes for a local directory, Lance's stats otherwise."""
+        if self._local_path is not None:
+            total = 0
+            for root, _, files in os.walk(self._local_path):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+            return total
+        total = 0
+        for name in self._table_names() & set(TABLES):
+            total += int(self._db.open_table(name).stats().get("total_bytes", 0))
+        return total

@@ -1,0 +1,142 @@
+"""index + query flows end to end under a real Prefect engine, LanceDB directory and MLflow store."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+from tiny import make_tiny_gpt2
+from dataworth.config import (
+    CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, QueryConfig, ScoreConfig, TrackingConfig,
+)
+from dataworth.curvature import Curvature
+from dataworth.gradients import encode_queries, query_gradients
+from dataworth.scoring import Scorer
+from storage import IndexStore
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "The river Ambel runs past the old mill.",
+    "Tova keeps three grey cats and a lantern.",
+    "Bread is baked before dawn in Harrow.",
+    "The lantern maker sells lanterns at the market.",
+    "Cats sleep near the mill when it rains.",
+    "Harrow has a bell tower and a quiet square.",
+    "Mill workers eat bread with honey.",
+    "The square fills with music every spring " * 6,  # longer than max_length: chunked
+]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from dataworth.tiny_model import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
+    model = make_tiny_gpt2(dtype=torch.float32, vocab=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    queries = root / "queries.jsonl"
+    queries.write_text(
+        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"}) + "\n"
+        + json.dumps({"id": "gen", "prompt": "Bread is baked"}) + "\n"
+    )
+    return root
+
+
+def index_config(assets, **logging):
+    return IndexConfig(
+        model=ModelConfig(name_or_path=str(assets / "model")),
+        data=DataConfig(dataset=str(assets / "docs.jsonl"), id_column="id", max_length=16),
+        logging=LoggingConfig(projection="gaussian", proj_dim_in=4, proj_dim_out=4, batch_size=3, shard_size=4, **logging),
+        curvature=CurvatureConfig(kind="raw"),
+        index_uri=str(assets / "index"),
+        tracking=TrackingConfig(tracking_uri=f"sqlite:///{assets / 'mlflow.db'}", experiment="test"),
+    )
+
+
+def test_index_then_query(harness, assets):
+    from mlflow import MlflowClient
+
+    from flows.index import index_flow
+    from flows.query import query_flow
+
+    cfg = index_config(assets)
+    out = index_flow(cfg, progress=False)
+    store = IndexStore(cfg.index_uri)
+    n = store.num_examples()
+    assert n > len(TEXTS)  # the long document was chunked
+    assert out["examples"] == n and store.num_gradients() == n
+    assert out["shards"] == (n + 3) // 4
+    manifest = store.read_manifest()
+    assert manifest["dim"] == out["dim"] == store.gradient_dim()
+
+    qcfg = QueryConfig(index_uri=cfg.index_uri, queries_path=str(assets / "queries.jsonl"),
+                       score=ScoreConfig(top_k=3, query_batch_size=1), tracking=cfg.tracking)
+    q = query_flow(qcfg)
+    scores = store.read_scores(q["score_run_id"])
+    assert scores.num_rows == 2 * 4 * 3
+    queries = {r["query_id"]: r for r in store.read_queries(q["score_run_id"]).to_pylist()}
+    assert queries["gen"]["generated"] and queries["gen"]["completion"]
+    assert not queries["cats"]["generated"]
+    html = open(q["report"]).read()
+    assert "grey cats" in html and "Bread is baked" in html
+
+    # The stored scores equal a direct in-memory computation over the same gradients.
+    from dataworth.model import load_model
+    from dataworth.queries import load_queries
+
+    model, tok = load_model(ModelConfig(name_or_path=str(assets / "model")))
+    # (the query with a given completion: a generated one is kept as token ids, not re-tokenizable text)
+    specs = [s for s in load_queries(qcfg.queries_path) if s.id == "cats"]
+    enc = encode_queries(model, tok, specs, qcfg.generation, 64)
+    g_q = query_gradients(model, enc, cfg.logging, tok.pad_token_id, 2)
+    curv = Curvature.from_bytes(store.read_artifact(manifest["curvature_artifact"]))
+    ids, vecs = zip(*[(i, v) for i, v, _ in store.iter_gradients(100)])
+    scorer = Scorer(g_q, curv, ["influence"], top_k=3)
+    scorer.update(torch.from_numpy(np.concatenate(ids)), torch.tensor(np.concatenate(vecs)))
+    got = sorted((r for r in scores.to_pylist() if r["mode"] == "influence" and r["query_id"] == "cats"),
+                 key=lambda r: r["rank"])
+    assert [r["example_id"] for r in got] == scorer.topk["influence"].ids[0].tolist()
+    assert torch.allclose(torch.tensor([r["score"] for r in got], dtype=torch.float64), scorer.topk["influence"].scores[0], rtol=1e-4)
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert {"compression_ratio", "bytes_stored", "log_tokens_per_s", "peak_memory_mb"} <= set(run.data.metrics)
+    assert run.data.params["logging.projection"] == "gaussian"
+    qrun = client.get_run(q["mlflow_run_id"])
+    assert "score_pairs_per_s" in qrun.data.metrics
+    assert any(a.path.endswith(".html") for a in client.list_artifacts(q["mlflow_run_id"]))
+
+
+def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
+    from flows.index import index_flow
+
+    cfg = index_config(assets)
+    index_flow(cfg, progress=False)
+    store = IndexStore(cfg.index_uri)
+    versions = (store.examples_version(), store.gradients_version())
+    before = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
+    index_flow(cfg, progress=False)  # same inputs: every stage is served from the cache
+    assert (store.examples_version(), store.gradients_version()) == versions
+
+    changed = index_config(assets, seed=1)
+    with pytest.raises(ValueError, match="overwrite"):
+        index_flow(changed, progress=False)
+    index_flow(changed.model_copy(update={"overwrite": True}), progress=False)
+    assert store.read_manifest()["config"]["logging"]["seed"] == 1
+    after = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
+    assert after.keys() == before.keys()
+    assert not any(np.allclose(after[i], before[i]) for i in before)  # other projections: re-logged
