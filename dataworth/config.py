@@ -113,6 +113,9 @@ class ScoreConfig(StageConfig):
 class GenerationConfig(StageConfig):
     max_new_tokens: int = Field(8, ge=1, description="Tokens generated (greedy) for a query without a completion.")
     stop_at_newline: bool = Field(True, description="Cut a generated completion at its first newline.")
+    stop: list[str] = Field(
+        default_factory=list, description="Also cut a generated completion before the first token containing one of these strings."
+    )
 
 
 class QuerySpec(StageConfig):
@@ -173,7 +176,10 @@ class DemoConfig(StageConfig):
     corpus_size: Literal["small", "medium", "large"] = Field("small", description="Generated fact-corpus preset.")
     seed: int = Field(0, description="Seed of the corpus, the model initialization and the projections.")
     train_epochs: int | None = Field(None, ge=1, description="Training epochs of the tiny model (preset default when unset).")
-    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig(batch_size=16, shard_size=128))
+    # A small corpus affords 32×32 projections per layer (8192 dims for the tiny model).
+    logging: LoggingConfig = Field(
+        default_factory=lambda: LoggingConfig(proj_dim_in=32, proj_dim_out=32, batch_size=16, shard_size=128)
+    )
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     show_queries: int = Field(8, ge=0, description="Queries printed with their top-5 (all are in the report).")

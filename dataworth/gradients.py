@@ -50,7 +50,7 @@ def _cut_completion(ids: list[int], tokenizer, cfg: GenerationConfig) -> list[in
         if eos is not None and t == eos:
             break
         piece = tokenizer.decode([t])
-        if cfg.stop_at_newline and "\n" in piece and out:
+        if out and ((cfg.stop_at_newline and "\n" in piece) or any(s in piece for s in cfg.stop)):
             break
         out.append(t)
     return out

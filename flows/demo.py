@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow
 
-from dataworth.config import CurvatureConfig, DataConfig, DemoConfig, IndexConfig, ModelConfig, QueryConfig
+from dataworth.config import DataConfig, DemoConfig, GenerationConfig, IndexConfig, ModelConfig, QueryConfig
 from tasks.demo import evaluate_fact_tracing, prepare_demo
 from tasks.query import load_results, render_report
 from tasks.tracking import Tracker
@@ -35,7 +34,7 @@ def _print_metrics(metrics: dict) -> None:
         print(mode.ljust(12) + "".join(f"{m[n]:12.3f}" for n in names))
 
 
-@flow(name="demo", log_prints=True)
+@flow(name="demo")
 def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     """The whole pipeline on an embedded, generated corpus whose ground truth is known."""
     ws = Path(config.workspace).absolute()
@@ -63,6 +62,8 @@ def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
             index_uri=index_uri,
             queries_path=_prompts_only(demo["queries"], ws),
             score=config.score.model_copy(update={"top_k": max(config.score.top_k, 10)}),
+            # Facts end their sentence: attribute the stated value, not the model's next sentence.
+            generation=GenerationConfig(max_new_tokens=8, stop=["."]),
             report_dir=str(ws / "reports"),
             tracking=sub_tracking,
         ), relevant=demo["relevant"], title="dataworth demo: which documents taught each fact?")

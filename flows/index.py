@@ -64,7 +64,8 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         shards = [first] + [f.result() for f in [submit(s) for s in range(1, n_shards)]]
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
         after = prune_index(config.index_uri, keep_shards=n_shards)
-        curv = fit_curvature(
+        # Table versions restart after a drop, so after an overwrite a cached curvature could be stale.
+        curv = fit_curvature.with_options(refresh_cache=fresh)(
             config.index_uri, config.curvature, shards[0]["layout"], after["gradients_version"], **common
         )
         tokens = sum(s["tokens"] for s in shards)

@@ -50,6 +50,12 @@ def prepare_demo(workspace: str, corpus_size: str, seed: int, train_epochs: int 
     }
 
 
+def states_value(completion: str, value: str) -> bool:
+    """The completion starts with the value as a whole word (" Saltmere" in " Saltmere, where...")."""
+    completion, value = completion.strip(), value.strip()
+    return completion.startswith(value) and not completion[len(value) : len(value) + 1].isalnum()
+
+
 @task(name="evaluate_fact_tracing")
 def evaluate_fact_tracing(index_uri: str, srid: str, relevant: dict[str, list[str]], expected: dict[str, str],
                           k: int = 10, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
@@ -58,7 +64,7 @@ def evaluate_fact_tracing(index_uri: str, srid: str, relevant: dict[str, list[st
     A query whose generated completion is not the fact has no known ground truth to trace.
     """
     queries, results = load_results(index_uri, srid)
-    correct = {q["query_id"] for q in queries if q["completion"].strip() == expected[q["query_id"]].strip()}
+    correct = {q["query_id"] for q in queries if states_value(q["completion"], expected[q["query_id"]])}
     metrics = {}
     for mode, by_query in results.items():
         rankings = {q: [r["document_id"] for r in rows] for q, rows in by_query.items() if q in correct}

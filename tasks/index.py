@@ -65,7 +65,7 @@ def tokenize_corpus(
             "token_start": pa.array([e.token_start for e in examples], pa.int32()),
             "token_end": pa.array([e.token_end for e in examples], pa.int32()),
             "num_tokens": pa.array([e.num_tokens for e in examples], pa.int32()),
-            "text": [tokenizer.decode(e.input_ids) for e in examples],
+            "text": [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in examples],
             "source": [e.source or None for e in examples],
             "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
         }

@@ -66,10 +66,11 @@ def score_queries(
     scorer = Scorer(q_grads, curvature, score.modes, score.top_k, n_train if full_matrix_path else None)
     start = time.perf_counter()
     for ids, vectors, _sq in store.iter_gradients(score.train_batch_size, version=version):
-        scorer.update(torch.from_numpy(ids), torch.tensor(vectors))
+        scorer.update(torch.tensor(ids), torch.tensor(vectors))
     score_seconds = time.perf_counter() - start
 
-    srid = score_run_id(manifest["gradients_version"], manifest["curvature_artifact"], queries, score, generation)
+    # The whole manifest (it carries published_at): table versions alone restart after an overwrite.
+    srid = score_run_id(manifest, queries, score, generation)
     rows = {"run_id": [], "query_id": [], "example_id": [], "score": [], "rank": [], "mode": [], "index_version": []}
     for mode, top in scorer.topk.items():
         for qi, q in enumerate(encoded):
