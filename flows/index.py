@@ -47,7 +47,8 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
     ok = False
     try:
         tok = tokenize_corpus.with_options(refresh_cache=fresh)(
-            config.index_uri, config.model, config.data, data_fingerprint(config.data), **common
+            config.index_uri, config.model, config.data, data_fingerprint(config.data), config.logging.shard_size,
+            **common
         )
         n_shards = math.ceil(tok["examples"] / config.logging.shard_size)
         mfp = model_fingerprint(config.model)
@@ -55,7 +56,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
 
         def submit(s: int):
             return log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
-                config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s,
+                config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s, tok["shard_hashes"][s],
                 progress=progress, **common,
             )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
+import numpy as np
 import pyarrow as pa
 import torch
 from prefect import get_run_logger, task
@@ -49,7 +51,7 @@ def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None 
 
 @task(name="tokenize_corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def tokenize_corpus(
-    index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str,
+    index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str, shard_size: int,
     run_id: str | None = None, tracking_uri: str | None = None,
 ) -> dict:
     """Read documents, split them into ≤ max_length-token examples, write the examples table."""
@@ -77,7 +79,20 @@ def tokenize_corpus(
         {"documents": len(docs.texts), "examples": len(examples), "tokens": n_tokens, "tokenize_seconds": seconds}
     )
     get_run_logger().info("tokenized %d documents into %d examples (%d tokens)", len(docs.texts), len(examples), n_tokens)
-    return {"examples_version": version, "examples": len(examples), "documents": len(docs.texts), "tokens": n_tokens}
+    return {"examples_version": version, "examples": len(examples), "documents": len(docs.texts), "tokens": n_tokens,
+            "shard_hashes": shard_hashes(examples, shard_size)}
+
+
+def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
+    """Content hash per gradient shard: a corpus that only grew re-logs only its changed tail."""
+    out = []
+    for lo in range(0, len(examples), shard_size):
+        h = hashlib.sha256()
+        for e in examples[lo : lo + shard_size]:
+            h.update(f"{e.example_id}|{e.document_id}|{e.chunk_index}|{e.token_start}|".encode())
+            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        out.append(h.hexdigest()[:20])
+    return out
 
 
 def _shard_examples(store: IndexStore, examples_version: int, lo: int, hi: int) -> list[Example]:
@@ -93,14 +108,18 @@ def _shard_examples(store: IndexStore, examples_version: int, lo: int, hi: int) 
     ]
 
 
-@task(name="log_gradients", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES,
-      task_run_name="log_gradients-shard-{shard}")
+@task(name="log_gradients", cache_policy=CACHE - "examples_version" - "progress", persist_result=True, tags=["gpu"],
+      **IO_RETRIES, task_run_name="log_gradients-shard-{shard}")
 def log_gradients(
     index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str,
-    examples_version: int, shard: int, run_id: str | None = None, tracking_uri: str | None = None,
+    examples_version: int, shard: int, shard_hash: str, run_id: str | None = None, tracking_uri: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Projected per-example gradients of one shard of examples, written to the gradients table."""
+    """Projected per-example gradients of one shard of examples, written to the gradients table.
+
+    Cached on the shard's content (shard_hash), not on the examples table version, so a
+    re-tokenized corpus whose shard did not change is not logged again.
+    """
     store = IndexStore(index_uri)
     lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
     examples = _shard_examples(store, examples_version, lo, hi)

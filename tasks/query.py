@@ -132,6 +132,8 @@ def render_report(
             for row in rows:
                 row["relevant"] = None if relevant is None else row["document_id"] in set(relevant.get(qid, []))
     samples = {m: [r["score"] for rows in bq.values() for r in rows] for m, bq in results.items()}
+    queries = [{"id": q["query_id"], "prompt": q["prompt"], "completion": q["completion"], "generated": q["generated"]}
+               for q in queries]
     html = render_query_report(title, queries, results, metrics, run_info, samples)
     out = Path(report_dir)
     path = write_report(html, out / f"report-{srid}.html")

@@ -92,6 +92,9 @@ def test_index_then_query(harness, assets):
     assert not queries["cats"]["generated"]
     html = open(q["report"]).read()
     assert "grey cats" in html and "Bread is baked" in html
+    assert "No results for this query" not in html
+    top_doc = store.read_examples(where=f"example_id = {scores['example_id'][0].as_py()}")["text"][0].as_py()
+    assert top_doc[:20] in html  # the ranked training text is in the report
 
     # The stored scores equal a direct in-memory computation over the same gradients.
     from dataworth.model import load_model
@@ -140,3 +143,37 @@ def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
     after = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
     assert after.keys() == before.keys()
     assert not any(np.allclose(after[i], before[i]) for i in before)  # other projections: re-logged
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
+    return {r.name: r.state.name for r in runs}
+
+
+def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
+    from flows.index import index_flow
+
+    docs = tmp_path / "growing.jsonl"
+    docs.write_text((assets / "docs.jsonl").read_text())
+    cfg = index_config(assets).model_copy(update={"index_uri": str(tmp_path / "grow-index")})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(docs)})})
+    index_flow(cfg, progress=False)
+    n_before = IndexStore(cfg.index_uri).num_examples()
+
+    with open(docs, "a") as f:
+        f.write(json.dumps({"id": "new", "text": "A new bakery opened by the mill."}) + "\n")
+    states = _task_states(index_flow(cfg, progress=False, return_state=True))
+    store = IndexStore(cfg.index_uri)
+    assert store.num_gradients() == store.num_examples() > n_before
+    shards = sorted((k for k in states if k.startswith("log_gradients-shard-")), key=lambda k: int(k.rsplit("-", 1)[1]))
+    last_full = (n_before // 4) - 1  # shards before the one the new example lands in are unchanged
+    assert all(states[k] == "Cached" for k in shards[: last_full + 1])
+    assert states[shards[-1]] == "Completed"
+    by_task = {name.rsplit("-", 1)[0]: state for name, state in states.items() if not name.startswith("log_gradients")}
+    assert by_task["tokenize_corpus"] == "Completed" and by_task["fit_curvature"] == "Completed"
