@@ -116,3 +116,24 @@ def test_module_selection_errors(tiny_model):
     only = GradientCollector(tiny_model, LoggingConfig(modules=["*.0.*"]))
     assert only.layout.blocks and all(".0." in b.name for b in only.layout.blocks)
     assert all("lm_head" not in b.name for b in GradientCollector(tiny_model, LoggingConfig()).layout.blocks)
+
+
+def test_bfloat16_model_is_close_to_float32():
+    """Low-precision models run through the same hooks; projections stay in float32."""
+    from tiny import make_tiny_llama
+
+    cfg = LoggingConfig(projection="gaussian", proj_dim_in=4, proj_dim_out=4)
+    ref = hook_gradients(make_tiny_llama(dtype=torch.float32), cfg, SEQS)
+    low = hook_gradients(make_tiny_llama(dtype=torch.bfloat16), cfg, SEQS)
+    assert low.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(low, ref, dim=1)
+    assert (cos > 0.95).all()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tiny_model):
+    cfg = LoggingConfig(projection="gaussian", proj_dim_in=4, proj_dim_out=4)
+    cpu = hook_gradients(tiny_model, cfg, SEQS)
+    gpu = hook_gradients(tiny_model.to("cuda"), cfg, SEQS)
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-8)
