@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 from prefect import flow, get_run_logger
 
@@ -31,10 +32,18 @@ def _check_compatible(config: IndexConfig, manifest: dict | None) -> None:
         )
 
 
+def _kept_calibration(manifest: dict | None, config: IndexConfig) -> dict | None:
+    if not manifest or not manifest.get("calibration") or config.overwrite:
+        return None
+    same = all(manifest["config"].get(k) == config.model_dump(mode="json")[k] for k in (*GRADIENT_KEYS, "curvature"))
+    return manifest["calibration"] if same else None
+
+
 @flow(name="index", log_prints=True)
 def index_flow(config: IndexConfig, progress: bool = True) -> dict:
     """Build (or bring up to date) an attribution index over a corpus."""
     log = get_run_logger()
+    started = time.perf_counter()
     state = index_state(config.index_uri)
     _check_compatible(config, state["manifest"])
     fresh = config.overwrite or not state["has_examples"]
@@ -85,6 +94,8 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
             "gradients_version": after["gradients_version"],
             "curvature_artifact": curv["artifact"],
             "mlflow_run_id": run_id,
+            # A calibrated damping stays valid while the curvature it was chosen for does.
+            "calibration": _kept_calibration(state["manifest"], config),
         }
         published = publish_index(config.index_uri, manifest, **common)
         tracker.artifact_text("index_config.json", config.model_dump_json(indent=2))
@@ -103,6 +114,8 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "tokens_per_s": tokens / seconds if seconds else None,
         "mlflow_run_id": run_id,
         "tracking_uri": tracker.uri,
+        "seconds": time.perf_counter() - started,
+        "compute_seconds": seconds + curv["seconds"],
     }
     log.info("index ready at %s: %d examples, %d-dim gradients (%.0f× compression)",
              config.index_uri, tok["examples"], manifest["dim"], summary["compression_ratio"])

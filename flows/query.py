@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from prefect import flow, get_run_logger
 
@@ -26,6 +27,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     `relevant` (query id → document ids) marks known ground truth in the report.
     """
     log = get_run_logger()
+    started = time.perf_counter()
     queries = load_queries(config.queries_path, config.queries)
     state = index_state(config.index_uri)
     manifest = state["manifest"]
@@ -62,4 +64,5 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     finally:
         tracker.finish(ok)
     log.info("report: %s", report["report"])
-    return {**scored, **report, "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "index_uri": config.index_uri}
+    return {**scored, **report, "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "index_uri": config.index_uri,
+            "seconds": time.perf_counter() - started}

@@ -163,7 +163,8 @@ def fit_curvature(
     store.write_artifact(key, curv.to_bytes())
     summary = curv.summary()
     Tracker.attach(tracking_uri, run_id).metrics({"curvature_seconds": time.perf_counter() - start})
-    return {"artifact": key, "examples": acc.count, "summary": json.dumps(summary)}
+    return {"artifact": key, "examples": acc.count, "summary": json.dumps(summary),
+            "seconds": time.perf_counter() - start}
 
 
 @task(name="publish_index", **IO_RETRIES)

@@ -31,6 +31,34 @@ def score_run_id(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def index_curvature(store: IndexStore, manifest: dict, damping_factor: float | None) -> Curvature:
+    """The index's fitted curvature, damped by the given factor, else by the calibrated one recorded in the
+    manifest (`dataworth evaluate --calibrate`), else as fitted."""
+    blob = store.read_artifact(manifest["curvature_artifact"])
+    if blob is None:
+        raise ValueError(f"index {store.uri!r} lists curvature {manifest['curvature_artifact']!r} but it is missing; "
+                         "rebuild the index (dataworth index ... --overwrite)")
+    curvature = Curvature.from_bytes(blob)
+    if damping_factor is None and manifest.get("calibration"):
+        damping_factor = manifest["calibration"]["damping_factor"]
+    return curvature if damping_factor is None else curvature.with_damping(damping_factor)
+
+
+def index_query_gradients(manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int):
+    """(encoded queries, their gradients) with the index's own model and projections."""
+    model_cfg = ModelConfig(**manifest["config"]["model"])
+    logging_cfg = LoggingConfig(**manifest["config"]["logging"])
+    lm, tokenizer = cached_model(model_cfg)
+    with MODEL_LOCK:
+        limit = context_length(lm, manifest["config"]["data"]["max_length"])
+        encoded = encode_queries(lm, tokenizer, queries, generation, limit, batch_size)
+        q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), batch_size)
+    if q_grads.shape[1] != manifest["dim"]:
+        raise ValueError(f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
+                         "the model or logging config no longer matches the index; rebuild it")
+    return encoded, q_grads
+
+
 @task(name="score_queries", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
 def score_queries(
     index_uri: str, manifest: dict, queries: list[QuerySpec], score: ScoreConfig, generation: GenerationConfig,
@@ -39,27 +67,10 @@ def score_queries(
     """Query gradients (generating missing completions), then every mode over one streaming pass."""
     log = get_run_logger()
     store = IndexStore(index_uri)
-    model_cfg = ModelConfig(**manifest["config"]["model"])
-    logging_cfg = LoggingConfig(**manifest["config"]["logging"])
-    max_length = manifest["config"]["data"]["max_length"]
-    blob = store.read_artifact(manifest["curvature_artifact"])
-    if blob is None:
-        raise ValueError(f"index {index_uri!r} lists curvature {manifest['curvature_artifact']!r} but it is missing; "
-                         "rebuild the index (dataworth index ... --overwrite)")
-    curvature = Curvature.from_bytes(blob)
-    if score.damping_factor is not None:
-        curvature = curvature.with_damping(score.damping_factor)
-
-    lm, tokenizer = cached_model(model_cfg)
-    with MODEL_LOCK:
-        start = time.perf_counter()
-        limit = context_length(lm, max_length)
-        encoded = encode_queries(lm, tokenizer, queries, generation, limit, score.query_batch_size)
-        q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), score.query_batch_size)
-    if q_grads.shape[1] != manifest["dim"]:
-        raise ValueError(f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
-                         "the model or logging config no longer matches the index; rebuild it")
+    start = time.perf_counter()
+    encoded, q_grads = index_query_gradients(manifest, queries, generation, score.query_batch_size)
     query_seconds = time.perf_counter() - start
+    curvature = index_curvature(store, manifest, score.damping_factor)
 
     version = manifest["gradients_version"]
     n_train = manifest["num_examples"]
@@ -95,7 +106,8 @@ def score_queries(
         "score_pairs_per_s": pairs_per_s, "score_pairs": scorer.pairs,
     })
     log.info("scored %d queries × %d examples × %d modes (%.0f pairs/s)", len(encoded), n_train, len(score.modes), pairs_per_s)
-    return {"score_run_id": srid, "queries": len(encoded), "pairs": scorer.pairs, "pairs_per_s": pairs_per_s}
+    return {"score_run_id": srid, "queries": len(encoded), "pairs": scorer.pairs, "pairs_per_s": pairs_per_s,
+            "compute_seconds": query_seconds + score_seconds}
 
 
 def load_results(index_uri: str, srid: str) -> tuple[list[dict], dict[str, dict[str, list[dict]]]]:
