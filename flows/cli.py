@@ -1,4 +1,4 @@
-"""`dataworth` command line: demo, index, query. Each command runs the real Prefect flow
+"""`dataworth` command line: demo, index, query, evaluate. Each command runs the real Prefect flow
 (ephemeral API unless PREFECT_API_URL points at a server)."""
 
 from __future__ import annotations
@@ -77,6 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--overwrite", action="store_true", default=None, help="rebuild an index made with another config")
     _common(index)
 
+    ev = sub.add_parser("evaluate", help="measure attribution quality on a generated benchmark (LDS, fact tracing, ...)",
+                        description="Train the benchmark model, index it, and measure every score mode and baseline: "
+                                    "fact tracing (MRR, recall@10), tail-patch, linear datamodeling score (retrains a "
+                                    "model per random subset), brittleness, and leave-one-out on a convex problem.")
+    ev.add_argument("--benchmark", choices=["facts-small", "facts-medium", "facts-large", "lm-small"],
+                    help="generated benchmark preset (default facts-small)")
+    ev.add_argument("--workspace", help="folder for benchmark corpora, models, indexes, reports (default dataworth-runs/evaluate)")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--epochs", type=int, help="training epochs of the benchmark model")
+    ev.add_argument("--proj-dim", type=int, help="projection size per side (default 32)")
+    ev.add_argument("--curvature", choices=["identity", "raw"])
+    ev.add_argument("--baselines", nargs="*", choices=["bm25", "kronfluence"], help="baselines (default bm25)")
+    ev.add_argument("--subsets", type=int, help="LDS: retrained subsets (default 50)")
+    ev.add_argument("--no-lds", action="store_true", help="skip the linear datamodeling score")
+    ev.add_argument("--no-brittleness", action="store_true", help="skip brittleness retraining")
+    ev.add_argument("--no-tail-patch", action="store_true", help="skip tail-patch")
+    ev.add_argument("--no-loo", action="store_true", help="skip leave-one-out on the convex problem")
+    ev.add_argument("--calibrate", action="store_true", default=None,
+                    help="sweep the damping factor on a held-out proxy and record the choice in the index")
+    ev.add_argument("--calibrate-proxy", choices=["fact_mrr", "lds"], help="proxy maximized by --calibrate")
+    ev.add_argument("--damping-factors", nargs="+", type=float, help="damping factors swept by --calibrate")
+    _scoring(ev, "")
+    _common(ev)
+
     query = sub.add_parser("query", help="attribute query completions to the training examples of an index",
                            description="Score queries (JSONL: {id, prompt, completion?}) against a published index. "
                                        "Queries without a completion are completed greedily by the model first.")
@@ -141,6 +165,27 @@ def _demo_config(args) -> dict:
     return cfg
 
 
+def _evaluate_config(args) -> dict:
+    cfg = load_yaml(args.config) if args.config else {}
+    for flag, key in [("benchmark", "benchmark"), ("workspace", "workspace"), ("seed", "seed"), ("epochs", "train_epochs"),
+                      ("curvature", "curvature.kind"), ("baselines", "baselines"), ("subsets", "lds.n_subsets"),
+                      ("calibrate", "calibrate.enabled"), ("calibrate_proxy", "calibrate.proxy"),
+                      ("damping_factors", "calibrate.damping_factors"), ("modes", "score.modes"), ("top_k", "score.top_k"),
+                      ("damping", "curvature.damping_factor")]:
+        _set(cfg, key, getattr(args, flag))
+    if args.proj_dim:
+        _set(cfg, "logging.proj_dim_in", args.proj_dim)
+        _set(cfg, "logging.proj_dim_out", args.proj_dim)
+    for flag, key in [("no_lds", "lds.enabled"), ("no_brittleness", "brittleness.enabled"),
+                      ("no_tail_patch", "tail_patch.enabled")]:
+        if getattr(args, flag):
+            _set(cfg, key, False)
+    if args.no_loo:
+        _set(cfg, "loo", False)
+    _tracking(args, cfg)
+    return cfg
+
+
 def _summary(title: str, rows: dict) -> None:
     print(f"\n== {title} ==")
     for k, v in rows.items():
@@ -159,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             config = IndexConfig(**_index_config(args))
         elif args.command == "query":
             config = QueryConfig(**_query_config(args))
+        elif args.command == "evaluate":
+            from dataworth.benchmark import EvaluateConfig
+
+            config = EvaluateConfig(**_evaluate_config(args))
         else:
             config = DemoConfig(**_demo_config(args))
     except ValidationError as err:
@@ -181,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             _summary("query", {"queries": out["queries"], "report": out["report"], "top-k table": out["topk_csv"],
                                "scores table": f"{out['index_uri']} (scores, run_id={out['score_run_id']})",
                                "mlflow run": out["mlflow_run_id"], "mlflow store": out["tracking_uri"]})
+        elif args.command == "evaluate":
+            from flows.evaluate import evaluate_flow
+
+            out = evaluate_flow(config, progress=progress)
+            _summary("evaluate", {"report": out["report"], "index": out["index_uri"], "mlflow run": out["mlflow_run_id"],
+                                  "mlflow store": out["tracking_uri"]})
         else:
             from flows.demo import demo_flow
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from prefect import flow
 
 from dataworth.config import DataConfig, DemoConfig, GenerationConfig, IndexConfig, ModelConfig, QueryConfig
-from tasks.demo import evaluate_fact_tracing, prepare_demo
+from tasks.benchmark import prepare_benchmark
+from tasks.demo import evaluate_fact_tracing
 from tasks.query import load_results, render_report
 from tasks.tracking import Tracker
 
@@ -45,8 +46,8 @@ def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     ok = False
     try:
         fresh = not (ws / "model" / "config.json").exists()
-        demo = prepare_demo.with_options(refresh_cache=fresh)(
-            str(ws), config.corpus_size, config.seed, config.train_epochs, **common
+        demo = prepare_benchmark.with_options(refresh_cache=fresh)(
+            str(ws), f"facts-{config.corpus_size}", config.seed, config.train_epochs, progress=progress, **common
         )
         index_uri = str(ws / "index")
         index = index_flow(IndexConfig(

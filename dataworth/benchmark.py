@@ -1,0 +1,82 @@
+"""Evaluation configs and the benchmark presets the `evaluate` flow runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .demo_corpus import FACT_CORPUS_SIZES
+from .config import CurvatureConfig, LoggingConfig, ScoreConfig, StageConfig, TrackingConfig
+from .retrain import RetrainConfig
+
+Baseline = Literal["bm25", "kronfluence"]
+
+# name -> corpus kind and generator kwargs (the fact presets are the demo corpus sizes)
+BENCHMARKS: dict[str, dict] = {
+    **{f"facts-{size}": {"kind": "facts", "corpus": kwargs} for size, kwargs in FACT_CORPUS_SIZES.items()},
+    "lm-small": {"kind": "lm", "corpus": {}},
+}
+
+
+class LDSConfig(StageConfig):
+    enabled: bool = Field(True, description="Compute the linear datamodeling score (retrains one model per subset).")
+    n_subsets: int = Field(50, ge=2, description="Random training subsets, one retrained model each.")
+    fraction: float = Field(0.5, gt=0, lt=1, description="Share of the training examples in each subset.")
+    seed: int = Field(0, description="Seed of the subset draw (retraining seeds follow from it).")
+
+
+class BrittlenessConfig(StageConfig):
+    enabled: bool = Field(True, description="Remove each query's top-k examples, retrain, measure the query's loss.")
+    ks: list[int] = Field(default_factory=lambda: [1, 3, 10], description="Numbers of removed examples.")
+    n_queries: int = Field(4, ge=1, description="Queries tested (each costs len(ks) × (methods + 1) retrains).")
+    methods: list[str] = Field(default_factory=lambda: ["relatif"], description="Score modes or baselines whose top-k is removed.")
+
+    @model_validator(mode="after")
+    def _ks(self) -> "BrittlenessConfig":
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"brittleness.ks={self.ks} must be a non-empty list of positive counts")
+        return self
+
+
+class TailPatchConfig(StageConfig):
+    enabled: bool = Field(True, description="TrackStar tail-patch: one step on a retrieved example, Δ log p(target).")
+    top_k: int = Field(5, ge=1, description="Retrieved examples patched per query and method.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the single step.")
+    optimizer: Literal["sgd", "adam"] = Field("adam", description="Optimizer of the single step.")
+    max_queries: int = Field(40, ge=1, description="Queries evaluated (first ones in order).")
+
+
+class CalibrateConfig(StageConfig):
+    enabled: bool = Field(False, description="Sweep the damping factor (and projection size) on a held-out proxy.")
+    damping_factors: list[float] = Field(
+        default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], description="Damping factors tried."
+    )
+    proj_dims: list[int] = Field(default_factory=list, description="Projection sizes tried (each re-indexes); empty: keep.")
+    proxy: Literal["fact_mrr", "lds"] = Field("fact_mrr", description="Held-out proxy maximized.")
+    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="Share of queries used to choose (rest reports).")
+
+
+class EvaluateConfig(StageConfig):
+    benchmark: Literal["facts-small", "facts-medium", "facts-large", "lm-small"] = Field(
+        "facts-small", description="Generated benchmark: fact corpus at three sizes, or a small LM corpus."
+    )
+    workspace: str = Field("dataworth-runs/evaluate", description="Folder for corpora, models, indexes and reports.")
+    seed: int = Field(0, description="Seed of corpus, model and projections.")
+    train_epochs: int | None = Field(None, ge=1, description="Epochs of the benchmark model (preset default when unset).")
+    logging: LoggingConfig = Field(
+        default_factory=lambda: LoggingConfig(proj_dim_in=32, proj_dim_out=32, batch_size=16, shard_size=256)
+    )
+    curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
+    score: ScoreConfig = Field(default_factory=lambda: ScoreConfig(top_k=10))
+    baselines: list[Baseline] = Field(default_factory=lambda: ["bm25"], description="Baselines in the same table.")
+    fact_tracing: bool = Field(True, description="MRR / recall@10 of fact-stating documents (fact benchmarks).")
+    tail_patch: TailPatchConfig = Field(default_factory=TailPatchConfig)
+    lds: LDSConfig = Field(default_factory=LDSConfig)
+    brittleness: BrittlenessConfig = Field(default_factory=BrittlenessConfig)
+    retrain: RetrainConfig | None = Field(
+        None, description="How LDS/brittleness retrain a model; default: the benchmark model's own recipe."
+    )
+    loo: bool = Field(True, description="Leave-one-out agreement on a convex problem (softmax regression).")
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

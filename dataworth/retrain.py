@@ -1,0 +1,394 @@
+"""Counterfactual evaluation: retrain a causal LM on a subset of its training data, read
+off query log-probabilities, and tail-patch (one optimizer step on one example).
+
+These are the ground truths attribution scores are judged against: LDS compares scores
+with what retraining on random subsets does, and the TrackStar tail-patch metric asks
+whether one step on a top-scored example raises the query's completion probability.
+
+Training takes token ids (the index's examples exactly), never text, so the retrained
+model sees the very sequences that were attributed. The loop copies the one in
+tiny_model.py (AdamW, betas (0.9, 0.98), linear warm-up then cosine decay to 10%, gradient
+clipping at 1.0, a seeded shuffle per epoch), so retraining the demo model on its full
+data with the default config rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from .collector import per_example_loss
+from .config import StageConfig
+from .data import collate
+from .gradients import EncodedQuery
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Everything save_pretrained of a tokenizer may write; copied so the retrained model loads as
+# a drop-in replacement of the reference (same ids, same specials).
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+class RetrainConfig(StageConfig):
+    init: Literal["scratch", "finetune"] = Field(
+        "scratch",
+        description="scratch: fresh random weights from the reference model's config (what LDS on a small model "
+        "wants); finetune: start from the weights of base_model.",
+    )
+    base_model: str | None = Field(
+        None, description="Model name or save_pretrained directory to fine-tune from; required for init='finetune'."
+    )
+    epochs: int = Field(40, ge=1, description="Passes over the shuffled sequences (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run instead of `epochs` passes.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of the steps with linear warm-up; cosine decay to 10% of lr follows."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; None: no clipping.")
+    seed: int = Field(0, description="Seed of the initialization (scratch), dropout and the data order.")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Dtype the model is trained in.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+
+    @model_validator(mode="after")
+    def _base_model_matches_init(self) -> "RetrainConfig":
+        if self.init == "finetune" and not self.base_model:
+            raise ValueError("init='finetune' needs base_model (a model name or directory); or use init='scratch'")
+        if self.init == "scratch" and self.base_model:
+            raise ValueError(
+                f"base_model={self.base_model!r} is only used with init='finetune'; set init='finetune' or drop base_model"
+            )
+        return self
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available here; use device='auto' or 'cpu'")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _context_length(config) -> int | None:
+    for attr in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_sequences(sequences: list[list[int]], vocab_size: int, context: int | None, what: str) -> None:
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"{what} {i} is empty; drop it (every sequence needs at least one token)")
+        if context is not None and len(seq) > context:
+            raise ValueError(f"{what} {i} has {len(seq)} tokens, more than the model's context of {context}; cut it")
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{what} {i} holds token id {bad}, outside the model's vocabulary of {vocab_size}; "
+                "use the tokenizer the reference model was trained with"
+            )
+
+
+def _pad_id(config) -> int:
+    # Padding is masked out of attention and labels, so any valid id works; prefer the model's own.
+    for tid in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(tid, int) and 0 <= tid < config.vocab_size:
+            return tid
+    return 0
+
+
+def _mean_token_loss(model, input_ids, attention, labels) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:]
+    if not bool((targets != -100).any()):
+        # A batch of one-token sequences has nothing to predict; a zero loss keeps the step (and
+        # the schedule) in place instead of a NaN from an empty mean.
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _build_model(reference_model_dir: str, cfg: RetrainConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.init == "finetune":
+        try:
+            return AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load base_model {cfg.base_model!r}: {err}. Give a save_pretrained directory or a reachable hub name"
+            ) from err
+    try:
+        config = AutoConfig.from_pretrained(reference_model_dir)
+    except OSError as err:
+        raise ValueError(
+            f"cannot read the config of reference model {reference_model_dir!r}: {err}. "
+            "Give the save_pretrained directory (or hub name) of the model being attributed"
+        ) from err
+    # Seeded right before construction so the initialization depends on the seed alone, as in tiny_model.
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def train_causal_lm(
+    reference_model_dir: str,
+    sequences: list[list[int]],
+    cfg: RetrainConfig,
+    out_dir: str | None = None,
+    progress: bool = False,
+):
+    """Train a causal LM on token-id `sequences` (next-token loss, mean over the batch's tokens).
+
+    The architecture comes from `reference_model_dir` (fresh weights for init='scratch', or
+    `cfg.base_model`'s weights for 'finetune'). The same seed gives the same weights on the
+    same machine. Returns the model in eval mode; with `out_dir`, it is also saved there
+    (save_pretrained, the reference's tokenizer files and retrain_config.json).
+    """
+    if not sequences:
+        raise ValueError("sequences is empty: pass the token ids of the training examples to retrain on")
+    device = _device(cfg.device)
+    model = _build_model(reference_model_dir, cfg)
+    _check_sequences(sequences, model.config.vocab_size, _context_length(model.config), "sequence")
+    model.to(device)
+    # Seeded again after loading so finetune runs are reproducible too (dropout draws); for
+    # scratch it continues the stream of the initialization, exactly as tiny_model does.
+    if cfg.init == "finetune":
+        torch.manual_seed(cfg.seed)
+    order_rng = random.Random(cfg.seed)
+    pad = _pad_id(model.config)
+
+    batches_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches_per_epoch
+    warmup = max(1, int(cfg.warmup_fraction * total))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="retrain", unit="step")
+    model.train()
+    step = 0
+    while step < total:
+        order = list(range(len(sequences)))
+        order_rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            input_ids, attention, labels = collate([sequences[j] for j in order[i : i + cfg.batch_size]], pad)
+            loss = _mean_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    if out_dir is not None:
+        _save(model, reference_model_dir, cfg, Path(out_dir))
+    return model
+
+
+def _save(model, reference_model_dir: str, cfg: RetrainConfig, out: Path) -> None:
+    # Stage then move, so a crash mid-save never leaves a directory that loads half a model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(staging))
+        ref = Path(reference_model_dir)
+        if ref.is_dir():
+            for name in _TOKENIZER_FILES:
+                if (ref / name).is_file():
+                    shutil.copy2(ref / name, staging / name)
+        (staging / "retrain_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
+        if not out.exists():
+            staging.rename(out)
+            return
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_queries(queries: list[EncodedQuery], model) -> None:
+    if not queries:
+        raise ValueError("queries is empty: pass the encoded queries (dataworth.gradients.encode_queries)")
+    for q in queries:
+        if not q.completion_ids:
+            raise ValueError(
+                f"query {q.id!r} has no completion tokens; encode it with a completion (or let encode_queries generate one)"
+            )
+    _check_sequences([q.prompt_ids + q.completion_ids for q in queries], model.config.vocab_size,
+                     _context_length(model.config), "query")
+
+
+def _log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start : start + batch_size]
+        seqs = [q.prompt_ids + q.completion_ids for q in batch]
+        masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in batch]
+        input_ids, attention, labels = collate(seqs, pad_id, masks)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+        # float64 before the softmax: a sum of many log-probs, and after − before differences of
+        # tail patching, must not drown in rounding.
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        targets = labels[:, 1:].to(device)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * (targets != -100)).sum(dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def completion_log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """(n_queries,) float64: log p(completion | prompt), summed over the completion's tokens.
+
+    Right padding, so a query's positions and result do not depend on its batch mates.
+    Dropout is off while measuring; the model's train/eval mode is restored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    _check_queries(queries, model)
+    was_training = model.training
+    model.eval()
+    try:
+        return _log_probs(model, queries, pad_id, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True; unfreeze the weights to tail-patch")
+    return params
+
+
+def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, optimizer: str) -> None:
+    device = params[0].device
+    input_ids, attention, labels = collate([example_ids], pad_id)
+    loss = per_example_loss(
+        model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits, labels.to(device), "mean"
+    ).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    # A fresh optimizer per candidate: the step must depend on this example alone. Adam's first
+    # step from zero state is lr · g / (|g| + eps), i.e. close to lr · sign(g).
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for p in params:
+        p.grad = None
+
+
+def tail_patch_scores(
+    model,
+    candidate_sequences: list[list[int]],
+    queries: list[EncodedQuery],
+    pad_id: int,
+    lr: float = 1e-3,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """(n_queries, n_candidates) float64 tail-patch scores (TrackStar, Chang et al. 2024).
+
+    Column j: one optimizer step on candidate j alone (mean token loss), then the change
+    in each query's completion log-probability, after − before. With SGD and a small lr
+    this is ≈ lr · ∇loss_q · ∇loss_j, so positive means the example teaches the completion.
+    Dropout is off for the step and the measurements. The weights (and any .grad) are
+    restored exactly after every candidate.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam'")
+    if not candidate_sequences:
+        raise ValueError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
+    _check_queries(queries, model)
+    _check_sequences(candidate_sequences, model.config.vocab_size, _context_length(model.config), "candidate")
+    params = _trainable(model)
+    was_training = model.training
+    saved_grads = [p.grad for p in params]
+    # Snapshot once, restore after every candidate: copy_ writes the very same values back, so
+    # the restored model is bit-identical (tied weights are one Parameter, copied once).
+    with torch.no_grad():
+        snapshot = [p.detach().clone() for p in params]
+    model.eval()
+    scores = torch.empty((len(queries), len(candidate_sequences)), dtype=torch.float64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(candidate_sequences), desc="tail patch", unit="ex")
+    try:
+        with torch.no_grad():
+            before = _log_probs(model, queries, pad_id, batch_size)
+        for j, seq in enumerate(candidate_sequences):
+            try:
+                with torch.enable_grad():
+                    _patch_step(model, params, seq, pad_id, lr, optimizer)
+                with torch.no_grad():
+                    scores[:, j] = _log_probs(model, queries, pad_id, batch_size) - before
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(params, snapshot):
+                        p.copy_(s)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return scores
+
+
+def tail_patch(
+    model,
+    example_ids: list[int],
+    queries: list[EncodedQuery],
+    pad_id: int,
+    lr: float = 1e-3,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """(n_queries,) float64: change in each query's completion log-probability after one
+    optimizer step on the single training sequence `example_ids`; weights restored exactly."""
+    if len(example_ids) == 0 or isinstance(example_ids[0], (list, tuple)):
+        raise ValueError(
+            "example_ids must be one non-empty training sequence (a list of token ids); "
+            "use tail_patch_scores for several candidates"
+        )
+    return tail_patch_scores(model, [example_ids], queries, pad_id, lr, optimizer, batch_size)[:, 0]

@@ -1,0 +1,50 @@
+"""The evaluate flow end to end on a tiny budget: every metric path runs and lands in MLflow."""
+
+import math
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from dataworth.benchmark import (
+    BrittlenessConfig, CalibrateConfig, EvaluateConfig, LDSConfig, TailPatchConfig,
+)
+from dataworth.config import TrackingConfig
+from dataworth.retrain import RetrainConfig
+from storage import IndexStore
+
+pytestmark = pytest.mark.slow
+
+
+def test_evaluate_flow_small_budget(tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.evaluate import evaluate_flow
+
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="evaluate-test")
+    config = EvaluateConfig(
+        workspace=str(tmp_path / "ws"),
+        train_epochs=4,
+        lds=LDSConfig(n_subsets=3),
+        brittleness=BrittlenessConfig(ks=[1, 2], n_queries=1, methods=["influence"]),
+        tail_patch=TailPatchConfig(max_queries=3, top_k=2),
+        retrain=RetrainConfig(epochs=1, seed=0),
+        calibrate=CalibrateConfig(enabled=True, damping_factors=[0.01, 1.0]),
+        tracking=tracking,
+    )
+    with prefect_test_harness(server_startup_timeout=120):
+        out = evaluate_flow(config, progress=False)
+    table = out["table"]
+    assert {"dot", "influence", "relatif", "cosine", "bm25"} <= set(table)
+    for method in ("influence", "bm25"):
+        row = table[method]
+        assert {"mrr", "recall@10", "tail_patch", "lds"} <= set(row)
+        assert 0 <= row["mrr"] <= 1 and -1 <= row["lds"] <= 1 or math.isnan(row["lds"])
+    assert {"brittle@1", "brittle@2"} <= set(table["random"])
+    assert out["loo"]["pearson_hessian"] > 0.9
+    assert out["calibration"]["damping_factor"] in (0.01, 1.0)
+    assert IndexStore(out["index_uri"]).read_manifest()["calibration"]["damping_factor"] == out["calibration"]["damping_factor"]
+    html = open(out["report"]).read()
+    assert "Linear datamodeling" in html and "Brittleness" in html
+    run = MlflowClient(tracking.tracking_uri).get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "influence.lds" in run.data.metrics and "loo.pearson_hessian" in run.data.metrics
