@@ -87,9 +87,10 @@ def load_documents(cfg: DataConfig) -> Documents:
         raise ValueError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")
     keep = []
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
+        # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
+        if t is not None and not isinstance(t, str):
             raise ValueError(f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text")
-        if not t.strip():
+        if t is None or not t.strip():
             if not cfg.skip_empty:
                 raise ValueError(
                     f"document {ids[i]!r} (row {i}) has empty text; remove it or set skip_empty=True (--skip-empty)"

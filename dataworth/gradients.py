@@ -76,6 +76,14 @@ def encode_queries(
         if q.completion is not None and not c_ids:
             raise ValueError(f"query {q.id!r} has an empty completion; give text or leave completion out to generate one")
         encoded.append(EncodedQuery(q.id, q.prompt, list(p_ids), list(c_ids), q.completion or "", q.completion is None))
+    for e in encoded:  # before generating: an over-long prompt would fail deep inside the position embedding
+        total = len(e.prompt_ids) + (gen.max_new_tokens if e.generated else len(e.completion_ids))
+        if total > max_length:
+            what = f"up to {gen.max_new_tokens} generated" if e.generated else f"{len(e.completion_ids)} completion"
+            raise ValueError(
+                f"query {e.id!r} has {total} tokens, more than the model's context of {max_length} "
+                f"({len(e.prompt_ids)} prompt + {what}); shorten its prompt"
+            )
     todo = [e for e in encoded if e.generated]
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
@@ -99,12 +107,6 @@ def encode_queries(
                     f"the model generated nothing for query {e.id!r} (it stopped at once); give a completion explicitly"
                 )
             e.completion = tokenizer.decode(e.completion_ids)
-    for e in encoded:
-        total = len(e.prompt_ids) + len(e.completion_ids)
-        if total > max_length:
-            raise ValueError(
-                f"query {e.id!r} has {total} tokens, more than the model's context of {max_length}; shorten its prompt"
-            )
     return encoded
 
 

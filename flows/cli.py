@@ -195,6 +195,7 @@ def _summary(title: str, rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import yaml
     from pydantic import ValidationError
 
     from dataworth.config import DemoConfig, IndexConfig, QueryConfig
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:
         lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         print(f"dataworth {args.command}: invalid configuration\n" + "\n".join(lines), file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:  # --config missing, not a mapping, or not YAML
+        print(f"dataworth {args.command}: {err}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     try:
