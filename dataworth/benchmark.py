@@ -42,8 +42,10 @@ class BrittlenessConfig(StageConfig):
 class TailPatchConfig(StageConfig):
     enabled: bool = Field(True, description="TrackStar tail-patch: one step on a retrieved example, Δ log p(target).")
     top_k: int = Field(5, ge=1, description="Retrieved examples patched per query and method.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the single step.")
-    optimizer: Literal["sgd", "adam"] = Field("adam", description="Optimizer of the single step.")
+    lr: float = Field(0.1, gt=0, description="Learning rate of the single step.")
+    # SGD keeps the step first-order interpretable (Δ log p ≈ lr · ∇loss_q · ∇loss_z); Adam's first
+    # step is lr · sign(g) on every weight and mostly measures damage.
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer of the single step.")
     max_queries: int = Field(40, ge=1, description="Queries evaluated (first ones in order).")
 
 

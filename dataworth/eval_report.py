@@ -21,7 +21,10 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
         cells = []
         for m in metrics:
             v = row.get(m)
-            cells.append("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("–")
+            else:
+                cells.append(str(int(v)) if float(v).is_integer() and abs(v) >= 1 else f"{v:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
