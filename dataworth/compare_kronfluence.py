@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -87,9 +88,12 @@ def _collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def _make_task(task_base, tracked: list[str]):
+def _make_task(task_base, tracked: list[str], seed: int):
     class DataworthLMTask(task_base):
         """Summed next-token NLL over label tokens, for training loss and measurement alike."""
+
+        # Its own generator, so sampled-label Fisher fits repeat exactly and leave the global RNG alone.
+        generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def _loss(self, batch, model, labels):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -104,7 +108,8 @@ def _make_task(task_base, tracked: list[str]):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             with torch.no_grad():
                 probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
-                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+                flat = probs.reshape(-1, probs.shape[-1]).cpu()
+                drawn = torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1]).to(labels.device)
                 sampled = labels.clone()
                 sampled[:, 1:] = torch.where(labels[:, 1:] != -100, drawn, labels[:, 1:])
             return per_example_loss(logits, sampled, "sum").sum()
@@ -160,6 +165,7 @@ def kronfluence_scores(
     output_dir: str,
     batch_size: int = 8,
     use_empirical_fisher: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Kronfluence pairwise influence of every training sequence on every query.
 
@@ -169,7 +175,8 @@ def kronfluence_scores(
     wrapped by kronfluence for the call and given back unwrapped. Factors and scores are
     written under `output_dir` (recomputed on every call, never reused from an old run).
     `use_empirical_fisher` fits the curvature on the data's own labels (dataworth's raw
-    Fisher is empirical) instead of kronfluence's default of labels sampled from the model.
+    Fisher is empirical) instead of kronfluence's default of labels sampled from the model;
+    `seed` fixes those samples, so repeated calls give the same scores.
     """
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs = _require_kronfluence()
     if strategy not in STRATEGIES:
@@ -204,28 +211,36 @@ def kronfluence_scores(
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    task = _make_task(Task, tracked)
+    task = _make_task(Task, tracked, seed)
+    from kronfluence.utils.state import State
+
+    # kronfluence's process state is a singleton: one made earlier for a GPU would move the model there.
+    if State(cpu=True).device.type != "cpu":
+        raise RuntimeError("kronfluence's process state was already set up for a GPU in this process; run on CPU in a fresh process")
     try:
-        prepared = prepare_model(model=model, task=task)
-        analyzer = Analyzer(
-            analysis_name="dataworth", model=prepared, task=task, cpu=True,
-            log_level=logging.WARNING, disable_tqdm=True, output_dir=output_dir,
-        )
-        analyzer.set_dataloader_kwargs(loader_kwargs)
-        start = time.perf_counter()
-        analyzer.fit_all_factors(
-            factors_name=strategy, dataset=train_data, per_device_batch_size=batch_size,
-            factor_args=factor_args, overwrite_output_dir=True,
-        )
-        seconds_factors = time.perf_counter() - start
-        start = time.perf_counter()
-        analyzer.compute_pairwise_scores(
-            scores_name=f"{strategy}_pairwise", factors_name=strategy, query_dataset=query_data,
-            train_dataset=train_data, per_device_query_batch_size=batch_size,
-            per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True,
-        )
-        seconds_scores = time.perf_counter() - start
-        result = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")
+        # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated (FutureWarning) even when disabled.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\.")
+            prepared = prepare_model(model=model, task=task)
+            analyzer = Analyzer(
+                analysis_name="dataworth", model=prepared, task=task, cpu=True,
+                log_level=logging.WARNING, disable_tqdm=True, output_dir=output_dir,
+            )
+            analyzer.set_dataloader_kwargs(loader_kwargs)
+            start = time.perf_counter()
+            analyzer.fit_all_factors(
+                factors_name=strategy, dataset=train_data, per_device_batch_size=batch_size,
+                factor_args=factor_args, overwrite_output_dir=True,
+            )
+            seconds_factors = time.perf_counter() - start
+            start = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                scores_name=f"{strategy}_pairwise", factors_name=strategy, query_dataset=query_data,
+                train_dataset=train_data, per_device_query_batch_size=batch_size,
+                per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True,
+            )
+            seconds_scores = time.perf_counter() - start
+            result = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")
     finally:
         _restore(model, flags, was_training)
     scores = result["all_modules"].detach().to(torch.float64).cpu().numpy()
