@@ -27,7 +27,7 @@ Conventions (checked against kronfluence 1.0.1):
   not dataworth's relative factor.
 
 Only `nn.Linear` layers can be tracked: kronfluence supports nn.Linear and nn.Conv2d, not
-the transposed-weight `Conv1D` of GPT-2, so GPT-2-style models are refused.
+the transposed-weight `Conv1D` of GPT-2: scores are computed on a same-function copy whose tracked layers are bias-free nn.Linear.
 """
 
 from __future__ import annotations
@@ -126,31 +126,45 @@ def _make_task(task_base, tracked: list[str], seed: int):
     return DataworthLMTask()
 
 
+class _AddBias(nn.Module):
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+def weight_only_twin(model: nn.Module, names: list[str]) -> tuple[nn.Module, list[str]]:
+    """A copy of the model computing the same function in which each tracked layer is a bias-free
+    nn.Linear followed by its bias: kronfluence wraps only nn.Linear and would otherwise add the bias
+    gradient to every score, while dataworth (like LoGra) attributes through the weights only.
+    GPT-2's Conv1D (y = x W + b, W of shape (in, out)) becomes nn.Linear with weight W^T."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    twin = copy.deepcopy(model)
+    tracked = []
+    for name in names:
+        module = twin.get_submodule(name)
+        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        layer: nn.Module = linear
+        if module.bias is not None:
+            layer = nn.Sequential(linear, _AddBias(module.bias))
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, layer)
+        tracked.append(name if module.bias is None else f"{name}.0")
+    return twin, tracked
+
+
 def _tracked_modules(model: nn.Module, module_patterns: list[str] | None) -> list[str]:
     defaults = LoggingConfig()
     selected = select_modules(model, module_patterns or defaults.modules, defaults.exclude_modules)
-    unsupported = {n: type(m).__name__ for n, m in selected.items() if type(m) is not nn.Linear}
-    if unsupported:
-        names = ", ".join(f"{n} ({t})" for n, t in list(unsupported.items())[:4])
-        raise ValueError(
-            f"kronfluence tracks nn.Linear (and nn.Conv2d) only, but {len(unsupported)} selected layer(s) are not "
-            f"nn.Linear: {names}. GPT-2's transposed-weight Conv1D is not supported; compare on a Llama-style model "
-            "(nn.Linear projections), or pass module_patterns that select nn.Linear layers only"
-        )
     return list(selected)
-
-
-def _restore(model: nn.Module, flags: list[tuple[nn.Parameter, bool]], was_training: bool) -> None:
-    """Undo prepare_model: put the original layers back, restore requires_grad and mode."""
-    from kronfluence.module.tracked_module import TrackedModule
-
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, TrackedModule)]
-    for name, module in wrapped:
-        parent = model.get_submodule(name.rpartition(".")[0])
-        setattr(parent, name.rpartition(".")[2], module.original_module)
-    for p, flag in flags:
-        p.requires_grad_(flag)
-    model.train(was_training)
 
 
 def kronfluence_scores(
@@ -198,7 +212,7 @@ def kronfluence_scores(
             f"kronfluence_scores runs on CPU in float32, but the model is {param.dtype} on {param.device}; "
             "pass model.float().cpu()"
         )
-    tracked = _tracked_modules(model, module_patterns)
+    model, tracked = weight_only_twin(model, _tracked_modules(model, module_patterns))
 
     train_data = _Sequences([list(s) for s in train_sequences])
     query_data = _Sequences(
@@ -209,40 +223,36 @@ def kronfluence_scores(
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher)
     score_args = ScoreArguments(damping_factor=damping_factor)
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     task = _make_task(Task, tracked, seed)
     from kronfluence.utils.state import State
 
     # kronfluence's process state is a singleton: one made earlier for a GPU would move the model there.
     if State(cpu=True).device.type != "cpu":
         raise RuntimeError("kronfluence's process state was already set up for a GPU in this process; run on CPU in a fresh process")
-    try:
-        # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated (FutureWarning) even when disabled.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\.")
-            prepared = prepare_model(model=model, task=task)
-            analyzer = Analyzer(
-                analysis_name="dataworth", model=prepared, task=task, cpu=True,
-                log_level=logging.WARNING, disable_tqdm=True, output_dir=output_dir,
-            )
-            analyzer.set_dataloader_kwargs(loader_kwargs)
-            start = time.perf_counter()
-            analyzer.fit_all_factors(
-                factors_name=strategy, dataset=train_data, per_device_batch_size=batch_size,
-                factor_args=factor_args, overwrite_output_dir=True,
-            )
-            seconds_factors = time.perf_counter() - start
-            start = time.perf_counter()
-            analyzer.compute_pairwise_scores(
-                scores_name=f"{strategy}_pairwise", factors_name=strategy, query_dataset=query_data,
-                train_dataset=train_data, per_device_query_batch_size=batch_size,
-                per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True,
-            )
-            seconds_scores = time.perf_counter() - start
-            result = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")
-    finally:
-        _restore(model, flags, was_training)
+    # kronfluence wraps layers in place: it works on the twin, so the caller's model is never touched.
+    # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated (FutureWarning) even when disabled.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\.")
+        prepared = prepare_model(model=model, task=task)
+        analyzer = Analyzer(
+            analysis_name="dataworth", model=prepared, task=task, cpu=True,
+            log_level=logging.WARNING, disable_tqdm=True, output_dir=output_dir,
+        )
+        analyzer.set_dataloader_kwargs(loader_kwargs)
+        start = time.perf_counter()
+        analyzer.fit_all_factors(
+            factors_name=strategy, dataset=train_data, per_device_batch_size=batch_size,
+            factor_args=factor_args, overwrite_output_dir=True,
+        )
+        seconds_factors = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.compute_pairwise_scores(
+            scores_name=f"{strategy}_pairwise", factors_name=strategy, query_dataset=query_data,
+            train_dataset=train_data, per_device_query_batch_size=batch_size,
+            per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True,
+        )
+        seconds_scores = time.perf_counter() - start
+        result = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")
     scores = result["all_modules"].detach().to(torch.float64).cpu().numpy()
     if scores.shape != (len(queries), len(train_sequences)):
         raise RuntimeError(f"kronfluence returned scores of shape {scores.shape}, expected {(len(queries), len(train_sequences))}")

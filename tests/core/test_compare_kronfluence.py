@@ -113,11 +113,18 @@ def test_sampled_fisher_is_repeatable(tmp_path):
     np.testing.assert_array_equal(a["scores"], b["scores"])
 
 
-def test_gpt2_conv1d_is_refused(tmp_path):
+def test_gpt2_conv1d_with_bias_equals_dataworth_dot(tmp_path):
+    """GPT-2's Conv1D layers carry biases: the adapter scores a same-function copy with bias-free
+    nn.Linear layers, so kronfluence "identity" is exactly dataworth's weight-only dot."""
+    from transformers.pytorch_utils import Conv1D
+
     model = make_tiny_gpt2(torch.float32)
     train, queries = topic_data(0)
-    with pytest.raises(ValueError, match="Conv1D"):
-        kronfluence_scores(model, train, queries, PAD, output_dir=str(tmp_path))
+    out = kronfluence_scores(model, train, queries, PAD, strategy="identity", output_dir=str(tmp_path), batch_size=4)
+    assert any(isinstance(m, Conv1D) for m in model.modules())  # the caller's model is untouched
+    g_train, g_query, _ = dataworth_gradients(model, train, queries)
+    dot = (g_query @ g_train.T).numpy()
+    np.testing.assert_allclose(out["scores"], dot, rtol=1e-4, atol=1e-5 * np.abs(dot).max())
 
 
 def test_bad_inputs_are_refused_before_work(tmp_path):
