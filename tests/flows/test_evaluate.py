@@ -3,7 +3,6 @@
 import math
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from dataworth.benchmark import (
     BrittlenessConfig, CalibrateConfig, EvaluateConfig, LDSConfig, TailPatchConfig,
@@ -15,7 +14,7 @@ from storage import IndexStore
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_flow_small_budget(tmp_path):
+def test_evaluate_flow_small_budget(harness, tmp_path):
     from mlflow import MlflowClient
 
     from flows.evaluate import evaluate_flow
@@ -31,8 +30,7 @@ def test_evaluate_flow_small_budget(tmp_path):
         calibrate=CalibrateConfig(enabled=True, damping_factors=[0.01, 1.0]),
         tracking=tracking,
     )
-    with prefect_test_harness(server_startup_timeout=120):
-        out = evaluate_flow(config, progress=False)
+    out = evaluate_flow(config, progress=False)
     table = out["table"]
     assert {"dot", "influence", "relatif", "cosine", "bm25"} <= set(table)
     for method in ("influence", "bm25"):

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from prefect.testing.utilities import prefect_test_harness
 
 from tiny import make_tiny_gpt2
 from dataworth.config import (
@@ -28,12 +27,6 @@ TEXTS = [
     "Mill workers eat bread with honey.",
     "The square fills with music every spring " * 6,  # longer than max_length: chunked
 ]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,8 @@ import multiprocessing as mp
 
 import numpy as np
 
+from shard_writer import DIM, ROWS, SHARDS, write_shard as _write_shard
 from storage import IndexStore
-
-SHARDS, ROWS, DIM = 3, 10, 8
-
-
-def _write_shard(uri: str, shard: int, barrier) -> None:
-    ids = np.arange(shard * ROWS, (shard + 1) * ROWS)
-    vectors = np.full((ROWS, DIM), shard, dtype=np.float32)
-    barrier.wait()  # start together to provoke commit conflicts
-    store = IndexStore(uri)
-    store.write_gradient_shard(shard, ids, vectors, "float32")
-    store.write_gradient_shard(shard, ids, vectors, "float32")
 
 
 def test_parallel_shard_writers_lose_nothing(tmp_path):
