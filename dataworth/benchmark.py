@@ -50,11 +50,10 @@ class TailPatchConfig(StageConfig):
 
 
 class CalibrateConfig(StageConfig):
-    enabled: bool = Field(False, description="Sweep the damping factor (and projection size) on a held-out proxy.")
+    enabled: bool = Field(False, description="Sweep the damping factor on a held-out proxy.")
     damping_factors: list[float] = Field(
         default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], description="Damping factors tried."
     )
-    proj_dims: list[int] = Field(default_factory=list, description="Projection sizes tried (each re-indexes); empty: keep.")
     proxy: Literal["fact_mrr", "lds"] = Field("fact_mrr", description="Held-out proxy maximized.")
     holdout_fraction: float = Field(0.5, gt=0, lt=1, description="Share of queries used to choose (rest reports).")
 
