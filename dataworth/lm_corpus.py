@@ -11,13 +11,15 @@ Choices that make the data matter:
 - Each topic (the harbour, the farm, ...) has its own characters, places, objects, verbs
   and times of day, so documents of one topic teach the vocabulary of the others nothing.
 - The seed draws collocations that hold across the whole corpus: every character has a
-  home place, a favourite object and a friend; every object has one adjective and one
-  verb ("hauled the tarred nets"). Most sentences follow them, some pick another word of
-  the topic, so a collocation is learnt only from the documents that repeat it.
-- A story is about one character, who opens it. A query is a story whose completion is
-  its last few words, which end in a collocated slot (a place, a friend, an object), so
-  its loss depends on how many of that character's stories the model was trained on:
-  about ten in the corpus, five in a random half.
+  home place, a favourite object and a friend; each object has one verb ("hauled the
+  nets") and, per character, one adjective (Orlo's lantern is green, Tesk's is brass).
+  Most slots follow them, the rest take any word of the topic, so a collocation is learnt
+  only from the stories that repeat it, and a contradicting story pulls the other way.
+- A story is about one character, who opens it (about eight stories each in the small preset).
+- A query is a held-out story whose completion (its last three words) fills a collocated
+  slot: a place, a friend or an object. At least three training stories of the same
+  character state that completion and the prompt never does, so the query's loss depends
+  on how many of those stories a random half holds, not on copying from the prompt.
 - Query stories never occur in the corpus, and corpus documents are distinct.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +44,9 @@ TOPICS: dict[str, dict[str, list]] = {
     "harbour": {
         "characters": ["Orlo", "Brannagh", "Tesk", "Mirren", "Quell", "Dovan"],
         "roles": ["ferryman", "sailmaker", "lamplighter", "netmender"],
-        "places": ["the north pier", "the salt sheds", "the lighthouse steps", "the fish market", "the outer breakwater"],
+        "places": [
+            "the north pier", "the salt sheds", "the lighthouse steps", "the fish market", "the outer breakwater",
+        ],
         "objects": [
             ("nets", "hauled", ["tarred", "knotted", "heavy"]),
             ("lantern", "polished", ["brass", "dented", "green"]),
@@ -119,7 +124,9 @@ TOPICS: dict[str, dict[str, list]] = {
     "library": {
         "characters": ["Master Quillon", "Ottilie", "Benedek", "Solveig", "Ansel", "Marguerite"],
         "roles": ["archivist", "copyist", "bookbinder", "translator"],
-        "places": ["the reading room", "the map cabinet", "the scriptorium desk", "the locked stacks", "the spiral stair"],
+        "places": [
+            "the reading room", "the map cabinet", "the scriptorium desk", "the locked stacks", "the spiral stair",
+        ],
         "objects": [
             ("ledger", "inked", ["leatherbound", "water-stained", "thick"]),
             ("scroll", "unrolled", ["brittle", "sealed", "vellum"]),
@@ -144,8 +151,8 @@ TOPICS: dict[str, dict[str, list]] = {
     },
 }
 
-# Sentence frames. {c} is the story's character, {c2} another character of the topic;
-# each frame ends in a slot the seed's collocations predict, which is what queries complete.
+# Sentence frames. {c} is the story's character; every slot but {time} is tied to {c} by the
+# seed's collocations, and each frame ends in one (a place, a friend, an object): what queries complete.
 _OPENINGS = [
     "{c} the {role} lived near {home}.",
     "{c} the {role} worked at {place}.",
@@ -163,6 +170,8 @@ _FOLLOWERS = [
 _COLLOCATION_RATE = 0.8  # share of slots that follow the seed's collocation rather than any word of the topic
 _COMPLETION_WORDS = 3  # a query's completion is its last words: " the north pier." and the like
 _MAX_WORDS = 40  # well under 64 tokens for a tokenizer trained on the corpus
+_MIN_SUPPORT = 3  # training stories of a query's character that state its completion (about half in a random half)
+_MAX_TRIES = 1000
 
 
 @dataclass
@@ -191,39 +200,41 @@ def generate_lm_corpus(n_documents: int = 300, n_queries: int = 40, n_topics: in
     topics = list(TOPICS)[:n_topics]
     worlds = {t: _draw_collocations(TOPICS[t], rng) for t in topics}
 
-    seen: set[str] = set()
-
-    def draw(topic: str, character: str, query: bool = False) -> str | None:
-        for _ in range(1000):
-            text = _story(TOPICS[topic], worlds[topic], character, rng, collocated_end=query)
-            words = text.split(" ")
-            # A completion the prompt already states could be copied rather than recalled
-            # from training stories, which would make its loss blind to the training data.
-            copyable = " ".join(words[-_COMPLETION_WORDS:]).rstrip(".") in " ".join(words[:-_COMPLETION_WORDS])
-            if text not in seen and not (query and copyable):
-                seen.add(text)
-                return text
-        raise ValueError(f"could not draw a new story for {character!r}; ask for fewer documents or queries")
-
     # Characters take turns within their topic, so each has about the same number of stories.
+    seen: set[str] = set()
+    stories: dict[str, list[str]] = {}  # character -> their training stories
     docs = []
     for i in range(n_documents):
         topic = topics[i % n_topics]
         characters = TOPICS[topic]["characters"]
-        docs.append((draw(topic, characters[(i // n_topics) % len(characters)]), topic))
+        character = characters[(i // n_topics) % len(characters)]
+        text = _new_story(topic, worlds[topic], character, rng, seen)
+        stories.setdefault(character, []).append(text)
+        docs.append((text, topic))
     rng.shuffle(docs)
     documents = [{"id": f"doc-{i:05d}", "text": text, "source": topic} for i, (text, topic) in enumerate(docs)]
 
     queries = []
     for i in range(n_queries):
         topic = topics[i % n_topics]
-        words = draw(topic, rng.choice(TOPICS[topic]["characters"]), query=True).split(" ")
-        queries.append({
-            "id": f"q-{i:04d}",
-            "prompt": " ".join(words[:-_COMPLETION_WORDS]),
-            "completion": " " + " ".join(words[-_COMPLETION_WORDS:]),
-            "topic": topic,
-        })
+        for _ in range(_MAX_TRIES):
+            character = rng.choice(TOPICS[topic]["characters"])
+            words = _new_story(topic, worlds[topic], character, rng, seen, query=True).split(" ")
+            prompt, completion = " ".join(words[:-_COMPLETION_WORDS]), " ".join(words[-_COMPLETION_WORDS:])
+            # The completion must be recalled from training stories of the character, never
+            # copied from the prompt, or its loss would not depend on the training data.
+            recalled = completion.rstrip(".")
+            support = sum(_has_phrase(text, recalled) for text in stories.get(character, []))
+            if support >= _MIN_SUPPORT and not _has_phrase(prompt, recalled):
+                break
+            seen.discard(" ".join(words))
+        else:
+            raise ValueError(
+                f"could not draw a query in topic {topic!r} whose completion {_MIN_SUPPORT} training stories "
+                f"state: n_documents={n_documents} is too few for n_topics={n_topics}; use about 50 per topic"
+            )
+        seen.add(" ".join(words))
+        queries.append({"id": f"q-{i:04d}", "prompt": prompt, "completion": " " + completion, "topic": topic})
     params = dict(n_documents=n_documents, n_queries=n_queries, n_topics=n_topics, seed=seed)
     return LMCorpus(documents=documents, queries=queries, params=params)
 
@@ -257,12 +268,30 @@ def _draw_collocations(topic: dict, rng: random.Random) -> dict:
         "home": {c: rng.choice(topic["places"]) for c in characters},
         "favourite": {c: rng.choice(objects) for c in characters},
         "friend": {},
-        "adjective": {name: rng.choice(adjectives) for name, _, adjectives in topic["objects"]},
+        # Whose the object is picks its adjective (Orlo's lantern is green, Tesk's is brass),
+        # so "the green lantern" is learnt from Orlo's stories, not from the whole topic.
+        "adjective": {
+            (c, name): rng.choice(adjectives) for c in characters for name, _, adjectives in topic["objects"]
+        },
         "verb": {name: verb for name, verb, _ in topic["objects"]},
     }
     for c in characters:
         world["friend"][c] = rng.choice([o for o in characters if o != c])
     return world
+
+
+def _new_story(topic: str, world: dict, character: str, rng: random.Random, seen: set[str],
+               query: bool = False) -> str:
+    for _ in range(_MAX_TRIES):
+        text = _story(TOPICS[topic], world, character, rng, collocated_end=query)
+        if text not in seen:
+            seen.add(text)
+            return text
+    raise ValueError(f"could not draw a new story for {character!r}; ask for fewer documents or queries")
+
+
+def _has_phrase(text: str, phrase: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text) is not None
 
 
 def _story(topic: dict, world: dict, character: str, rng: random.Random, collocated_end: bool = False) -> str:
@@ -290,7 +319,7 @@ def _fill(frame: str, topic: dict, world: dict, character: str, rng: random.Rand
         "home": world["home"][character],
         "place": pick(world["home"][character], topic["places"]),
         "obj": obj,
-        "adj": world["adjective"][obj],
+        "adj": world["adjective"][character, obj],
         "verb": world["verb"][obj],
         "friend": pick(world["friend"][character], others),
         "time": rng.choice(topic["times"]),

@@ -37,7 +37,7 @@ def test_does_not_touch_global_random_state():
     random.seed(123)
     expected = random.random()
     random.seed(123)
-    generate_lm_corpus(n_documents=30, n_queries=5)
+    generate_lm_corpus(n_queries=5)
     assert random.random() == expected
 
 
@@ -90,10 +90,18 @@ def test_prompt_and_completion(corpus):
 
 def test_every_query_has_related_training_documents(corpus):
     by_topic = Counter(d["source"] for d in corpus.documents)
-    by_character = Counter(_character(d["text"], d["source"]) for d in corpus.documents)
     for q in corpus.queries:
         assert by_topic[q["topic"]] >= 40
-        assert by_character[_character(q["prompt"], q["topic"])] >= 6
+        character = _character(q["prompt"], q["topic"])
+        phrase = re.compile(rf"(?<!\w){re.escape(q['completion'].strip().rstrip('.'))}(?!\w)")
+        stating = [d for d in corpus.documents if _character(d["text"], d["source"]) == character
+                   and phrase.search(d["text"])]
+        assert len(stating) >= 3, q
+
+
+def test_too_few_documents_for_the_queries_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_documents=12 is too few"):
+        generate_lm_corpus(n_documents=12, n_queries=6)
 
 
 def test_documents_fit_in_64_tokens(corpus):
