@@ -34,7 +34,7 @@ def prepare_benchmark(workspace: str, benchmark: str, seed: int, train_epochs: i
     ws = Path(workspace).absolute()
     corpus, write = _generate(preset["kind"], preset["corpus"], seed)
     paths = write(corpus, ws / "corpus")
-    train_kwargs = {"seed": seed, **({"epochs": train_epochs} if train_epochs else {}), **preset.get("train", {})}
+    train_kwargs = {"seed": seed, **preset.get("train", {}), **({"epochs": train_epochs} if train_epochs else {})}
     start = time.perf_counter()
     result = train_tiny_gpt2([d["text"] for d in corpus.documents], ws / "model", progress=progress, **train_kwargs)
     seconds = time.perf_counter() - start
