@@ -278,10 +278,15 @@ def corpus_to_records(corpus: FactCorpus) -> dict[str, list[dict]]:
 
 def write_fact_corpus(corpus: FactCorpus, out_dir: str | Path) -> dict[str, Path]:
     """Write documents.jsonl, queries.jsonl and facts.jsonl into out_dir; returns their paths."""
+    return write_records(corpus_to_records(corpus), out_dir)
+
+
+def write_records(records: dict[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
+    """Write each list of rows to out_dir/<name>.jsonl, atomically; returns the paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in corpus_to_records(corpus).items():
+    for name, rows in records.items():
         path = out / f"{name}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")  # readers never see a half-written file
         with tmp.open("w", encoding="utf-8") as fh:

@@ -25,8 +25,6 @@ Choices that make the data matter:
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -246,18 +244,9 @@ def corpus_to_records(corpus: LMCorpus) -> dict[str, list[dict]]:
 
 def write_lm_corpus(corpus: LMCorpus, out_dir: str | Path) -> dict[str, Path]:
     """Write documents.jsonl and queries.jsonl into out_dir; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in corpus_to_records(corpus).items():
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")  # readers never see a half-written file
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        paths[name] = path
-    return paths
+    from .demo_corpus import write_records
+
+    return write_records(corpus_to_records(corpus), out_dir)
 
 
 def _draw_collocations(topic: dict, rng: random.Random) -> dict:
