@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoggingConfig
-from .projection import Layout, Projector, select_modules
+from .projection import FittedProjections, Layout, Projector, select_modules
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -30,31 +30,29 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str)
     return total
 
 
-class GradientCollector(AbstractContextManager):
-    """Hooks that turn one backward pass into per-example projected gradients.
+class BackwardHooks(AbstractContextManager):
+    """Per-module forward and backward hooks around one forward/backward pass per batch.
 
-    Use as a context manager (hooks and requires_grad flags are always restored), then call
-    `batch_gradients` per batch. The result is a (batch, layout.dim) tensor in the
-    projection dtype: float64 when the model is float64, float32 otherwise.
+    Parameters are frozen while the hooks are in (autograd then computes activation
+    gradients only); the context manager always removes the hooks and restores the flags.
+    Subclasses say what to keep of a module's input (`_capture`, in the forward pass) and
+    what to do with it and the output gradient (`_consume`, in the backward pass).
     """
 
-    def __init__(self, model: nn.Module, cfg: LoggingConfig):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], loss_reduction: str):
         self.model = model
-        self.cfg = cfg
-        self.modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-        self.projector = Projector(self.modules, cfg)
-        self.layout: Layout = self.projector.layout
+        self.modules = modules
+        self.loss_reduction = loss_reduction
         param = next(model.parameters())
         self.device = param.device
         self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self._handles: list = []
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
-        self._grads: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         self._active = False
 
     # -- context management -------------------------------------------------------------
-    def __enter__(self) -> "GradientCollector":
+    def __enter__(self):
         embeddings = self.model.get_input_embeddings()
         if embeddings is None:
             raise ValueError(f"{type(self.model).__name__} has no input embeddings; cannot start the backward pass")
@@ -74,7 +72,6 @@ class GradientCollector(AbstractContextManager):
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
         self._saved_flags.clear()
-        self._grads.clear()
 
     # -- hooks ----------------------------------------------------------------------------
     def _forward_hook(self, name: str):
@@ -91,48 +88,81 @@ class GradientCollector(AbstractContextManager):
                     "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
                 )
             x = x.to(self.dtype)
-            p_in = self.projector.get(name, "in", x.device, self.dtype)
-            x_proj = x if p_in is None else x @ p_in.T
-            if x_proj.shape[1] == self._mask.shape[1]:
-                x_proj = x_proj * self._mask[:, :, None]
-            output.register_hook(self._backward_hook(name, x_proj))
+            if x.shape[1] == self._mask.shape[1]:
+                x = x * self._mask[:, :, None]
+            kept = self._capture(name, x)
+
+            def backward(grad_out: torch.Tensor):
+                dy = grad_out.to(self.dtype)
+                self._consume(name, kept, dy.unsqueeze(1) if dy.dim() == 2 else dy)
+
+            output.register_hook(backward)
 
         return hook
 
-    def _backward_hook(self, name: str, x_proj: torch.Tensor):
-        def hook(grad_out: torch.Tensor):
-            dy = grad_out.to(self.dtype)
-            if dy.dim() == 2:
-                dy = dy.unsqueeze(1)
-            p_out = self.projector.get(name, "out", dy.device, self.dtype)
-            dy_proj = dy if p_out is None else dy @ p_out.T
-            g = torch.einsum("bto,bti->boi", dy_proj, x_proj)
-            # A module called several times per forward (shared layers) sums its contributions.
-            self._grads[name] = g if name not in self._grads else self._grads[name] + g
+    def _capture(self, name: str, x: torch.Tensor):
+        raise NotImplementedError
 
-        return hook
+    def _consume(self, name: str, kept, dy: torch.Tensor) -> None:
+        raise NotImplementedError
 
-    # -- per batch ------------------------------------------------------------------------
-    def batch_gradients(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-example projected gradients (B, dim), per-example losses (B,))."""
+    def _backward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One forward/backward pass of the summed per-example losses; returns those losses."""
         if not self._handles:
-            raise RuntimeError("GradientCollector must be entered (`with GradientCollector(...) as c:`) first")
+            raise RuntimeError(f"{type(self).__name__} must be entered (`with {type(self).__name__}(...) as c:`) first")
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         labels = labels.to(self.device)
-        self._grads = {}
         self._mask = attention_mask.to(self.dtype)
         self._active = True
         try:
             with torch.enable_grad():
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                losses = per_example_loss(logits, labels, self.cfg.loss_reduction)
+                losses = per_example_loss(logits, labels, self.loss_reduction)
                 # Sum, not mean: each example's gradient must be its own loss's gradient.
                 losses.sum().backward()
         finally:
             self._active = False
+        return losses.detach()
+
+
+class GradientCollector(BackwardHooks):
+    """Hooks that turn one backward pass into per-example projected gradients.
+
+    Use as a context manager, then call `batch_gradients` per batch. The result is a
+    (batch, layout.dim) tensor in the projection dtype: float64 when the model is float64,
+    float32 otherwise. `fitted` holds the projections of an index whose projections were
+    fitted to the data (`precondition="kfac"`, see `dataworth.kfac`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoggingConfig, fitted: "FittedProjections | None" = None):
+        super().__init__(model, select_modules(model, cfg.modules, cfg.exclude_modules), cfg.loss_reduction)
+        self.cfg = cfg
+        self.projector = Projector(self.modules, cfg, fitted)
+        self.layout: Layout = self.projector.layout
+        self._grads: dict[str, torch.Tensor] = {}
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._grads.clear()
+
+    def _capture(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        p_in = self.projector.get(name, "in", x.device, self.dtype)
+        return x if p_in is None else x @ p_in.T
+
+    def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
+        p_out = self.projector.get(name, "out", dy.device, self.dtype)
+        dy_proj = dy if p_out is None else dy @ p_out.T
+        g = torch.einsum("bto,bti->boi", dy_proj, x_proj)
+        # A module called several times per forward (shared layers) sums its contributions.
+        self._grads[name] = g if name not in self._grads else self._grads[name] + g
+
+    def batch_gradients(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-example projected gradients (B, dim), per-example losses (B,))."""
+        self._grads = {}
+        losses = self._backward(input_ids, attention_mask, labels)
         batch = input_ids.shape[0]
         parts = []
         for block in self.layout.blocks:
@@ -141,4 +171,4 @@ class GradientCollector(AbstractContextManager):
                 g = torch.zeros(batch, block.k_out, block.k_in, dtype=self.dtype, device=self.device)
             parts.append(g.reshape(batch, -1))
         self._grads = {}
-        return torch.cat(parts, dim=1), losses.detach()
+        return torch.cat(parts, dim=1), losses

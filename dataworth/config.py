@@ -68,6 +68,21 @@ class LoggingConfig(StageConfig):
     proj_dim_in: int = Field(16, ge=1, description="Rows of P_in (projected input-activation size) per module.")
     proj_dim_out: int = Field(16, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
     seed: int = Field(0, description="Seed mixed with each module name to draw its projections.")
+    precondition: Literal["none", "kfac"] = Field(
+        "kfac",
+        description="kfac: whiten each side with its KFAC factor, (E[x xᵀ] + λ)^-1/2 and (E[dy dyᵀ] + λ)^-1/2, "
+        "before the random projection, so inner products of stored gradients approximate KFAC influence "
+        "(fitted once per index on a sample of the corpus and stored with it); none: random projection only.",
+    )
+    precondition_damping: float = Field(
+        1e-3, gt=0, description="λ of each KFAC factor, relative to the factor's mean eigenvalue."
+    )
+    precondition_examples: int = Field(
+        1024, ge=1, description="Examples (spread evenly over the corpus) whose tokens fit the KFAC factors."
+    )
+    max_factor_dim: int = Field(
+        8192, ge=1, description="Refuse KFAC factors of layers wider than this (a d×d float64 matrix per side)."
+    )
     loss_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Per-example loss: sum or mean over the example's label tokens."
     )

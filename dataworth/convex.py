@@ -174,7 +174,7 @@ def _loo_agreement(n_train, n_features, n_classes, l2, n_loo, seed, n_test) -> d
     hessian = objective_hessian(model, x_train, y_train, l2)
     predicted_hessian = train_grads @ torch.linalg.solve(hessian, test_grad) / n_train
 
-    layout = Projector({"linear": model}, LoggingConfig(projection="identity")).layout
+    layout = Projector({"linear": model}, LoggingConfig(projection="identity", precondition="none")).layout
     acc = FisherAccumulator(layout, CurvatureConfig(kind="raw"))
     acc.update(per_example_gradients(model, x_train, y_train, 0.0))  # dataworth logs bare loss gradients
     curvature = acc.finalize()

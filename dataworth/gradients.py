@@ -11,10 +11,12 @@ from tqdm.auto import tqdm
 from .collector import GradientCollector
 from .config import GenerationConfig, LoggingConfig, QuerySpec
 from .data import Example, collate, pad_token_id
+from .projection import FittedProjections
 
 
 def log_example_gradients(
-    model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False
+    model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False,
+    fitted: FittedProjections | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (example_ids, gradients (n, dim) float32 on CPU) batch by batch.
 
@@ -22,7 +24,7 @@ def log_example_gradients(
     """
     pad = pad_token_id(tokenizer)
     order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
-    with GradientCollector(model, cfg) as collector:
+    with GradientCollector(model, cfg, fitted) as collector:
         bar = tqdm(total=len(examples), desc="log gradients", unit="ex", disable=not progress)
         for start in range(0, len(order), cfg.batch_size):
             batch = [examples[i] for i in order[start : start + cfg.batch_size]]
@@ -110,10 +112,13 @@ def encode_queries(
     return encoded
 
 
-def query_gradients(model, queries: list[EncodedQuery], cfg: LoggingConfig, pad_id: int, batch_size: int) -> torch.Tensor:
+def query_gradients(
+    model, queries: list[EncodedQuery], cfg: LoggingConfig, pad_id: int, batch_size: int,
+    fitted: FittedProjections | None = None,
+) -> torch.Tensor:
     """(n_queries, dim) gradients of the completion loss, in the order given."""
     out = []
-    with GradientCollector(model, cfg) as collector:
+    with GradientCollector(model, cfg, fitted) as collector:
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
             seqs = [q.prompt_ids + q.completion_ids for q in batch]

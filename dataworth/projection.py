@@ -1,15 +1,18 @@
 """Tracked-module selection and the Kronecker projections of LoGra.
 
-A projection is drawn from a generator seeded by (seed, module name), so it is never
-stored: any worker, on any device, redraws the same matrix on the CPU.
+A random projection is drawn from a generator seeded by (seed, module name), so it is
+never stored: any worker, on any device, redraws the same matrix on the CPU. Projections
+fitted to the data (KFAC-whitened, `dataworth.kfac`) are stored with the index as
+`FittedProjections` and handed to the Projector.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -118,12 +121,41 @@ class Layout:
             yield b, slice(b.offset, b.offset + b.size)
 
 
+@dataclass
+class FittedProjections:
+    """Per-module (P_in, P_out) fitted to the data, stored with the index (float64 on the CPU)."""
+
+    matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """Content hash: gradients logged with other projections must not be reused from a cache."""
+        h = hashlib.sha256()
+        for name in sorted(self.matrices):
+            p_in, p_out = self.matrices[name]
+            h.update(name.encode())
+            h.update(p_in.to(torch.float64).contiguous().numpy().tobytes())
+            h.update(p_out.to(torch.float64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:20]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"matrices": {n: (a.cpu(), b.cpu()) for n, (a, b) in self.matrices.items()}, "meta": self.meta}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "FittedProjections":
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        return cls(dict(state["matrices"]), dict(state["meta"]))
+
+
 class Projector:
     """Projections for every tracked module, cached per device/dtype."""
 
-    def __init__(self, modules: dict[str, nn.Module], cfg: LoggingConfig):
+    def __init__(self, modules: dict[str, nn.Module], cfg: LoggingConfig, fitted: FittedProjections | None = None):
         self.cfg = cfg
         self.dims = {name: layer_dims(m) for name, m in modules.items()}
+        self.fitted = fitted
         self._cache: dict[tuple, torch.Tensor | None] = {}
         blocks, offset = [], 0
         for name, (d_in, d_out) in self.dims.items():
@@ -131,6 +163,28 @@ class Projector:
             blocks.append(Block(name, k_out, k_in, offset))
             offset += k_out * k_in
         self.layout = Layout(tuple(blocks))
+        if cfg.precondition != "none" and fitted is None:
+            raise ValueError(
+                f"logging.precondition={cfg.precondition!r} needs projections fitted to the data "
+                "(dataworth.kfac.fit_kfac_projections; the index flow fits and stores them): pass them as `fitted`, "
+                "or set logging.precondition='none' for plain random projections"
+            )
+        if fitted is not None:
+            self._check_fitted(fitted)
+
+    def _check_fitted(self, fitted: FittedProjections) -> None:
+        missing = [n for n in self.dims if n not in fitted.matrices]
+        if missing:
+            raise ValueError(f"the fitted projections have no matrices for modules {missing[:4]}; "
+                             "they were fitted for another module selection: refit them (rebuild the index)")
+        for b in self.layout.blocks:
+            d_in, d_out = self.dims[b.name]
+            p_in, p_out = fitted.matrices[b.name]
+            if tuple(p_in.shape) != (b.k_in, d_in) or tuple(p_out.shape) != (b.k_out, d_out):
+                raise ValueError(
+                    f"fitted projections of {b.name!r} are {tuple(p_out.shape)} / {tuple(p_in.shape)}, the logging "
+                    f"config asks for ({b.k_out}, {d_out}) / ({b.k_in}, {d_in}): refit them (rebuild the index)"
+                )
 
     def proj_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
         if self.cfg.projection == "identity":
@@ -138,13 +192,20 @@ class Projector:
         # Projecting to more rows than the layer has adds nothing but storage.
         return min(self.cfg.proj_dim_in, d_in), min(self.cfg.proj_dim_out, d_out)
 
+    def random(self, name: str, side: str) -> torch.Tensor | None:
+        """The data-independent (k, d) projection of one side of a module (float64, CPU)."""
+        d_in, d_out = self.dims[name]
+        k_in, k_out = self.proj_dims(d_in, d_out)
+        k, d = (k_in, d_in) if side == "in" else (k_out, d_out)
+        return draw_projection(self.cfg.projection, k, d, self.cfg.seed, name, side)
+
     def get(self, name: str, side: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         key = (name, side, device, dtype)
         if key not in self._cache:
-            d_in, d_out = self.dims[name]
-            k_in, k_out = self.proj_dims(d_in, d_out)
-            k, d = (k_in, d_in) if side == "in" else (k_out, d_out)
-            p = draw_projection(self.cfg.projection, k, d, self.cfg.seed, name, side)
+            if self.fitted is not None:
+                p = self.fitted.matrices[name][0 if side == "in" else 1]
+            else:
+                p = self.random(name, side)
             self._cache[key] = None if p is None else p.to(device=device, dtype=dtype)
         return self._cache[key]
 
@@ -152,5 +213,6 @@ class Projector:
 def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
     """(layout of the stored vector, number of weights it compresses) without running the model."""
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-    projector = Projector(modules, cfg)
+    # The layout does not depend on the fitted matrices, only on the dimensions.
+    projector = Projector(modules, cfg.model_copy(update={"precondition": "none"}))
     return projector.layout, sum(d_in * d_out for d_in, d_out in projector.dims.values())

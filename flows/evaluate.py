@@ -150,8 +150,10 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
                 table[method]["seconds"] = index["compute_seconds"] + query["compute_seconds"]
 
         notes = [f"{config.benchmark}: {bench['num_documents']} documents, {n} examples, {len(queries)} queries; "
-                 f"projection {logging_cfg.projection} {logging_cfg.proj_dim_in}×{logging_cfg.proj_dim_out} per layer, "
-                 f"curvature {config.curvature.kind}."]
+                 f"projection {logging_cfg.projection} {logging_cfg.proj_dim_in}×{logging_cfg.proj_dim_out} per layer"
+                 + (f", KFAC-whitened (λ {logging_cfg.precondition_damping:g} × mean eigenvalue)"
+                    if logging_cfg.precondition == "kfac" else "")
+                 + f"; curvature {config.curvature.kind}, damping {config.curvature.damping_factor:g}."]
         if loo:
             notes.append(f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "
                          f"{loo['pearson_fisher']:.3f} (empirical Fisher, as dataworth's raw curvature).")

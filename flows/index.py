@@ -10,7 +10,9 @@ from prefect import flow, get_run_logger
 
 from dataworth.config import IndexConfig
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
-from tasks.index import fit_curvature, index_state, log_gradients, prune_index, publish_index, tokenize_corpus
+from tasks.index import (
+    fit_curvature, fit_projections, index_state, log_gradients, prune_index, publish_index, tokenize_corpus,
+)
 from tasks.tracking import Tracker
 
 # What the stored gradients depend on; the curvature may change without a rebuild.
@@ -62,11 +64,16 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         n_shards = math.ceil(tok["examples"] / config.logging.shard_size)
         mfp = model_fingerprint(config.model)
         present = set(state["shards"])
+        proj = fit_projections(
+            config.index_uri, config.model, config.logging, mfp, tok["examples_version"], tok["examples"],
+            progress=progress, **common,
+        )
+        proj_args = {"projections": proj["artifact"], "projections_digest": proj["digest"]} if proj else {}
 
         def submit(s: int):
             return log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
                 config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s, tok["shard_hashes"][s],
-                progress=progress, **common,
+                progress=progress, **proj_args, **common,
             )
 
         # Shard 0 alone first: it creates the gradients table, which concurrent creators could clobber.
@@ -93,6 +100,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
             "examples_version": tok["examples_version"],
             "gradients_version": after["gradients_version"],
             "curvature_artifact": curv["artifact"],
+            "projections_artifact": proj["artifact"] if proj else None,
             "mlflow_run_id": run_id,
             # A calibrated damping stays valid while the curvature it was chosen for does.
             "calibration": _kept_calibration(state["manifest"], config),
@@ -115,7 +123,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "mlflow_run_id": run_id,
         "tracking_uri": tracker.uri,
         "seconds": time.perf_counter() - started,
-        "compute_seconds": seconds + curv["seconds"],
+        "compute_seconds": seconds + curv["seconds"] + (proj["seconds"] if proj else 0.0),
     }
     log.info("index ready at %s: %d examples, %d-dim gradients (%.0f× compression)",
              config.index_uri, tok["examples"], manifest["dim"], summary["compression_ratio"])

@@ -89,7 +89,8 @@ def fact_tracing_eval(index_uri: str, matrix_paths: list[str], relevant: dict[st
 @task(name="tail_patch_eval", tags=["gpu"])
 def tail_patch_eval(index_uri: str, matrix_paths: list[str], queries: list[QuerySpec], top_k: int, lr: float,
                     optimizer: str, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
-    """TrackStar tail-patch: mean Δ log p(completion) after one step on each of a method's top-k examples."""
+    """TrackStar tail-patch: mean Δ log p(completion) after one step on each of a method's top-k examples
+    (and on k random examples, the baseline)."""
     methods, query_ids = _methods(matrix_paths)
     index = {q: i for i, q in enumerate(query_ids)}
     queries = [q for q in queries if q.id in index]
@@ -99,13 +100,16 @@ def tail_patch_eval(index_uri: str, matrix_paths: list[str], queries: list[Query
         model, tok = load_model(ModelConfig(**manifest["config"]["model"]))
         enc = encode_queries(model, tok, queries, GenerationConfig(), context_length(model, 1024))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # The same step on random examples is the baseline: a step size that damages every target
+        # shows up there too, and only the lift over it is attribution.
+        rng = np.random.default_rng(0)
+        picks = {name: {q.id: np.argsort(-scores[index[q.id]], kind="stable")[:top_k] for q in enc}
+                 for name, scores in methods.items()}
+        picks["random"] = {q.id: rng.choice(len(seqs), size=min(top_k, len(seqs)), replace=False) for q in enc}
         out = {}
-        for name, scores in methods.items():
-            deltas = []
-            for q in enc:
-                top = np.argsort(-scores[index[q.id]], kind="stable")[:top_k]
-                d = tail_patch_scores(model, [seqs[i] for i in top], [q], pad, lr=lr, optimizer=optimizer)
-                deltas.append(float(d.mean()))
+        for name, chosen in picks.items():
+            deltas = [float(tail_patch_scores(model, [seqs[i] for i in chosen[q.id]], [q], pad, lr=lr,
+                                              optimizer=optimizer).mean()) for q in enc]
             out[name] = {"tail_patch": float(np.mean(deltas))}
     Tracker.attach(tracking_uri, run_id).metrics({f"{n}.tail_patch": d["tail_patch"] for n, d in out.items()})
     return out
@@ -246,7 +250,7 @@ def calibrate_damping(index_uri: str, queries: list[QuerySpec], damping_factors:
         raise ValueError("calibrate proxy 'lds' needs retrained subsets; enable lds or use proxy='fact_mrr'")
     store = IndexStore(index_uri)
     manifest = store.read_manifest()
-    encoded, q_grads = index_query_gradients(manifest, queries, GenerationConfig(), 16)
+    encoded, q_grads = index_query_gradients(store, manifest, queries, GenerationConfig(), 16)
     query_ids = [q.id for q in encoded]
     fitted = index_curvature(store, manifest, manifest["config"]["curvature"]["damping_factor"])
     n = manifest["num_examples"]

@@ -15,8 +15,9 @@ from dataworth.config import CurvatureConfig, DataConfig, LoggingConfig, ModelCo
 from dataworth.curvature import FisherAccumulator
 from dataworth.data import Example, chunk_documents, load_documents
 from dataworth.gradients import log_example_gradients
+from dataworth.kfac import check_factor_dims, fit_kfac_projections, sample_indices
 from dataworth.model import load_tokenizer
-from dataworth.projection import Layout, describe_layout
+from dataworth.projection import FittedProjections, Layout, describe_layout, select_modules
 from storage import IndexStore
 from storage.schemas import SCHEMA_VERSION
 
@@ -95,10 +96,10 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
     return out
 
 
-def _shard_examples(store: IndexStore, examples_version: int, lo: int, hi: int) -> list[Example]:
+def _read_examples(store: IndexStore, examples_version: int, where: str) -> list[Example]:
     t = store.read_examples(
         columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids"],
-        version=examples_version, where=f"example_id >= {lo} AND example_id < {hi}",
+        version=examples_version, where=where,
     ).to_pydict()
     return [
         Example(eid, doc, c, s, e, ids)
@@ -108,28 +109,79 @@ def _shard_examples(store: IndexStore, examples_version: int, lo: int, hi: int) 
     ]
 
 
+def projections_key(logging: LoggingConfig, model_fingerprint: str) -> str:
+    return f"projections-{logging.fingerprint()}-{model_fingerprint}"
+
+
+def load_projections(store: IndexStore, key: str | None) -> FittedProjections | None:
+    if key is None:
+        return None
+    blob = store.read_artifact(key)
+    if blob is None:
+        raise ValueError(f"index {store.uri!r} lists fitted projections {key!r} but they are missing; "
+                         "rebuild the index (dataworth index ... --overwrite)")
+    return FittedProjections.from_bytes(blob)
+
+
+@task(name="fit_projections", tags=["gpu"], **IO_RETRIES)
+def fit_projections(
+    index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str, examples_version: int,
+    num_examples: int, run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True,
+) -> dict | None:
+    """KFAC-whitened projections (logging.precondition='kfac'), fitted once per index and model.
+
+    Every stored gradient must share one projection, so a corpus that grows keeps the
+    projections fitted when the index was created; --overwrite (or a new checkpoint) refits.
+    """
+    if logging.precondition == "none":
+        return None
+    store = IndexStore(index_uri)
+    key = projections_key(logging, model_fingerprint)
+    existing = store.read_artifact(key)
+    if existing is not None:
+        fitted = FittedProjections.from_bytes(existing)
+        return {"artifact": key, "digest": fitted.digest(), "seconds": 0.0, "reused": True, **fitted.meta}
+    lm, tokenizer = cached_model(model)
+    check_factor_dims(select_modules(lm, logging.modules, logging.exclude_modules), logging)
+    ids = sample_indices(num_examples, logging.precondition_examples)  # example ids are 0..n-1
+    examples = _read_examples(store, examples_version, f"example_id IN ({', '.join(map(str, ids))})")
+    with MODEL_LOCK:
+        start = time.perf_counter()
+        fitted = fit_kfac_projections(lm, tokenizer, examples, logging, progress=progress)
+        seconds = time.perf_counter() - start
+    store.write_artifact(key, fitted.to_bytes())
+    Tracker.attach(tracking_uri, run_id).metrics(
+        {"precondition_seconds": seconds, "precondition_tokens": fitted.meta["tokens"]}
+    )
+    get_run_logger().info("fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
+                          fitted.meta["examples"], fitted.meta["tokens"], seconds)
+    return {"artifact": key, "digest": fitted.digest(), "seconds": seconds, "reused": False, **fitted.meta}
+
+
 @task(name="log_gradients", cache_policy=CACHE - "examples_version" - "progress", persist_result=True, tags=["gpu"],
       **IO_RETRIES, task_run_name="log_gradients-shard-{shard}")
 def log_gradients(
     index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str,
     examples_version: int, shard: int, shard_hash: str, run_id: str | None = None, tracking_uri: str | None = None,
-    progress: bool = True,
+    progress: bool = True, projections: str | None = None, projections_digest: str | None = None,
 ) -> dict:
     """Projected per-example gradients of one shard of examples, written to the gradients table.
 
     Cached on the shard's content (shard_hash), not on the examples table version, so a
-    re-tokenized corpus whose shard did not change is not logged again.
+    re-tokenized corpus whose shard did not change is not logged again; and on the fitted
+    projections' digest, so refitted projections re-log every shard.
     """
     store = IndexStore(index_uri)
     lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
-    examples = _shard_examples(store, examples_version, lo, hi)
+    examples = _read_examples(store, examples_version, f"example_id >= {lo} AND example_id < {hi}")
     if not examples:
         raise ValueError(f"shard {shard} (example ids {lo}..{hi - 1}) is empty; the examples table has fewer rows")
+    fitted = load_projections(store, projections)
     lm, tokenizer = cached_model(model)
     ids, rows = [], []
     with MODEL_LOCK:
         start = time.perf_counter()
-        for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress=progress):
+        for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress, fitted):
             ids.append(batch_ids)
             rows.append(grads)
         seconds = time.perf_counter() - start

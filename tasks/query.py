@@ -23,6 +23,7 @@ from dataworth.scoring import Scorer
 from storage import IndexStore
 
 from .common import CACHE, IO_RETRIES, MODEL_LOCK, cached_model
+from .index import load_projections
 from .tracking import Tracker
 
 
@@ -44,15 +45,16 @@ def index_curvature(store: IndexStore, manifest: dict, damping_factor: float | N
     return curvature if damping_factor is None else curvature.with_damping(damping_factor)
 
 
-def index_query_gradients(manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int):
+def index_query_gradients(store: IndexStore, manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int):
     """(encoded queries, their gradients) with the index's own model and projections."""
     model_cfg = ModelConfig(**manifest["config"]["model"])
     logging_cfg = LoggingConfig(**manifest["config"]["logging"])
+    fitted = load_projections(store, manifest.get("projections_artifact"))
     lm, tokenizer = cached_model(model_cfg)
     with MODEL_LOCK:
         limit = context_length(lm, manifest["config"]["data"]["max_length"])
         encoded = encode_queries(lm, tokenizer, queries, generation, limit, batch_size)
-        q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), batch_size)
+        q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), batch_size, fitted)
     if q_grads.shape[1] != manifest["dim"]:
         raise ValueError(f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
                          "the model or logging config no longer matches the index; rebuild it")
@@ -68,7 +70,7 @@ def score_queries(
     log = get_run_logger()
     store = IndexStore(index_uri)
     start = time.perf_counter()
-    encoded, q_grads = index_query_gradients(manifest, queries, generation, score.query_batch_size)
+    encoded, q_grads = index_query_gradients(store, manifest, queries, generation, score.query_batch_size)
     query_seconds = time.perf_counter() - start
     curvature = index_curvature(store, manifest, score.damping_factor)
 

@@ -46,7 +46,7 @@ def topic_data(seed: int, n_train: int = 12):
 
 def dataworth_gradients(model, train, queries):
     """Exact (identity-projection) per-example gradients over dataworth's default modules."""
-    cfg = LoggingConfig(projection="identity", batch_size=4)
+    cfg = LoggingConfig(projection="identity", precondition="none", batch_size=4)
     rows = []
     with GradientCollector(model, cfg) as collector:
         for start in range(0, len(train), cfg.batch_size):

@@ -12,6 +12,7 @@ from dataworth.config import (
 )
 from dataworth.curvature import Curvature
 from dataworth.gradients import encode_queries, query_gradients
+from dataworth.projection import FittedProjections
 from dataworth.scoring import Scorer
 from storage import IndexStore
 
@@ -97,7 +98,9 @@ def test_index_then_query(harness, assets):
     # (the query with a given completion: a generated one is kept as token ids, not re-tokenizable text)
     specs = [s for s in load_queries(qcfg.queries_path) if s.id == "cats"]
     enc = encode_queries(model, tok, specs, qcfg.generation, 64)
-    g_q = query_gradients(model, enc, cfg.logging, tok.pad_token_id, 2)
+    assert manifest["projections_artifact"]  # the default logging config whitens with KFAC factors
+    fitted = FittedProjections.from_bytes(store.read_artifact(manifest["projections_artifact"]))
+    g_q = query_gradients(model, enc, cfg.logging, tok.pad_token_id, 2, fitted)
     curv = Curvature.from_bytes(store.read_artifact(manifest["curvature_artifact"]))
     ids, vecs = zip(*[(i, v) for i, v, _ in store.iter_gradients(100)])
     scorer = Scorer(g_q, curv, ["influence"], top_k=3)
@@ -128,11 +131,12 @@ def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
     index_flow(cfg, progress=False)  # same inputs: every stage is served from the cache
     assert (store.examples_version(), store.gradients_version()) == versions
 
-    changed = index_config(assets, seed=1)
+    changed = index_config(assets, precondition="none")
     with pytest.raises(ValueError, match="overwrite"):
         index_flow(changed, progress=False)
     index_flow(changed.model_copy(update={"overwrite": True}), progress=False)
-    assert store.read_manifest()["config"]["logging"]["seed"] == 1
+    manifest = store.read_manifest()
+    assert manifest["config"]["logging"]["precondition"] == "none" and manifest["projections_artifact"] is None
     after = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
     assert after.keys() == before.keys()
     assert not any(np.allclose(after[i], before[i]) for i in before)  # other projections: re-logged
@@ -166,6 +170,7 @@ def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
     assert store.num_gradients() == store.num_examples() > n_before
     shards = sorted((k for k in states if k.startswith("log_gradients-shard-")), key=lambda k: int(k.rsplit("-", 1)[1]))
     last_full = (n_before // 4) - 1  # shards before the one the new example lands in are unchanged
+    # (cached, so the KFAC-whitened projections were kept, not refitted on the grown corpus)
     assert all(states[k] == "Cached" for k in shards[: last_full + 1])
     assert states[shards[-1]] == "Completed"
     by_task = {name.rsplit("-", 1)[0]: state for name, state in states.items() if not name.startswith("log_gradients")}

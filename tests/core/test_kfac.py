@@ -1,0 +1,158 @@
+"""KFAC-whitened projections against explicit covariances, autograd gradients and Kronecker matrices (fp64)."""
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from dataworth.collector import GradientCollector, per_example_loss
+from dataworth.config import LoggingConfig
+from dataworth.data import Example, collate
+from dataworth.kfac import (
+    CovarianceCollector, check_factor_dims, fit_kfac_factors, fit_kfac_projections, inverse_sqrt, sample_examples, sample_indices,
+    whitened_projections,
+)
+from dataworth.projection import FittedProjections, Projector, draw_projection, select_modules
+
+from gradcheck import SEQS, hook_gradients, reference_gradients
+
+
+class _Tok:
+    pad_token_id = 0
+    eos_token_id = 0
+
+
+def examples(seqs):
+    return [Example(i, f"d{i}", 0, 0, len(s), s) for i, s in enumerate(seqs)]
+
+
+def explicit_factors(model, cfg, seqs):
+    """Token-averaged x xᵀ and dy dyᵀ, one unpadded sequence at a time, dy from autograd.grad."""
+    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    a = {n: 0.0 for n in modules}
+    s = {n: 0.0 for n in modules}
+    tokens = 0
+    for seq in seqs:
+        seen = {}
+        handles = [m.register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n, m in modules.items()]
+        ids, att, labels = collate([seq], 0)
+        emb = model.get_input_embeddings()
+        hook = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        logits = model(input_ids=ids, attention_mask=att).logits
+        loss = per_example_loss(logits, labels, cfg.loss_reduction).sum()
+        outs = [seen[n][1] for n in modules]
+        dys = torch.autograd.grad(loss, outs, allow_unused=True)
+        for h in [*handles, hook]:
+            h.remove()
+        for n, dy in zip(modules, dys):
+            x = seen[n][0].detach().reshape(-1, seen[n][0].shape[-1])
+            a[n] = a[n] + x.T @ x
+            if dy is not None:
+                dy = dy.detach().reshape(-1, dy.shape[-1])
+                s[n] = s[n] + dy.T @ dy
+        tokens += len(seq)
+    return {n: (a[n] / tokens, s[n] / tokens) for n in modules}, tokens
+
+
+def test_covariances_match_explicit(tiny_model):
+    cfg = LoggingConfig(batch_size=3)  # batches of 3 with padding vs. unpadded one by one
+    factors, tokens, n = fit_kfac_factors(tiny_model, _Tok(), examples(SEQS), cfg)
+    expected, expected_tokens = explicit_factors(tiny_model, cfg, SEQS)
+    assert (tokens, n) == (expected_tokens, len(SEQS))
+    for name, (a, s) in expected.items():
+        assert torch.allclose(factors[name][0], a, atol=1e-12), name
+        assert torch.allclose(factors[name][1], s, atol=1e-12), name
+        assert factors[name][1].abs().sum() > 0
+
+
+def test_inverse_sqrt_is_damped_inverse_square_root():
+    m = torch.randn(5, 3, dtype=torch.float64)
+    cov = m @ m.T  # rank 3: damping is what makes it invertible
+    w = inverse_sqrt(cov, 0.1)
+    lam = 0.1 * torch.linalg.eigvalsh(cov).mean()
+    assert torch.allclose(w @ w, torch.linalg.inv(cov + lam * torch.eye(5, dtype=torch.float64)), atol=1e-10)
+    assert torch.allclose(w, w.T)
+
+
+@pytest.mark.parametrize("projection", ["identity", "gaussian"])
+def test_whitened_gradients_equal_explicit(tiny_model, projection):
+    cfg = LoggingConfig(projection=projection, proj_dim_in=4, proj_dim_out=3, precondition_damping=0.05)
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    factors, _ = explicit_factors(tiny_model, cfg, SEQS)
+    for name, (a, s) in factors.items():
+        p_in, p_out = fitted.matrices[name]
+        r_in = draw_projection(projection, 4, a.shape[0], cfg.seed, name, "in")
+        r_out = draw_projection(projection, 3, s.shape[0], cfg.seed, name, "out")
+        w_in, w_out = inverse_sqrt(a, 0.05), inverse_sqrt(s, 0.05)
+        assert torch.allclose(p_in, w_in if r_in is None else r_in @ w_in, atol=1e-8)
+        assert torch.allclose(p_out, w_out if r_out is None else r_out @ w_out, atol=1e-8)
+    got = hook_gradients(tiny_model, cfg, SEQS, batch_size=3, fitted=fitted)
+    expected = reference_gradients(tiny_model, cfg, SEQS, fitted=fitted)
+    assert torch.allclose(got, expected, atol=1e-9, rtol=1e-7)
+
+
+def test_whitened_dot_is_kfac_influence(tiny_model):
+    """⟨whitened g_q, whitened g_i⟩ = g_qᵀ (A_λ ⊗ S_λ)⁻¹ g_i with an explicit Kronecker matrix."""
+    name = "transformer.h.0.attn.c_proj" if hasattr(tiny_model, "transformer") else "model.layers.0.self_attn.o_proj"
+    cfg = LoggingConfig(projection="identity", modules=[name], precondition_damping=0.1)
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    whitened = hook_gradients(tiny_model, cfg, SEQS, fitted=fitted)
+    plain = LoggingConfig(projection="identity", modules=[name], precondition="none")
+    raw = hook_gradients(tiny_model, plain, SEQS)  # rows: vec(G) with G (d_out, d_in) row-major
+    (a, s), = explicit_factors(tiny_model, cfg, SEQS)[0].values()
+    eye = lambda d: torch.eye(d, dtype=torch.float64)  # noqa: E731
+    a_l = a + 0.1 * torch.linalg.eigvalsh(a).mean() * eye(a.shape[0])
+    s_l = s + 0.1 * torch.linalg.eigvalsh(s).mean() * eye(s.shape[0])
+    # row-major vec(G): vec(S G A) = (S ⊗ A) vec(G)
+    kfac_inverse = torch.kron(torch.linalg.inv(s_l), torch.linalg.inv(a_l))
+    assert torch.allclose(whitened @ whitened.T, raw @ kfac_inverse @ raw.T, rtol=1e-6, atol=1e-10)
+
+
+def test_random_part_matches_plain_projection(tiny_model):
+    """With all-identity factors the whitened projection reduces to the plain random one."""
+    cfg = LoggingConfig(proj_dim_in=4, proj_dim_out=3, precondition_damping=1e-12)
+    modules = select_modules(tiny_model, cfg.modules, cfg.exclude_modules)
+    ident = {}
+    for n, m in modules.items():
+        d_in, d_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
+        ident[n] = (torch.eye(d_in, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64))
+    fitted = whitened_projections(tiny_model, ident, cfg)
+    plain = Projector(modules, cfg.model_copy(update={"precondition": "none"}))
+    for n in modules:
+        assert torch.allclose(fitted.matrices[n][0], plain.random(n, "in"), atol=1e-9)
+        assert torch.allclose(fitted.matrices[n][1], plain.random(n, "out"), atol=1e-9)
+
+
+def test_fitted_projections_round_trip_and_digest(tiny_model):
+    cfg = LoggingConfig(proj_dim_in=4, proj_dim_out=3)
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    back = FittedProjections.from_bytes(fitted.to_bytes())
+    assert back.digest() == fitted.digest() and back.meta == fitted.meta
+    other = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS[:2]), cfg)
+    assert other.digest() != fitted.digest()
+    assert fitted.meta["examples"] == len(SEQS) and fitted.meta["tokens"] == sum(map(len, SEQS))
+
+
+def test_errors_name_the_fix(tiny_model):
+    with pytest.raises(ValueError, match="precondition='none'"):
+        GradientCollector(tiny_model, LoggingConfig())  # kfac without fitted projections
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), LoggingConfig(proj_dim_in=4, proj_dim_out=3))
+    with pytest.raises(ValueError, match="refit them"):
+        GradientCollector(tiny_model, LoggingConfig(proj_dim_in=5, proj_dim_out=3), fitted)
+    with pytest.raises(ValueError, match="refit them"):
+        GradientCollector(tiny_model, LoggingConfig(modules=["*"], exclude_modules=[]), fitted)
+    modules = select_modules(tiny_model, ["*"], ["lm_head"])
+    with pytest.raises(ValueError, match="max_factor_dim=4 .*precondition='none'"):
+        check_factor_dims(modules, LoggingConfig(max_factor_dim=4))
+    with pytest.raises(ValueError, match="max_factor_dim"):
+        CovarianceCollector(tiny_model, LoggingConfig(max_factor_dim=4))
+    with pytest.raises(ValueError, match="corpus is empty"):
+        fit_kfac_factors(tiny_model, _Tok(), [], LoggingConfig())
+    with pytest.raises(ValueError, match="set it to 'kfac'"):
+        fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), LoggingConfig(precondition="none"))
+
+
+def test_sample_examples_spreads_over_the_corpus():
+    ex = examples([[1, 2]] * 10)
+    assert sample_indices(10, 4) == [0, 2, 5, 7]
+    assert [e.example_id for e in sample_examples(ex, 4)] == [0, 2, 5, 7]
+    assert sample_examples(ex, 20) == ex

@@ -1,0 +1,60 @@
+"""Explicit references for the hook gradients: autograd per-example gradients, projected by hand."""
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from dataworth.collector import GradientCollector, per_example_loss
+from dataworth.config import LoggingConfig
+from dataworth.data import collate
+from dataworth.projection import draw_projection, select_modules
+
+SEQS = [[3, 7, 9, 11, 2, 5], [4, 8], [10, 12, 14, 16, 18, 20, 22, 24], [1, 2, 3]]
+
+
+def plain(**kwargs) -> LoggingConfig:
+    """Random projections only (the KFAC-whitened ones are tested in test_kfac.py)."""
+    return LoggingConfig(precondition="none", **kwargs)
+
+
+def reference_gradients(model, cfg, seqs, label_masks=None, fitted=None):
+    """Per-example gradients one sequence at a time (no padding), projected explicitly
+    (with the given fitted projections, else with freshly drawn random ones)."""
+    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    rows = []
+    for i, seq in enumerate(seqs):
+        ids, att, labels = collate([seq], 0, None if label_masks is None else [label_masks[i]])
+        logits = model(input_ids=ids, attention_mask=att).logits
+        loss = per_example_loss(logits, labels, cfg.loss_reduction).sum()
+        weights = [m.weight for m in modules.values()]
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        parts = []
+        for (name, m), g in zip(modules.items(), grads):
+            if g is None:
+                g = torch.zeros_like(m.weight)
+            if isinstance(m, Conv1D):
+                g = g.T  # Conv1D stores (in, out); gradients are laid out (out, in)
+            d_out, d_in = g.shape
+            if fitted is not None:
+                p_in, p_out = fitted.matrices[name]
+            else:
+                p_out = draw_projection(cfg.projection, min(cfg.proj_dim_out, d_out), d_out, cfg.seed, name, "out")
+                p_in = draw_projection(cfg.projection, min(cfg.proj_dim_in, d_in), d_in, cfg.seed, name, "in")
+            if p_out is not None:
+                g = p_out @ g
+            if p_in is not None:
+                g = g @ p_in.T
+            parts.append(g.reshape(-1))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def hook_gradients(model, cfg, seqs, label_masks=None, batch_size=None, fitted=None):
+    out = []
+    batch_size = batch_size or len(seqs)
+    with GradientCollector(model, cfg, fitted) as c:
+        for s in range(0, len(seqs), batch_size):
+            masks = None if label_masks is None else label_masks[s : s + batch_size]
+            ids, att, labels = collate(seqs[s : s + batch_size], 0, masks)
+            g, _ = c.batch_gradients(ids, att, labels)
+            out.append(g)
+    return torch.cat(out)
