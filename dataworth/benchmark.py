@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .demo_corpus import FACT_CORPUS_SIZES
 from .config import CurvatureConfig, LoggingConfig, ScoreConfig, StageConfig, TrackingConfig
@@ -52,12 +52,24 @@ class TailPatchConfig(StageConfig):
 
 
 class CalibrateConfig(StageConfig):
-    enabled: bool = Field(False, description="Sweep the damping factor on a held-out proxy.")
+    enabled: bool = Field(False, description="Sweep the damping factor (and projection size) on a held-out proxy.")
     damping_factors: list[float] = Field(
         default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], description="Damping factors tried."
     )
+    proj_dims: list[int] = Field(
+        default_factory=list,
+        description="Also sweep the projection size per side (one index each, k_in = k_out); empty: keep logging's.",
+    )
     proxy: Literal["fact_mrr", "lds"] = Field("fact_mrr", description="Held-out proxy maximized.")
     holdout_fraction: float = Field(0.5, gt=0, lt=1, description="Share of queries used to choose (rest reports).")
+
+
+    @field_validator("proj_dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"calibrate.proj_dims={v} must hold positive projection sizes")
+        return sorted(set(v))
 
 
 class EvaluateConfig(StageConfig):

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--modules", nargs="+", help="fnmatch patterns of layers to track (default: all but lm_head)")
     index.add_argument("--projection", choices=["gaussian", "rademacher", "identity"])
     index.add_argument("--proj-dim", type=int, help="projection size per side (k_in = k_out)")
+    index.add_argument("--precondition", choices=["kfac", "none"],
+                       help="whiten with KFAC factors before projecting (default kfac) or project only")
     index.add_argument("--curvature", choices=["identity", "raw"])
     index.add_argument("--damping", type=float, help="damping factor (λ = factor × mean eigenvalue per block)")
     index.add_argument("--batch-size", type=int)
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int)
     ev.add_argument("--epochs", type=int, help="training epochs of the benchmark model")
     ev.add_argument("--proj-dim", type=int, help="projection size per side (default 32)")
+    ev.add_argument("--precondition", choices=["kfac", "none"],
+                    help="whiten with KFAC factors before projecting (default kfac) or project only")
     ev.add_argument("--curvature", choices=["identity", "raw"])
     ev.add_argument("--baselines", nargs="*", choices=["bm25", "kronfluence"], help="baselines (default bm25)")
     ev.add_argument("--subsets", type=int, help="LDS: retrained subsets (default 50)")
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep the damping factor on a held-out proxy and record the choice in the index")
     ev.add_argument("--calibrate-proxy", choices=["fact_mrr", "lds"], help="proxy maximized by --calibrate")
     ev.add_argument("--damping-factors", nargs="+", type=float, help="damping factors swept by --calibrate")
+    ev.add_argument("--proj-dims", nargs="+", type=int,
+                    help="projection sizes also swept by --calibrate (one index each); the best is recorded in its index")
     _scoring(ev, "")
     _common(ev)
 
@@ -130,6 +136,7 @@ def _index_config(args) -> dict:
         ("text_column", "data.text_column"), ("id_column", "data.id_column"), ("max_length", "data.max_length"),
         ("max_documents", "data.max_documents"), ("skip_empty", "data.skip_empty"), ("index_uri", "index_uri"),
         ("modules", "logging.modules"), ("projection", "logging.projection"), ("batch_size", "logging.batch_size"),
+        ("precondition", "logging.precondition"),
         ("shard_size", "logging.shard_size"), ("curvature", "curvature.kind"), ("damping", "curvature.damping_factor"),
         ("overwrite", "overwrite"),
     ]:
@@ -168,9 +175,10 @@ def _demo_config(args) -> dict:
 def _evaluate_config(args) -> dict:
     cfg = load_yaml(args.config) if args.config else {}
     for flag, key in [("benchmark", "benchmark"), ("workspace", "workspace"), ("seed", "seed"), ("epochs", "train_epochs"),
-                      ("curvature", "curvature.kind"), ("baselines", "baselines"), ("subsets", "lds.n_subsets"),
+                      ("curvature", "curvature.kind"), ("precondition", "logging.precondition"),
+                      ("baselines", "baselines"), ("subsets", "lds.n_subsets"),
                       ("calibrate", "calibrate.enabled"), ("calibrate_proxy", "calibrate.proxy"),
-                      ("damping_factors", "calibrate.damping_factors"), ("modes", "score.modes"), ("top_k", "score.top_k"),
+                      ("damping_factors", "calibrate.damping_factors"), ("proj_dims", "calibrate.proj_dims"), ("modes", "score.modes"), ("top_k", "score.top_k"),
                       ("damping", "curvature.damping_factor")]:
         _set(cfg, key, getattr(args, flag))
     if args.proj_dim:

@@ -8,6 +8,7 @@ query's top-k), leave-one-out on a convex problem, optional damping calibration 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from dataworth.retrain import RetrainConfig
 from tasks.benchmark import prepare_benchmark
 from tasks.evaluate import (
     bm25_scores, calibrate_damping, fact_tracing_eval, keep_key, kronfluence_eval, lds_eval, load_matrices,
-    loo_eval, plan_subsets, rank_correlations, removal_sets, retrain_and_measure, tail_patch_eval,
+    loo_eval, plan_subsets, rank_correlations, record_calibration, removal_sets, retrain_and_measure,
+    tail_patch_eval,
 )
 from tasks.index import index_state
 from tasks.tracking import Tracker
@@ -62,6 +64,42 @@ def _brittleness(config, index_uri, corpus_key, recipe, queries, scores, n, full
     return curves
 
 
+def _build_index(config: EvaluateConfig, ws: Path, bench: dict, sub_tracking, progress: bool, logging_cfg):
+    """(index URI, index summary) of the benchmark corpus; one index per logging and curvature config."""
+    index_uri = str(ws / f"index-{logging_cfg.fingerprint()}-{config.curvature.fingerprint()}")
+    return index_uri, index_flow(IndexConfig(
+        model=ModelConfig(name_or_path=bench["model_dir"]),
+        data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
+        logging=logging_cfg, curvature=config.curvature, index_uri=index_uri, overwrite=True, tracking=sub_tracking,
+    ), progress=progress)
+
+
+def _calibrate(config: EvaluateConfig, build, logging_cfg, built: tuple[str, dict], queries, common, **proxy) -> dict:
+    """Sweep the damping on the evaluated index and, with calibrate.proj_dims, on one index per projection
+    size; the best (size, damping) on the tuning queries is recorded in the manifest of that size's index."""
+    cal = config.calibrate
+    label = lambda c: f"{c.proj_dim_in}x{c.proj_dim_out}"  # noqa: E731
+    candidates = {label(logging_cfg): (logging_cfg, *built)}
+    for k in cal.proj_dims:
+        cfg = logging_cfg.model_copy(update={"proj_dim_in": k, "proj_dim_out": k})
+        if label(cfg) not in candidates:
+            candidates[label(cfg)] = (cfg, *build(cfg))
+    results = {
+        name: calibrate_damping(uri, queries, cal.damping_factors, cal.proxy, cal.holdout_fraction, config.seed,
+                                config.score.modes, record=False, **proxy, **common)
+        for name, (_cfg, uri, _summary) in candidates.items()
+    }
+    best = max(results, key=lambda name: results[name]["tune"])
+    cfg, uri, summary = candidates[best]
+    chosen = dict(results[best])
+    if cal.proj_dims:
+        chosen.update(proj_dim=best, logging={"proj_dim_in": cfg.proj_dim_in, "proj_dim_out": cfg.proj_dim_out},
+                      proj_sweep={name: {"damping_factor": r["damping_factor"], "tune": r["tune"], "test": r["test"]}
+                                  for name, r in results.items()})
+    record_calibration(uri, {**chosen, "index_uri": uri}, **common)
+    return {**chosen, "index_uri": uri, "index": summary}
+
+
 @flow(name="evaluate")
 def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = True) -> dict:
     """Measure attribution quality on a generated benchmark; print and report the table."""
@@ -78,21 +116,20 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             str(ws), config.benchmark, config.seed, config.train_epochs, progress=progress, **common)
         queries = load_queries(bench["queries"])
         logging_cfg = config.logging.model_copy(update={"seed": config.seed})
-        index_uri = str(ws / f"index-{logging_cfg.fingerprint()}-{config.curvature.fingerprint()}")
-        index = index_flow(IndexConfig(
-            model=ModelConfig(name_or_path=bench["model_dir"]),
-            data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
-            logging=logging_cfg, curvature=config.curvature, index_uri=index_uri, overwrite=True, tracking=sub_tracking,
-        ), progress=progress)
+        build = partial(_build_index, config, ws, bench, sub_tracking, progress)
+        index_uri, index = build(logging_cfg)
         state = index_state(index_uri)
         n = state["num_examples"]
         corpus_key = f"{state['manifest']['data_fingerprint']}-{state['manifest']['model_fingerprint']}"
 
         calibration = None
         if config.calibrate.enabled and config.calibrate.proxy == "fact_mrr":
-            calibration = calibrate_damping(
-                index_uri, queries, config.calibrate.damping_factors, "fact_mrr", config.calibrate.holdout_fraction,
-                config.seed, config.score.modes, relevant=bench.get("relevant"), **common)
+            calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common,
+                                     relevant=bench.get("relevant"))
+            # The table is measured on the chosen index (another projection size, if the sweep preferred one).
+            index_uri, index = calibration["index_uri"], calibration.pop("index")
+            logging_cfg = logging_cfg.model_copy(update=calibration.get("logging", {}))
+            state = index_state(index_uri)
 
         query = query_flow(QueryConfig(
             index_uri=index_uri, queries=queries, score=config.score.model_copy(update={"full_matrix": True}),
@@ -132,9 +169,9 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             _merge(table, lds_eval(matrices, plan["path"], actual, str(ws / "eval"), **common))
             lds_scatter = json.loads((ws / "eval" / "lds_scatter.json").read_text())
             if config.calibrate.enabled and config.calibrate.proxy == "lds":
-                calibration = calibrate_damping(
-                    index_uri, queries, config.calibrate.damping_factors, "lds", config.calibrate.holdout_fraction,
-                    config.seed, config.score.modes, masks_path=plan["path"], actual=actual, **common)
+                calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common,
+                                         masks_path=plan["path"], actual=actual)
+                calibration.pop("index")
         if config.brittleness.enabled:
             brittleness = _brittleness(config, index_uri, corpus_key, recipe, queries, scores, n, full)
             for method, curve in brittleness.items():
@@ -160,6 +197,10 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         if calibration:
             notes.append(f"Calibrated damping factor {calibration['damping_factor']} on {calibration['proxy']} "
                          f"(recorded in the index manifest): {json.dumps(calibration['sweep'])}")
+            if "proj_sweep" in calibration:
+                notes.append(f"Projection size chosen on {calibration['proxy']}: {calibration['proj_dim']} per layer "
+                             f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
+                             f"{json.dumps(calibration['proj_sweep'])}")
         samples = {m: s.ravel().tolist() for m, s in scores.items()}
         html = render_evaluation_report(f"dataworth evaluate: {config.benchmark}", table,
                                         {"index": index_uri, "mlflow run": str(run_id), "model": bench["model_dir"]},

@@ -274,10 +274,21 @@ def calibrate_damping(index_uri: str, queries: list[QuerySpec], damping_factors:
         sweep[str(df)] = vals
     best = max(damping_factors, key=lambda df: sweep[str(df)]["tune"])
     result = {"damping_factor": best, "proxy": proxy, "modes": curv_modes, "sweep": sweep,
+              "tune": sweep[str(best)]["tune"], "test": sweep[str(best)]["test"],
               "tune_queries": len(tune), "test_queries": len(test)}
     if record:
-        store.publish_manifest({**manifest, "calibration": result})
-    tracker = Tracker.attach(tracking_uri, run_id)
-    tracker.metrics({"calibrated_damping_factor": best, f"calibration.{proxy}.test": sweep[str(best)]["test"]})
-    tracker.artifact_text("calibration.json", json.dumps(result, indent=2))
+        record_calibration.fn(index_uri, result, run_id, tracking_uri)
     return result
+
+
+@task(name="record_calibration", **IO_RETRIES)
+def record_calibration(index_uri: str, calibration: dict, run_id: str | None = None,
+                       tracking_uri: str | None = None) -> None:
+    """Write the chosen calibration into the index manifest: queries then use its damping by default."""
+    store = IndexStore(index_uri)
+    store.publish_manifest({**store.read_manifest(), "calibration": calibration})
+    tracker = Tracker.attach(tracking_uri, run_id)
+    tracker.metrics({"calibrated_damping_factor": calibration["damping_factor"],
+                     f"calibration.{calibration['proxy']}.test": calibration["test"],
+                     **{f"calibrated_{k}": v for k, v in calibration.get("logging", {}).items()}})
+    tracker.artifact_text("calibration.json", json.dumps(calibration, indent=2))

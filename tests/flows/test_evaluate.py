@@ -27,7 +27,7 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
         brittleness=BrittlenessConfig(ks=[1, 2], n_queries=1, methods=["influence"]),
         tail_patch=TailPatchConfig(max_queries=3, top_k=2),
         retrain=RetrainConfig(epochs=1, seed=0),
-        calibrate=CalibrateConfig(enabled=True, damping_factors=[0.01, 1.0]),
+        calibrate=CalibrateConfig(enabled=True, damping_factors=[0.01, 1.0], proj_dims=[8]),
         tracking=tracking,
     )
     out = evaluate_flow(config, progress=False)
@@ -39,8 +39,16 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
         assert 0 <= row["mrr"] <= 1 and -1 <= row["lds"] <= 1 or math.isnan(row["lds"])
     assert {"brittle@1", "brittle@2"} <= set(table["random"])
     assert out["loo"]["pearson_hessian"] > 0.9
-    assert out["calibration"]["damping_factor"] in (0.01, 1.0)
-    assert IndexStore(out["index_uri"]).read_manifest()["calibration"]["damping_factor"] == out["calibration"]["damping_factor"]
+    assert "tail_patch" in table["random"]  # the same step on random examples, the tail-patch baseline
+    cal = out["calibration"]
+    assert cal["damping_factor"] in (0.01, 1.0)
+    assert set(cal["proj_sweep"]) == {"32x32", "8x8"} and cal["proj_dim"] in cal["proj_sweep"]
+    best = max(cal["proj_sweep"].values(), key=lambda r: r["tune"])
+    assert (cal["damping_factor"], cal["tune"]) == (best["damping_factor"], best["tune"])
+    # the chosen size's index carries the calibration and is the one the table was measured on
+    manifest = IndexStore(out["index_uri"]).read_manifest()
+    assert manifest["calibration"]["damping_factor"] == cal["damping_factor"]
+    assert f"{manifest['config']['logging']['proj_dim_in']}x{manifest['config']['logging']['proj_dim_out']}" == cal["proj_dim"]
     html = open(out["report"]).read()
     assert "Linear datamodeling" in html and "Brittleness" in html
     run = MlflowClient(tracking.tracking_uri).get_run(out["mlflow_run_id"])
