@@ -32,7 +32,9 @@ class BrittlenessConfig(StageConfig):
     enabled: bool = Field(True, description="Remove each query's top-k examples, retrain, measure the query's loss.")
     ks: list[int] = Field(default_factory=lambda: [1, 3, 10], description="Numbers of removed examples.")
     n_queries: int = Field(4, ge=1, description="Queries tested (each costs len(ks) × (methods + 1) retrains).")
-    methods: list[str] = Field(default_factory=lambda: ["relatif"], description="Score modes or baselines whose top-k is removed.")
+    methods: list[str] = Field(
+        default_factory=lambda: ["relatif", "bm25"], description="Score modes or baselines whose top-k is removed."
+    )
 
     @model_validator(mode="after")
     def _ks(self) -> "BrittlenessConfig":
@@ -95,3 +97,19 @@ class EvaluateConfig(StageConfig):
     loo: bool = Field(True, description="Leave-one-out agreement on a convex problem (softmax regression).")
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _brittleness_methods(self) -> "EvaluateConfig":
+        if self.brittleness.enabled:
+            available = [*self.score.modes, *self.baselines]
+            if "methods" not in self.brittleness.model_fields_set:  # the default adapts; a user's choice is checked
+                kept = [m for m in self.brittleness.methods if m in available] or available[:1]
+                self.brittleness.methods = kept
+                return self
+            unknown = [m for m in self.brittleness.methods if m not in available]
+            if unknown:
+                raise ValueError(
+                    f"brittleness.methods {unknown} are neither score modes nor baselines of this run ({available}); "
+                    "add them to score.modes / baselines, or remove them from brittleness.methods"
+                )
+        return self
