@@ -49,7 +49,9 @@ class TailPatchConfig(StageConfig):
     lr: float = Field(0.1, gt=0, description="Learning rate of the single step.")
     # SGD keeps the step first-order interpretable (Δ log p ≈ lr · ∇loss_q · ∇loss_z); Adam's first
     # step is lr · sign(g) on every weight and mostly measures damage.
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer of the single step.")
+    optimizer: Literal["sgd", "adam", "normalized"] = Field(
+        "sgd", description="Optimizer of the single step; normalized: SGD whose step length is lr × ‖θ‖."
+    )
     max_queries: int = Field(40, ge=1, description="Queries evaluated (first ones in order).")
 
 

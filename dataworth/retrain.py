@@ -301,9 +301,17 @@ def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, o
         model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits, labels.to(device), "mean"
     ).sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if optimizer == "normalized":
+        # A step of relative size lr: ‖Δθ‖ = lr · ‖θ‖ along −g. Like Adafactor's relative step (TrackStar's
+        # optimizer), it does not depend on the model's or the example's gradient scale.
+        g_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))
+        if g_norm == 0:
+            return
+        w_norm = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
+        lr = float(lr * w_norm / g_norm)
     # A fresh optimizer per candidate: the step must depend on this example alone. Adam's first
     # step from zero state is lr · g / (|g| + eps), i.e. close to lr · sign(g).
-    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
@@ -317,7 +325,7 @@ def tail_patch_scores(
     queries: list[EncodedQuery],
     pad_id: int,
     lr: float = 1e-3,
-    optimizer: Literal["sgd", "adam"] = "sgd",
+    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
     batch_size: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -325,14 +333,15 @@ def tail_patch_scores(
 
     Column j: one optimizer step on candidate j alone (mean token loss), then the change
     in each query's completion log-probability, after − before. With SGD and a small lr
-    this is ≈ lr · ∇loss_q · ∇loss_j, so positive means the example teaches the completion.
+    this is ≈ lr · ∇loss_q · ∇loss_j, so positive means the example teaches the completion;
+    "normalized" is SGD with the step length fixed to lr · ‖θ‖ (lr is then a relative step).
     Dropout is off for the step and the measurements. The weights (and any .grad) are
     restored exactly after every candidate.
     """
     if lr <= 0:
         raise ValueError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam'")
+    if optimizer not in ("sgd", "adam", "normalized"):
+        raise ValueError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized'")
     if not candidate_sequences:
         raise ValueError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
     _check_queries(queries, model)
@@ -381,7 +390,7 @@ def tail_patch(
     queries: list[EncodedQuery],
     pad_id: int,
     lr: float = 1e-3,
-    optimizer: Literal["sgd", "adam"] = "sgd",
+    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
     batch_size: int = 16,
 ) -> torch.Tensor:
     """(n_queries,) float64: change in each query's completion log-probability after one

@@ -210,7 +210,20 @@ def test_sgd_tail_patch_matches_the_first_order_prediction(arch, tokenizer, quer
     torch.testing.assert_close(got, predicted, rtol=2e-2, atol=2e-2 * float(predicted.abs().max()))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_normalized_tail_patch_is_sgd_with_a_relative_step(tokenizer, queries, sequences):
+    model = _tiny("gpt2", tokenizer, dtype=torch.float64)
+    example, rel = sequences[3], 1e-3
+    logits = model(input_ids=torch.tensor([example])).logits[0, :-1]
+    g = _flat_grad(model, torch.nn.functional.cross_entropy(logits, torch.tensor(example[1:])))
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    sgd_lr = rel * float(w.norm() / g.norm())  # the SGD step of length rel · ‖θ‖
+    got = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=rel, optimizer="normalized")
+    expected = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=sgd_lr, optimizer="sgd")
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert got.abs().max() > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "normalized"])
 def test_tail_patch_restores_weights_grads_and_mode(optimizer, tokenizer, queries, sequences):
     model = _tiny("llama", tokenizer)
     model.train()
