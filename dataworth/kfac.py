@@ -47,19 +47,21 @@ class CovarianceCollector(BackwardHooks):
         modules = select_modules(model, cfg.modules, cfg.exclude_modules)
         check_factor_dims(modules, cfg)
         super().__init__(model, modules, cfg.loss_reduction)
+        # float64 sums on the model's device: no host transfer per batch, no round-off over many tokens
         dims = {n: layer_dims(m) for n, m in modules.items()}
-        self.a_sums = {n: torch.zeros(d_in, d_in, dtype=torch.float64) for n, (d_in, _) in dims.items()}
-        self.s_sums = {n: torch.zeros(d_out, d_out, dtype=torch.float64) for n, (_, d_out) in dims.items()}
+        zeros = lambda d: torch.zeros(d, d, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.a_sums = {n: zeros(d_in) for n, (d_in, _) in dims.items()}
+        self.s_sums = {n: zeros(d_out) for n, (_, d_out) in dims.items()}
         self.tokens = 0
         self.examples = 0
 
     def _capture(self, name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])  # padded positions are already zero (masked)
-        self.a_sums[name] += (flat.T @ flat).to(device="cpu", dtype=torch.float64)
+        self.a_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def _consume(self, name: str, _kept, dy: torch.Tensor) -> None:
         flat = dy.detach().reshape(-1, dy.shape[-1])
-        self.s_sums[name] += (flat.T @ flat).to(device="cpu", dtype=torch.float64)
+        self.s_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
         self._backward(input_ids, attention_mask, labels)
@@ -70,7 +72,7 @@ class CovarianceCollector(BackwardHooks):
         """name -> (A, S): token-averaged second moments of layer input and output gradient."""
         if self.tokens == 0:
             raise ValueError("no tokens were seen: fit the KFAC factors on at least one non-empty example")
-        return {n: (self.a_sums[n] / self.tokens, self.s_sums[n] / self.tokens) for n in self.a_sums}
+        return {n: ((self.a_sums[n] / self.tokens).cpu(), (self.s_sums[n] / self.tokens).cpu()) for n in self.a_sums}
 
 
 def inverse_sqrt(factor: torch.Tensor, damping: float) -> torch.Tensor:

@@ -156,3 +156,17 @@ def test_sample_examples_spreads_over_the_corpus():
     assert sample_indices(10, 4) == [0, 2, 5, 7]
     assert [e.example_id for e in sample_examples(ex, 4)] == [0, 2, 5, 7]
     assert sample_examples(ex, 20) == ex
+
+
+@pytest.mark.gpu
+def test_cuda_projections_match_cpu(tiny_model):
+    cfg = LoggingConfig(proj_dim_in=4, proj_dim_out=3)
+    cpu = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    gpu = fit_kfac_projections(tiny_model.to("cuda"), _Tok(), examples(SEQS), cfg)
+    for name, (p_in, p_out) in cpu.matrices.items():
+        assert gpu.matrices[name][0].device.type == "cpu"
+        assert torch.allclose(gpu.matrices[name][0], p_in, atol=1e-8)
+        assert torch.allclose(gpu.matrices[name][1], p_out, atol=1e-8)
+    grads = hook_gradients(tiny_model, cfg, SEQS, fitted=gpu)
+    assert grads.device.type == "cuda"
+    assert torch.allclose(grads.cpu(), hook_gradients(tiny_model.cpu(), cfg, SEQS, fitted=cpu), atol=1e-8)
