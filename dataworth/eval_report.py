@@ -8,7 +8,7 @@ import math
 from html import escape
 from typing import Any
 
-from .report import _CSS, _histogram_html, _metrics_html, _run_info_html
+from .report import _CSS, _histogram_png, _metrics_html, _run_info_html
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -38,13 +38,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png(fig) -> str:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
-def lds_scatter_png(scatter: dict[str, Any]) -> str:
+def lds_scatter_png(scatter: dict[str, Any]) -> bytes:
     """Predicted subset score vs retrained log-prob of one query, one panel per method."""
     methods = list(scatter["predicted"])
     ncols = min(4, len(methods))
@@ -63,7 +63,7 @@ def lds_scatter_png(scatter: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def brittleness_png(curves: dict[str, dict[str, float]]) -> str:
+def brittleness_png(curves: dict[str, dict[str, float]]) -> bytes:
     """Mean increase of the query loss after removing the top-k (per method) vs k random examples."""
     fig = _figure(5.2, 3.4)
     ax = fig.subplots()
@@ -78,13 +78,35 @@ def brittleness_png(curves: dict[str, dict[str, float]]) -> str:
     return _png(fig)
 
 
+# file name -> (section title, alt text); the order is the report's
+PLOTS = {
+    "lds_scatter.png": ("Linear datamodeling", "LDS scatter"),
+    "brittleness.png": ("Brittleness", "Brittleness curves"),
+    "score_histograms.png": ("Score distributions", "Histogram of scores per mode"),
+}
+
+
+def evaluation_plots(
+    lds_scatter: dict[str, Any] | None = None,
+    brittleness: dict[str, dict[str, float]] | None = None,
+    score_samples: dict[str, list[float]] | None = None,
+) -> dict[str, bytes]:
+    """PNG bytes per plot that has data (file names as in PLOTS), for the report and as files."""
+    plots = {}
+    if lds_scatter:
+        plots["lds_scatter.png"] = lds_scatter_png(lds_scatter)
+    if brittleness:
+        plots["brittleness.png"] = brittleness_png(brittleness)
+    if score_samples:
+        plots["score_histograms.png"] = _histogram_png(score_samples)
+    return plots
+
+
 def render_evaluation_report(
     title: str,
     table: dict[str, dict[str, float]],
     run_info: dict[str, str] | None = None,
-    lds_scatter: dict[str, Any] | None = None,
-    brittleness: dict[str, dict[str, float]] | None = None,
-    score_samples: dict[str, list[float]] | None = None,
+    plots: dict[str, bytes] | None = None,
     notes: list[str] | None = None,
 ) -> str:
     parts = [
@@ -96,15 +118,10 @@ def render_evaluation_report(
     if notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in notes)
         parts.append(f'<section class="card"><h2 style="margin-top:0">Notes</h2><ul>{items}</ul></section>')
-    if lds_scatter:
-        parts.append('<section class="card"><h2 style="margin-top:0">Linear datamodeling</h2>'
-                     f'<img class="plot" alt="LDS scatter" src="data:image/png;base64,{lds_scatter_png(lds_scatter)}">'
-                     "</section>")
-    if brittleness:
-        parts.append('<section class="card"><h2 style="margin-top:0">Brittleness</h2>'
-                     f'<img class="plot" alt="Brittleness curves" src="data:image/png;base64,{brittleness_png(brittleness)}">'
-                     "</section>")
-    if score_samples:
-        parts.append(_histogram_html(score_samples))
+    for name, (heading, alt) in PLOTS.items():
+        if plots and name in plots:
+            png = base64.b64encode(plots[name]).decode("ascii")
+            parts.append(f'<section class="card"><h2 style="margin-top:0">{heading}</h2>'
+                         f'<img class="plot" alt="{alt}" src="data:image/png;base64,{png}"></section>')
     parts.append("</main></body></html>")
     return "".join(parts)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from dataworth.benchmark import EvaluateConfig
 from dataworth.config import DataConfig, IndexConfig, ModelConfig, QueryConfig
-from dataworth.eval_report import format_table, render_evaluation_report
+from dataworth.eval_report import evaluation_plots, format_table, render_evaluation_report
 from dataworth.queries import load_queries
 from dataworth.report import write_report
 from dataworth.retrain import RetrainConfig
@@ -202,9 +202,14 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
                              f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
                              f"{json.dumps(calibration['proj_sweep'])}")
         samples = {m: s.ravel().tolist() for m, s in scores.items()}
+        plots = evaluation_plots(lds_scatter, brittleness, samples)
+        (ws / "reports").mkdir(parents=True, exist_ok=True)
+        for name, png in plots.items():
+            (ws / "reports" / name).write_bytes(png)
+            tracker.artifact(ws / "reports" / name, "plots")
         html = render_evaluation_report(f"dataworth evaluate: {config.benchmark}", table,
                                         {"index": index_uri, "mlflow run": str(run_id), "model": bench["model_dir"]},
-                                        lds_scatter, brittleness, samples, notes)
+                                        plots, notes)
         report = write_report(html, ws / "reports" / "evaluation.html")
         markdown = format_table(table)
         (ws / "reports" / "evaluation.md").write_text(markdown + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n")

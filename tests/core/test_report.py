@@ -173,3 +173,18 @@ def test_write_report_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_report("<p>x</p>", tmp_path / "r.html")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_plots_are_pngs_and_the_report_embeds_them():
+    from dataworth.eval_report import PLOTS, evaluation_plots, render_evaluation_report
+
+    scatter = {"query": "q1", "predicted": {"influence": [0.1, 0.5, 0.3], "bm25": [1.0, 2.0, 0.5]},
+               "actual": [-1.0, -0.2, -0.6]}
+    plots = evaluation_plots(scatter, {"relatif": {"1": 0.2, "3": 0.5}, "random": {"1": 0.0, "3": 0.01}},
+                             {"influence": [0.1, -0.2, 0.3]})
+    assert set(plots) == set(PLOTS)
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in plots.values())
+    assert set(evaluation_plots(None, None, {"dot": [1.0]})) == {"score_histograms.png"}
+    html = render_evaluation_report("t", {"influence": {"lds": 0.3}}, None, plots, ["a note"])
+    assert html.count("data:image/png;base64,") == 3 and "Brittleness" in html and "a note" in html
+    assert "data:image/png" not in render_evaluation_report("t", {"influence": {"lds": 0.3}})

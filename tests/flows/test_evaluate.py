@@ -54,3 +54,5 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
     run = MlflowClient(tracking.tracking_uri).get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "influence.lds" in run.data.metrics and "loo.pearson_hessian" in run.data.metrics
+    plots = {a.path for a in MlflowClient(tracking.tracking_uri).list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/lds_scatter.png", "plots/brittleness.png", "plots/score_histograms.png"}
