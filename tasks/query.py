@@ -45,10 +45,15 @@ def index_curvature(store: IndexStore, manifest: dict, damping_factor: float | N
     return curvature if damping_factor is None else curvature.with_damping(damping_factor)
 
 
+def index_logging_config(manifest: dict) -> LoggingConfig:
+    """The logging config an index was built with; indexes from before KFAC whitening used plain projections."""
+    return LoggingConfig(**{"precondition": "none", **manifest["config"]["logging"]})
+
+
 def index_query_gradients(store: IndexStore, manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int):
     """(encoded queries, their gradients) with the index's own model and projections."""
     model_cfg = ModelConfig(**manifest["config"]["model"])
-    logging_cfg = LoggingConfig(**manifest["config"]["logging"])
+    logging_cfg = index_logging_config(manifest)
     fitted = load_projections(store, manifest.get("projections_artifact"))
     lm, tokenizer = cached_model(model_cfg)
     with MODEL_LOCK:

@@ -175,3 +175,12 @@ def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
     assert states[shards[-1]] == "Completed"
     by_task = {name.rsplit("-", 1)[0]: state for name, state in states.items() if not name.startswith("log_gradients")}
     assert by_task["tokenize_corpus"] == "Completed" and by_task["fit_curvature"] == "Completed"
+
+
+def test_index_logging_config_reads_old_manifests_as_plain_projections():
+    from tasks.query import index_logging_config
+
+    old = {"config": {"logging": {"projection": "gaussian", "proj_dim_in": 4, "proj_dim_out": 4}}}
+    assert index_logging_config(old).precondition == "none"
+    new = {"config": {"logging": {**old["config"]["logging"], "precondition": "kfac"}}}
+    assert index_logging_config(new).precondition == "kfac"
