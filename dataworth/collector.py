@@ -87,10 +87,7 @@ class BackwardHooks(AbstractContextManager):
                     f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences; "
                     "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
                 )
-            x = x.to(self.dtype)
-            if x.shape[1] == self._mask.shape[1]:
-                x = x * self._mask[:, :, None]
-            kept = self._capture(name, x)
+            kept = self._capture(name, x.to(self.dtype))
 
             def backward(grad_out: torch.Tensor):
                 dy = grad_out.to(self.dtype)
@@ -99,6 +96,11 @@ class BackwardHooks(AbstractContextManager):
             output.register_hook(backward)
 
         return hook
+
+    def _masked(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero the padded positions of a (batch, time, features) activation (applied after any projection:
+        cheaper on the smaller tensor)."""
+        return t * self._mask[:, :, None] if t.shape[1] == self._mask.shape[1] else t
 
     def _capture(self, name: str, x: torch.Tensor):
         raise NotImplementedError
@@ -148,7 +150,7 @@ class GradientCollector(BackwardHooks):
 
     def _capture(self, name: str, x: torch.Tensor) -> torch.Tensor:
         p_in = self.projector.get(name, "in", x.device, self.dtype)
-        return x if p_in is None else x @ p_in.T
+        return self._masked(x if p_in is None else x @ p_in.T)
 
     def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
         p_out = self.projector.get(name, "out", dy.device, self.dtype)

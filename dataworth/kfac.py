@@ -56,7 +56,8 @@ class CovarianceCollector(BackwardHooks):
         self.examples = 0
 
     def _capture(self, name: str, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])  # padded positions are already zero (masked)
+        x = self._masked(x.detach())
+        flat = x.reshape(-1, x.shape[-1])
         self.a_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def _consume(self, name: str, _kept, dy: torch.Tensor) -> None:

@@ -15,9 +15,9 @@ from dataworth.config import CurvatureConfig, DataConfig, LoggingConfig, ModelCo
 from dataworth.curvature import FisherAccumulator
 from dataworth.data import Example, chunk_documents, load_documents
 from dataworth.gradients import log_example_gradients
-from dataworth.kfac import check_factor_dims, fit_kfac_projections, sample_indices
+from dataworth.kfac import fit_kfac_projections, sample_indices
 from dataworth.model import load_tokenizer
-from dataworth.projection import FittedProjections, Layout, describe_layout, select_modules
+from dataworth.projection import FittedProjections, Layout, describe_layout
 from storage import IndexStore
 from storage.schemas import SCHEMA_VERSION
 
@@ -142,7 +142,6 @@ def fit_projections(
         fitted = FittedProjections.from_bytes(existing)
         return {"artifact": key, "digest": fitted.digest(), "seconds": 0.0, "reused": True, **fitted.meta}
     lm, tokenizer = cached_model(model)
-    check_factor_dims(select_modules(lm, logging.modules, logging.exclude_modules), logging)
     ids = sample_indices(num_examples, logging.precondition_examples)  # example ids are 0..n-1
     examples = _read_examples(store, examples_version, f"example_id IN ({', '.join(map(str, ids))})")
     with MODEL_LOCK:
