@@ -23,7 +23,7 @@ BENCHMARKS: dict[str, dict] = {
 
 class LDSConfig(StageConfig):
     enabled: bool = Field(True, description="Compute the linear datamodeling score (retrains one model per subset).")
-    n_subsets: int = Field(50, ge=2, description="Random training subsets, one retrained model each.")
+    n_subsets: int = Field(50, ge=3, description="Random training subsets, one retrained model each (3 at least).")
     fraction: float = Field(0.5, gt=0, lt=1, description="Share of the training examples in each subset.")
     seed: int = Field(0, description="Seed of the subset draw (retraining seeds follow from it).")
 

@@ -128,8 +128,9 @@ def _keep_key(keep: np.ndarray) -> str:
     return hashlib.sha256(np.packbits(keep).tobytes()).hexdigest()[:16]
 
 
-@task(name="retrain_and_measure", cache_policy=CACHE - "keep", persist_result=True, tags=["gpu"], **IO_RETRIES,
-      task_run_name="retrain-{keep_key}")
+# Not keyed on the index: indexes of other logging configs over the same corpus and model share retrained models.
+@task(name="retrain_and_measure", cache_policy=CACHE - "keep" - "index_uri", persist_result=True, tags=["gpu"],
+      **IO_RETRIES, task_run_name="retrain-{keep_key}")
 def retrain_and_measure(index_uri: str, corpus_key: str, keep: list[int], keep_key: str, recipe: RetrainConfig,
                         queries: list[QuerySpec]) -> list[float]:
     """Train the reference architecture on the kept examples only; completion log-probs of every query.

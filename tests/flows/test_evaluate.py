@@ -9,6 +9,7 @@ from dataworth.benchmark import (
 )
 from dataworth.config import TrackingConfig
 from dataworth.retrain import RetrainConfig
+from flowstates import task_states
 from storage import IndexStore
 
 pytestmark = pytest.mark.slow
@@ -56,3 +57,23 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
     assert "influence.lds" in run.data.metrics and "loo.pearson_hessian" in run.data.metrics
     plots = {a.path for a in MlflowClient(tracking.tracking_uri).list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/lds_scatter.png", "plots/brittleness.png", "plots/score_histograms.png"}
+
+
+def test_retrained_models_are_shared_across_index_configs(harness, tmp_path):
+    """LDS retraining depends on the corpus, the subsets and the recipe, not on how gradients are logged."""
+    from flows.evaluate import evaluate_flow
+
+    base = EvaluateConfig(
+        workspace=str(tmp_path / "ws"), train_epochs=2, lds=LDSConfig(n_subsets=3),
+        brittleness=BrittlenessConfig(enabled=False), tail_patch=TailPatchConfig(enabled=False), loo=False,
+        fact_tracing=False, retrain=RetrainConfig(epochs=1, seed=0), tracking=TrackingConfig(enabled=False),
+    )
+    first_state = evaluate_flow(base, progress=False, return_state=True)
+    other = base.model_copy(update={"logging": base.logging.model_copy(update={"precondition": "none"})})
+    second_state = evaluate_flow(other, progress=False, return_state=True)
+    assert first_state.result()["index_uri"] != second_state.result()["index_uri"]  # two indexes
+    first, second = task_states(first_state), task_states(second_state)
+    retrains = [k for k in second if k.startswith("retrain-")]
+    assert len(retrains) == 4  # the full corpus and three subsets
+    assert all(first[k] == "Completed" for k in retrains)
+    assert all(second[k] == "Cached" for k in retrains)

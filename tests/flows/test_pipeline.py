@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowstates import task_states
 from tiny import make_tiny_gpt2
 from dataworth.config import (
     CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, QueryConfig, ScoreConfig, TrackingConfig,
@@ -142,17 +143,6 @@ def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
     assert not any(np.allclose(after[i], before[i]) for i in before)  # other projections: re-logged
 
 
-def _task_states(flow_state) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-        )
-    return {r.name: r.state.name for r in runs}
-
-
 def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
     from flows.index import index_flow
 
@@ -165,7 +155,7 @@ def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
 
     with open(docs, "a") as f:
         f.write(json.dumps({"id": "new", "text": "A new bakery opened by the mill."}) + "\n")
-    states = _task_states(index_flow(cfg, progress=False, return_state=True))
+    states = task_states(index_flow(cfg, progress=False, return_state=True))
     store = IndexStore(cfg.index_uri)
     assert store.num_gradients() == store.num_examples() > n_before
     shards = sorted((k for k in states if k.startswith("log_gradients-shard-")), key=lambda k: int(k.rsplit("-", 1)[1]))
