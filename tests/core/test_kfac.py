@@ -13,7 +13,7 @@ from dataworth.kfac import (
 )
 from dataworth.projection import FittedProjections, Projector, draw_projection, select_modules
 
-from gradcheck import SEQS, hook_gradients, reference_gradients
+from gradcheck import SEQS, cross_device_tolerance, hook_gradients, reference_gradients, relative_error
 
 
 class _Tok:
@@ -163,10 +163,11 @@ def test_cuda_projections_match_cpu(tiny_model):
     cfg = LoggingConfig(proj_dim_in=4, proj_dim_out=3)
     cpu = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
     gpu = fit_kfac_projections(tiny_model.to("cuda"), _Tok(), examples(SEQS), cfg)
+    tol = cross_device_tolerance(tiny_model)
     for name, (p_in, p_out) in cpu.matrices.items():
         assert gpu.matrices[name][0].device.type == "cpu"
-        assert torch.allclose(gpu.matrices[name][0], p_in, atol=1e-8)
-        assert torch.allclose(gpu.matrices[name][1], p_out, atol=1e-8)
+        assert relative_error(gpu.matrices[name][0], p_in) < 10 * tol  # an inverse square root amplifies round-off
+        assert relative_error(gpu.matrices[name][1], p_out) < 10 * tol
     grads = hook_gradients(tiny_model, cfg, SEQS, fitted=gpu)
     assert grads.device.type == "cuda"
-    assert torch.allclose(grads.cpu(), hook_gradients(tiny_model.cpu(), cfg, SEQS, fitted=cpu), atol=1e-8)
+    assert relative_error(grads.cpu(), hook_gradients(tiny_model.cpu(), cfg, SEQS, fitted=cpu)) < 10 * tol
