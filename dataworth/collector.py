@@ -21,12 +21,16 @@ from .projection import FittedProjections, Layout, Projector, select_modules
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """Next-token loss per sequence; labels == -100 contribute nothing."""
-    shift_logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    total = nll.sum(dim=1)
+    # Shift the targets left rather than the logits right, and keep the vocabulary as the last dim:
+    # the softmax then runs over contiguous rows. A (batch, vocab, time) layout made the softmax
+    # two thirds of a GPT-2-small logging step on an H100.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    total = nll.view(targets.shape).sum(dim=1)
     if reduction == "mean":
-        total = total / (shift_labels != -100).sum(dim=1).clamp(min=1)
+        total = total / (targets != -100).sum(dim=1).clamp(min=1)
     return total
 
 
