@@ -6,10 +6,9 @@ with what retraining on random subsets does, and the TrackStar tail-patch metric
 whether one step on a top-scored example raises the query's completion probability.
 
 Training takes token ids (the index's examples exactly), never text, so the retrained
-model sees the very sequences that were attributed. The loop copies the one in
-tiny_model.py (AdamW, betas (0.9, 0.98), linear warm-up then cosine decay to 10%, gradient
-clipping at 1.0, a seeded shuffle per epoch), so retraining the demo model on its full
-data with the default config rebuilds it.
+model sees the very sequences that were attributed. `fit_sequences` is also the loop that
+trained the demo model (tiny_model.py), so retraining the demo model on its full data with
+the default config rebuilds it.
 """
 
 from __future__ import annotations
@@ -21,10 +20,12 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from .collector import per_example_loss
 from .config import StageConfig
@@ -111,7 +112,7 @@ def _pad_id(config) -> int:
     return 0
 
 
-def _mean_token_loss(model, input_ids, attention, labels) -> torch.Tensor:
+def mean_token_loss(model, input_ids, attention, labels) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -170,9 +171,30 @@ def train_causal_lm(
     # scratch it continues the stream of the initialization, exactly as tiny_model does.
     if cfg.init == "finetune":
         torch.manual_seed(cfg.seed)
-    order_rng = random.Random(cfg.seed)
-    pad = _pad_id(model.config)
+    fit_sequences(model, sequences, cfg, random.Random(cfg.seed), _pad_id(model.config), progress=progress)
+    model.eval()
+    if out_dir is not None:
+        _save(model, reference_model_dir, cfg, Path(out_dir))
+    return model
 
+
+def fit_sequences(
+    model,
+    sequences: list[list[int]],
+    cfg: RetrainConfig,
+    order_rng: random.Random,
+    pad_id: int,
+    progress: bool = False,
+    desc: str = "retrain",
+    on_step: Callable[[int, int], None] | None = None,
+) -> int:
+    """The training loop of every model dataworth trains: the demo model and the retrained ones.
+
+    AdamW (betas 0.9, 0.98), linear warm-up then cosine decay to 10% of lr, optional gradient
+    clipping, a shuffle of `sequences` per epoch drawn from `order_rng`; mean token loss per batch.
+    `on_step(step, total)` runs after every optimizer step. Returns the steps taken.
+    """
+    device = next(model.parameters()).device
     batches_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches_per_epoch
     warmup = max(1, int(cfg.warmup_fraction * total))
@@ -185,11 +207,7 @@ def train_causal_lm(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="retrain", unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
     model.train()
     step = 0
     while step < total:
@@ -198,8 +216,8 @@ def train_causal_lm(
         for i in range(0, len(order), cfg.batch_size):
             if step >= total:
                 break
-            input_ids, attention, labels = collate([sequences[j] for j in order[i : i + cfg.batch_size]], pad)
-            loss = _mean_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+            input_ids, attention, labels = collate([sequences[j] for j in order[i : i + cfg.batch_size]], pad_id)
+            loss = mean_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
             loss.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -207,15 +225,13 @@ def train_causal_lm(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
+            if progress:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
-    model.eval()
-    if out_dir is not None:
-        _save(model, reference_model_dir, cfg, Path(out_dir))
-    return model
+            if on_step is not None:
+                on_step(step, total)
+    bar.close()
+    return step
 
 
 def _save(model, reference_model_dir: str, cfg: RetrainConfig, out: Path) -> None:
@@ -357,8 +373,6 @@ def tail_patch_scores(
     scores = torch.empty((len(queries), len(candidate_sequences)), dtype=torch.float64)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(candidate_sequences), desc="tail patch", unit="ex")
     try:
         with torch.no_grad():

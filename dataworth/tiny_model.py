@@ -9,7 +9,6 @@ gradient of a training example is a function of the example alone.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
@@ -23,6 +22,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from .data import collate
+from .retrain import RetrainConfig, fit_sequences, mean_token_loss
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -143,45 +145,17 @@ def train_tiny_gpt2(
     )
     model = GPT2LMHeadModel(config)
 
-    batches_per_epoch = math.ceil(len(examples) / batch_size)
-    total = max_steps if max_steps is not None else epochs * batches_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, int(warmup_fraction * total))
-
-    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    recipe = RetrainConfig(epochs=max(epochs, 1), max_steps=max_steps, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
     initial_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
     evals: list[tuple[int, Any]] = []
-    bar = _progress_bar(total, progress)
-    step = 0
-    model.train()
-    while step < total:
-        order = list(range(len(examples)))
-        order_rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            if step >= total:
-                break
-            batch = [examples[j] for j in order[i : i + batch_size]]
-            input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
-            loss = _token_loss(model, input_ids, attention_mask, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
-                evals.append((step, _run_eval(eval_fn, model, tokenizer)))
-    if bar is not None:
-        bar.close()
+
+    def after_step(step: int, total: int) -> None:
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
+            evals.append((step, _run_eval(eval_fn, model, tokenizer)))
+
+    step = fit_sequences(model, examples, recipe, order_rng, tokenizer.pad_token_id, progress=progress,
+                         desc="train tiny gpt2", on_step=after_step)
     if eval_fn is not None:
         evals.append((step, _run_eval(eval_fn, model, tokenizer)))
     final_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
@@ -200,9 +174,9 @@ def _corpus_loss(model: GPT2LMHeadModel, examples: list[list[int]], pad_id: int,
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        input_ids, attention_mask, labels = _collate(examples[i : i + batch_size], pad_id)
+        input_ids, attention_mask, labels = collate(examples[i : i + batch_size], pad_id)
         n = int((labels[:, 1:] != -100).sum())
-        total += _token_loss(model, input_ids, attention_mask, labels).item() * n
+        total += mean_token_loss(model, input_ids, attention_mask, labels).item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -255,27 +229,6 @@ def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_length
     return examples
 
 
-def _token_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    # Computed here rather than by passing labels= so the loss is the same across
-    # transformers versions (whose loss functions and their warnings change).
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-    )
-
-
-def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return input_ids, attention_mask, labels
-
-
 def _save(model, tokenizer, out: Path) -> None:
     # Stage then move, so a crash mid-save never leaves a directory that loads half a model.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,11 +252,3 @@ def _run_eval(eval_fn, model, tokenizer):
         return eval_fn(model, tokenizer)
     finally:
         model.train(was_training)
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train tiny gpt2", unit="step")
