@@ -37,7 +37,6 @@ import time
 import warnings
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -234,18 +234,13 @@ def fit_sequences(
     return step
 
 
-def _save(model, reference_model_dir: str, cfg: RetrainConfig, out: Path) -> None:
-    # Stage then move, so a crash mid-save never leaves a directory that loads half a model.
+def save_staged(out: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(folder)` into a staging folder beside `out`, then move its files into `out`,
+    so a crash mid-save never leaves a directory that loads half a model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(str(staging))
-        ref = Path(reference_model_dir)
-        if ref.is_dir():
-            for name in _TOKENIZER_FILES:
-                if (ref / name).is_file():
-                    shutil.copy2(ref / name, staging / name)
-        (staging / "retrain_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
+        write(staging)
         if not out.exists():
             staging.rename(out)
             return
@@ -253,6 +248,19 @@ def _save(model, reference_model_dir: str, cfg: RetrainConfig, out: Path) -> Non
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save(model, reference_model_dir: str, cfg: RetrainConfig, out: Path) -> None:
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        ref = Path(reference_model_dir)
+        if ref.is_dir():
+            for name in _TOKENIZER_FILES:
+                if (ref / name).is_file():
+                    shutil.copy2(ref / name, folder / name)
+        (folder / "retrain_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
+
+    save_staged(out, write)
 
 
 def _check_queries(queries: list[EncodedQuery], model) -> None:

@@ -9,10 +9,7 @@ gradient of a training example is a function of the example alone.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .data import collate
-from .retrain import RetrainConfig, fit_sequences, mean_token_loss
+from .retrain import RetrainConfig, fit_sequences, mean_token_loss, save_staged
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -230,19 +227,11 @@ def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_length
 
 
 def _save(model, tokenizer, out: Path) -> None:
-    # Stage then move, so a crash mid-save never leaves a directory that loads half a model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        if not out.exists():
-            staging.rename(out)
-            return
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    save_staged(out, write)
 
 
 def _run_eval(eval_fn, model, tokenizer):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from dataworth.collector import GradientCollector
 from dataworth.projection import draw_projection

@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import numpy as np
 
-from shard_writer import DIM, ROWS, SHARDS, write_shard as _write_shard
+from shard_writer import ROWS, SHARDS, write_shard as _write_shard
 from storage import IndexStore
 
 
