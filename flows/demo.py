@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from dataworth.config import DataConfig, DemoConfig, GenerationConfig, IndexConfig, ModelConfig, QueryConfig
-from tasks.benchmark import prepare_benchmark
+from dataworth.config import DemoConfig, GenerationConfig, QueryConfig
+from tasks.benchmark import benchmark_index_config, prepare_benchmark
 from tasks.demo import evaluate_fact_tracing
 from tasks.query import load_results, render_report
 from tasks.tracking import Tracker
@@ -41,8 +41,7 @@ def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     ws = Path(config.workspace).absolute()
     tracker = Tracker(config.tracking)
     run_id = tracker.start("demo", config.model_dump(mode="json"), {"dataworth.flow": "demo"})
-    common = {"run_id": run_id, "tracking_uri": tracker.uri}
-    sub_tracking = config.tracking.model_copy(update={"parent_run_id": run_id, "tracking_uri": tracker.uri})
+    common, sub_tracking = tracker.task_kwargs, tracker.child_config(config.tracking)
     ok = False
     try:
         fresh = not (ws / "model" / "config.json").exists()
@@ -50,15 +49,9 @@ def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
             str(ws), f"facts-{config.corpus_size}", config.seed, config.train_epochs, progress=progress, **common
         )
         index_uri = str(ws / "index")
-        index = index_flow(IndexConfig(
-            model=ModelConfig(name_or_path=demo["model_dir"]),
-            data=DataConfig(dataset=demo["documents"], id_column="id", source_column="source", max_length=128),
-            logging=config.logging.model_copy(update={"seed": config.seed}),
-            curvature=config.curvature,
-            index_uri=index_uri,
-            overwrite=True,
-            tracking=sub_tracking,
-        ), progress=progress)
+        logging_cfg = config.logging.model_copy(update={"seed": config.seed})
+        index = index_flow(benchmark_index_config(demo, logging_cfg, config.curvature, index_uri, sub_tracking),
+                           progress=progress)
         query = query_flow(QueryConfig(
             index_uri=index_uri,
             queries_path=_prompts_only(demo["queries"], ws),

@@ -15,12 +15,12 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from dataworth.benchmark import EvaluateConfig
-from dataworth.config import DataConfig, IndexConfig, ModelConfig, QueryConfig
+from dataworth.config import QueryConfig
 from dataworth.eval_report import evaluation_plots, format_table, render_evaluation_report
 from dataworth.queries import load_queries
 from dataworth.report import write_report
 from dataworth.retrain import RetrainConfig
-from tasks.benchmark import prepare_benchmark
+from tasks.benchmark import benchmark_index_config, prepare_benchmark
 from tasks.evaluate import (
     bm25_scores, calibrate_damping, fact_tracing_eval, keep_key, kronfluence_eval, lds_eval, load_matrices,
     loo_eval, plan_subsets, rank_correlations, record_calibration, removal_sets, retrain_and_measure,
@@ -67,11 +67,8 @@ def _brittleness(config, index_uri, corpus_key, recipe, queries, scores, n, full
 def _build_index(config: EvaluateConfig, ws: Path, bench: dict, sub_tracking, progress: bool, logging_cfg):
     """(index URI, index summary) of the benchmark corpus; one index per logging and curvature config."""
     index_uri = str(ws / f"index-{logging_cfg.fingerprint()}-{config.curvature.fingerprint()}")
-    return index_uri, index_flow(IndexConfig(
-        model=ModelConfig(name_or_path=bench["model_dir"]),
-        data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
-        logging=logging_cfg, curvature=config.curvature, index_uri=index_uri, overwrite=True, tracking=sub_tracking,
-    ), progress=progress)
+    return index_uri, index_flow(benchmark_index_config(bench, logging_cfg, config.curvature, index_uri, sub_tracking),
+                                 progress=progress)
 
 
 def _calibrate(config: EvaluateConfig, build, logging_cfg, built: tuple[str, dict], queries, common, **proxy) -> dict:
@@ -107,8 +104,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
     ws = Path(config.workspace).absolute() / config.benchmark
     tracker = Tracker(config.tracking)
     run_id = tracker.start(f"evaluate-{config.benchmark}", config.model_dump(mode="json"), {"dataworth.flow": "evaluate"})
-    common = {"run_id": run_id, "tracking_uri": tracker.uri}
-    sub_tracking = config.tracking.model_copy(update={"parent_run_id": run_id, "tracking_uri": tracker.uri})
+    common, sub_tracking = tracker.task_kwargs, tracker.child_config(config.tracking)
     ok = False
     try:
         fresh = not (ws / "model" / "config.json").exists()

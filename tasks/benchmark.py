@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from dataworth.benchmark import BENCHMARKS
+from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
 from dataworth.tiny_model import fact_accuracy, train_tiny_gpt2
 
 from .common import CACHE
@@ -61,3 +62,13 @@ def prepare_benchmark(workspace: str, benchmark: str, seed: int, train_epochs: i
     Tracker.attach(tracking_uri, run_id).metrics(metrics)
     log.info("benchmark %s: %d documents, model trained in %.0f s", benchmark, len(corpus.documents), seconds)
     return out
+
+
+def benchmark_index_config(bench: dict, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str,
+                           tracking: TrackingConfig) -> IndexConfig:
+    """The index config of a prepared benchmark (its documents fit the model's 128-token context)."""
+    return IndexConfig(
+        model=ModelConfig(name_or_path=bench["model_dir"]),
+        data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
+        logging=logging, curvature=curvature, index_uri=index_uri, overwrite=True, tracking=tracking,
+    )

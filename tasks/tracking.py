@@ -75,6 +75,15 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
+    @property
+    def task_kwargs(self) -> dict[str, str | None]:
+        """What a task needs to log into this run from any worker."""
+        return {"run_id": self.run_id, "tracking_uri": self.uri}
+
+    def child_config(self, cfg: TrackingConfig) -> TrackingConfig:
+        """Tracking of a sub-flow: its run nests under this one, in the same store."""
+        return cfg.model_copy(update={"parent_run_id": self.run_id, "tracking_uri": self.uri})
+
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
         if not self.enabled or not self.run_id:
             return
