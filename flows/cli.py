@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-lds", action="store_true", help="skip the linear datamodeling score")
     ev.add_argument("--no-brittleness", action="store_true", help="skip brittleness retraining")
     ev.add_argument("--no-tail-patch", action="store_true", help="skip tail-patch")
+    ev.add_argument("--tail-patch-lr", type=float, help="learning rate of the single tail-patch step (default 0.01)")
+    ev.add_argument("--tail-patch-optimizer", choices=["sgd", "adam", "normalized"],
+                    help="optimizer of the tail-patch step (default sgd)")
     ev.add_argument("--no-loo", action="store_true", help="skip leave-one-out on the convex problem")
     ev.add_argument("--calibrate", action="store_true", default=None,
                     help="sweep the damping factor on a held-out proxy and record the choice in the index")
@@ -165,7 +168,8 @@ def _demo_config(args) -> dict:
     cfg = load_yaml(args.config) if args.config else {}
     for flag, key in [("workspace", "workspace"), ("size", "corpus_size"), ("seed", "seed"), ("epochs", "train_epochs"),
                       ("show", "show_queries"), ("modes", "score.modes"), ("top_k", "score.top_k"),
-                      ("damping", "curvature.damping_factor")]:
+                      ("damping", "curvature.damping_factor"), ("tail_patch_lr", "tail_patch.lr"),
+                      ("tail_patch_optimizer", "tail_patch.optimizer")]:
         _set(cfg, key, getattr(args, flag))
     _tracking(args, cfg)
     return cfg
@@ -177,8 +181,10 @@ def _evaluate_config(args) -> dict:
                       ("curvature", "curvature.kind"), ("precondition", "logging.precondition"),
                       ("baselines", "baselines"), ("subsets", "lds.n_subsets"),
                       ("calibrate", "calibrate.enabled"), ("calibrate_proxy", "calibrate.proxy"),
-                      ("damping_factors", "calibrate.damping_factors"), ("proj_dims", "calibrate.proj_dims"), ("modes", "score.modes"), ("top_k", "score.top_k"),
-                      ("damping", "curvature.damping_factor")]:
+                      ("damping_factors", "calibrate.damping_factors"), ("proj_dims", "calibrate.proj_dims"),
+                      ("modes", "score.modes"), ("top_k", "score.top_k"),
+                      ("damping", "curvature.damping_factor"), ("tail_patch_lr", "tail_patch.lr"),
+                      ("tail_patch_optimizer", "tail_patch.optimizer")]:
         _set(cfg, key, getattr(args, flag))
     if args.proj_dim:
         _set(cfg, "logging.proj_dim_in", args.proj_dim)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dataworth.config import IndexConfig, QueryConfig
-from flows.cli import _index_config, _query_config, build_parser, main
+from flows.cli import _evaluate_config, _index_config, _query_config, build_parser, main
 
 DATAWORTH = shutil.which("dataworth", path=os.path.dirname(sys.executable)) or shutil.which("dataworth")
 
@@ -32,7 +32,8 @@ def test_console_script_installed():
                  "--proj-dim", "--projection", "--curvature", "--damping", "--modules", "--overwrite", "--config"]),
     (["query"], ["--index", "--queries", "--prompt", "--max-new-tokens", "--report-dir", "--modes", "--top-k",
                  "--full-matrix", "--config"]),
-    (["evaluate"], ["--benchmark", "--subsets", "--baselines", "--calibrate", "--no-lds", "--proj-dim", "--config"]),
+    (["evaluate"], ["--benchmark", "--subsets", "--baselines", "--calibrate", "--no-lds", "--proj-dim", "--config",
+                    "--tail-patch-lr", "--tail-patch-optimizer", "--proj-dims", "--calibrate-proxy"]),
 ])
 def test_help(args, flags):
     out = run_cli(*args, "--help")
@@ -103,6 +104,29 @@ def test_index_config_yaml_then_flags(tmp_path):
     assert config.index_uri == "yaml-index"
     assert config.tracking.enabled is False and config.tracking.experiment == "exp"
     assert config.overwrite is False  # store_true flags left out do not override YAML or defaults
+
+
+def test_evaluate_config_yaml_then_flags(tmp_path):
+    from dataworth.benchmark import EvaluateConfig
+
+    cfg = tmp_path / "evaluate.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "benchmark": "lm-small", "tail_patch": {"lr": 0.5, "top_k": 3}, "lds": {"n_subsets": 7},
+        "calibrate": {"damping_factors": [1.0]},
+    }))
+    args = build_parser().parse_args([
+        "evaluate", "--config", str(cfg), "--tail-patch-lr", "0.02", "--tail-patch-optimizer", "normalized",
+        "--calibrate", "--proj-dims", "16", "8", "--proj-dim", "12", "--no-brittleness",
+    ])
+    config = EvaluateConfig(**_evaluate_config(args))
+    assert config.benchmark == "lm-small" and config.lds.n_subsets == 7
+    assert (config.tail_patch.lr, config.tail_patch.optimizer, config.tail_patch.top_k) == (0.02, "normalized", 3)
+    assert config.calibrate.enabled and config.calibrate.proj_dims == [8, 16]
+    assert config.calibrate.damping_factors == [1.0]
+    assert (config.logging.proj_dim_in, config.logging.proj_dim_out) == (12, 12)
+    assert config.brittleness.enabled is False and config.lds.enabled is True
+    default = EvaluateConfig(**_evaluate_config(build_parser().parse_args(["evaluate"])))
+    assert (default.tail_patch.lr, default.tail_patch.optimizer) == (0.01, "sgd")
 
 
 def test_index_config_flags_alone():
