@@ -118,11 +118,27 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         n = state["num_examples"]
         corpus_key = f"{state['manifest']['data_fingerprint']}-{state['manifest']['model_fingerprint']}"
 
+        # Retrained models depend on the corpus, the subsets and the recipe only, never on the scores: they come
+        # first, so an LDS-calibrated damping is chosen before the table is scored.
+        recipe = config.retrain or recipe_from(bench["train_kwargs"])
+        calibrate_on_lds = config.calibrate.enabled and config.calibrate.proxy == "lds"
+        plan = actual = full = None
+        if config.lds.enabled or config.brittleness.enabled or calibrate_on_lds:
+            full = retrain_and_measure(index_uri, corpus_key, list(range(n)), keep_key(list(range(n)), n), recipe, queries)
+        if config.lds.enabled or calibrate_on_lds:
+            plan = plan_subsets(n, config.lds.n_subsets, config.lds.fraction, config.lds.seed,
+                                str(ws / "eval" / f"subsets-{config.lds.n_subsets}-{config.lds.seed}.npy"))
+            futures = [retrain_and_measure.submit(index_uri, corpus_key, np.flatnonzero(m).tolist(), key, recipe, queries)
+                       for m, key in zip(np.load(plan["path"]), plan["keys"])]
+            actual = [f.result() for f in futures]
+
         calibration = None
-        if config.calibrate.enabled and config.calibrate.proxy == "fact_mrr":
-            calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common,
-                                     relevant=bench.get("relevant"))
-            # The table is measured on the chosen index (another projection size, if the sweep preferred one).
+        if config.calibrate.enabled:
+            proxy = ({"masks_path": plan["path"], "actual": actual} if calibrate_on_lds
+                     else {"relevant": bench.get("relevant")})
+            calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common, **proxy)
+            # The table is measured on the chosen index (another projection size, if the sweep preferred one),
+            # whose manifest now holds the chosen damping: the query flow scores with it.
             index_uri, index = calibration["index_uri"], calibration.pop("index")
             logging_cfg = logging_cfg.model_copy(update=calibration.get("logging", {}))
             state = index_state(index_uri)
@@ -151,23 +167,10 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         scores, _ = load_matrices(matrices[0])
         for p in matrices[1:]:
             scores.update(load_matrices(p)[0])
-        recipe = config.retrain or recipe_from(bench["train_kwargs"])
         lds_scatter = brittleness = None
-        if config.lds.enabled or config.brittleness.enabled or config.calibrate.proxy == "lds":
-            full = retrain_and_measure(index_uri, corpus_key, list(range(n)), keep_key(list(range(n)), n), recipe, queries)
-        if config.lds.enabled or (config.calibrate.enabled and config.calibrate.proxy == "lds"):
-            plan = plan_subsets(n, config.lds.n_subsets, config.lds.fraction, config.lds.seed,
-                                str(ws / "eval" / f"subsets-{config.lds.n_subsets}-{config.lds.seed}.npy"))
-            masks = np.load(plan["path"])
-            futures = [retrain_and_measure.submit(index_uri, corpus_key, np.flatnonzero(m).tolist(), key, recipe, queries)
-                       for m, key in zip(masks, plan["keys"])]
-            actual = [f.result() for f in futures]
+        if config.lds.enabled:
             _merge(table, lds_eval(matrices, plan["path"], actual, str(ws / "eval"), **common))
             lds_scatter = json.loads((ws / "eval" / "lds_scatter.json").read_text())
-            if config.calibrate.enabled and config.calibrate.proxy == "lds":
-                calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common,
-                                         masks_path=plan["path"], actual=actual)
-                calibration.pop("index")
         if config.brittleness.enabled:
             brittleness = _brittleness(config, index_uri, corpus_key, recipe, queries, scores, n, full)
             for method, curve in brittleness.items():
@@ -182,11 +185,13 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
                 # Compute time of logging, curvature, query gradients and scoring (all modes share it).
                 table[method]["seconds"] = index["compute_seconds"] + query["compute_seconds"]
 
+        damping = config.score.damping_factor or (calibration or {}).get("damping_factor") or config.curvature.damping_factor
         notes = [f"{config.benchmark}: {bench['num_documents']} documents, {n} examples, {len(queries)} queries; "
                  f"projection {logging_cfg.projection} {logging_cfg.proj_dim_in}×{logging_cfg.proj_dim_out} per layer"
                  + (f", KFAC-whitened (λ {logging_cfg.precondition_damping:g} × mean eigenvalue)"
                     if logging_cfg.precondition == "kfac" else "")
-                 + f"; curvature {config.curvature.kind}, damping {config.curvature.damping_factor:g}."]
+                 + f"; curvature {config.curvature.kind}, damping {damping:g}"
+                 + (" (calibrated)." if calibration and config.score.damping_factor is None else ".")]
         if loo:
             notes.append(f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "
                          f"{loo['pearson_fisher']:.3f} (empirical Fisher, as dataworth's raw curvature).")

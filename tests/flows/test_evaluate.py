@@ -69,11 +69,24 @@ def test_retrained_models_are_shared_across_index_configs(harness, tmp_path):
         fact_tracing=False, retrain=RetrainConfig(epochs=1, seed=0), tracking=TrackingConfig(enabled=False),
     )
     first_state = evaluate_flow(base, progress=False, return_state=True)
-    other = base.model_copy(update={"logging": base.logging.model_copy(update={"precondition": "none"})})
+    # Another index over the same corpus, with its damping calibrated on LDS.
+    other = base.model_copy(update={
+        "logging": base.logging.model_copy(update={"precondition": "none"}),
+        "calibrate": CalibrateConfig(enabled=True, proxy="lds", damping_factors=[0.01, 100.0]),
+    })
     second_state = evaluate_flow(other, progress=False, return_state=True)
-    assert first_state.result()["index_uri"] != second_state.result()["index_uri"]  # two indexes
+    out = second_state.result()
+    assert first_state.result()["index_uri"] != out["index_uri"]  # two indexes
     first, second = task_states(first_state), task_states(second_state)
     retrains = [k for k in second if k.startswith("retrain-")]
     assert len(retrains) == 4  # the full corpus and three subsets
     assert all(first[k] == "Completed" for k in retrains)
     assert all(second[k] == "Cached" for k in retrains)
+    # The table is scored at the calibrated damping: over the tune and test halves together, the LDS of the
+    # calibrated modes is what the sweep measured for the chosen factor.
+    cal, table = out["calibration"], out["table"]
+    assert IndexStore(out["index_uri"]).read_manifest()["calibration"]["damping_factor"] == cal["damping_factor"]
+    n_queries = cal["tune_queries"] + cal["test_queries"]
+    assert all(table[m]["lds_valid_queries"] == n_queries for m in cal["modes"])
+    swept = (cal["tune"] * cal["tune_queries"] + cal["test"] * cal["test_queries"]) / n_queries
+    assert math.isclose(sum(table[m]["lds"] for m in cal["modes"]) / len(cal["modes"]), swept, abs_tol=1e-9)
