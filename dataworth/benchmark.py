@@ -103,6 +103,16 @@ class EvaluateConfig(StageConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
+    def _calibration_proxy(self) -> "EvaluateConfig":
+        cal = self.calibrate
+        if cal.enabled and cal.proxy == "fact_mrr" and BENCHMARKS[self.benchmark]["kind"] != "facts":
+            raise ValueError(
+                f"calibrate.proxy='fact_mrr' needs known relevant documents, and benchmark {self.benchmark!r} has none "
+                "(a language-modeling corpus): use calibrate.proxy='lds' (--calibrate-proxy lds)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _brittleness_methods(self) -> "EvaluateConfig":
         if self.brittleness.enabled:
             available = [*self.score.modes, *self.baselines]

@@ -19,8 +19,8 @@ import os
 import random
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch

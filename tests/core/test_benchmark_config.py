@@ -28,3 +28,11 @@ def test_calibrate_proj_dims_are_positive_and_deduplicated():
     assert CalibrateConfig(proj_dims=[64, 16, 64]).proj_dims == [16, 64]
     with pytest.raises(ValidationError, match="positive projection sizes"):
         CalibrateConfig(proj_dims=[0, 16])
+
+
+def test_fact_proxy_needs_a_fact_benchmark():
+    with pytest.raises(ValidationError, match=r"calibrate.proxy='lds'"):
+        EvaluateConfig(benchmark="lm-small", calibrate=CalibrateConfig(enabled=True))
+    EvaluateConfig(benchmark="lm-small", calibrate=CalibrateConfig(enabled=True, proxy="lds"))
+    EvaluateConfig(benchmark="lm-small", calibrate=CalibrateConfig(proxy="fact_mrr"))  # not enabled: nothing to check
+    EvaluateConfig(benchmark="facts-medium", calibrate=CalibrateConfig(enabled=True))
