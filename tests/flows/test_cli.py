@@ -116,12 +116,12 @@ def test_evaluate_config_yaml_then_flags(tmp_path):
     }))
     args = build_parser().parse_args([
         "evaluate", "--config", str(cfg), "--tail-patch-lr", "0.02", "--tail-patch-optimizer", "normalized",
-        "--calibrate", "--proj-dims", "16", "8", "--proj-dim", "12", "--no-brittleness",
+        "--calibrate", "--calibrate-proxy", "lds", "--proj-dims", "16", "8", "--proj-dim", "12", "--no-brittleness",
     ])
     config = EvaluateConfig(**_evaluate_config(args))
     assert config.benchmark == "lm-small" and config.lds.n_subsets == 7
     assert (config.tail_patch.lr, config.tail_patch.optimizer, config.tail_patch.top_k) == (0.02, "normalized", 3)
-    assert config.calibrate.enabled and config.calibrate.proj_dims == [8, 16]
+    assert config.calibrate.enabled and config.calibrate.proj_dims == [8, 16] and config.calibrate.proxy == "lds"
     assert config.calibrate.damping_factors == [1.0]
     assert (config.logging.proj_dim_in, config.logging.proj_dim_out) == (12, 12)
     assert config.brittleness.enabled is False and config.lds.enabled is True
