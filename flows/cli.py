@@ -168,8 +168,7 @@ def _demo_config(args) -> dict:
     cfg = load_yaml(args.config) if args.config else {}
     for flag, key in [("workspace", "workspace"), ("size", "corpus_size"), ("seed", "seed"), ("epochs", "train_epochs"),
                       ("show", "show_queries"), ("modes", "score.modes"), ("top_k", "score.top_k"),
-                      ("damping", "curvature.damping_factor"), ("tail_patch_lr", "tail_patch.lr"),
-                      ("tail_patch_optimizer", "tail_patch.optimizer")]:
+                      ("damping", "curvature.damping_factor")]:
         _set(cfg, key, getattr(args, flag))
     _tracking(args, cfg)
     return cfg

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dataworth.config import IndexConfig, QueryConfig
-from flows.cli import _evaluate_config, _index_config, _query_config, build_parser, main
+from flows.cli import _demo_config, _evaluate_config, _index_config, _query_config, build_parser, main
 
 DATAWORTH = shutil.which("dataworth", path=os.path.dirname(sys.executable)) or shutil.which("dataworth")
 
@@ -127,6 +127,19 @@ def test_evaluate_config_yaml_then_flags(tmp_path):
     assert config.brittleness.enabled is False and config.lds.enabled is True
     default = EvaluateConfig(**_evaluate_config(build_parser().parse_args(["evaluate"])))
     assert (default.tail_patch.lr, default.tail_patch.optimizer) == (0.01, "sgd")
+
+
+@pytest.mark.parametrize("command, builder, model", [
+    (["demo"], _demo_config, "DemoConfig"), (["evaluate"], _evaluate_config, "EvaluateConfig"),
+    (["index", "--model", "m", "--dataset", "d", "--index", "i"], _index_config, "IndexConfig"),
+    (["query", "--index", "i", "--prompt", "p"], _query_config, "QueryConfig"),
+])
+def test_every_command_builds_its_config_from_bare_flags(command, builder, model):
+    import dataworth.benchmark
+    import dataworth.config
+
+    cls = getattr(dataworth.config, model, None) or getattr(dataworth.benchmark, model)
+    cls(**builder(build_parser().parse_args(command)))
 
 
 def test_index_config_flags_alone():
