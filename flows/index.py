@@ -54,7 +54,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
 
     tracker = Tracker(config.tracking)
     run_id = tracker.start("index", config.model_dump(mode="json"), {"dataworth.flow": "index"})
-    common = {"run_id": run_id, "tracking_uri": tracker.uri}
+    common = tracker.task_kwargs
     ok = False
     try:
         tok = tokenize_corpus.with_options(refresh_cache=fresh)(

@@ -39,7 +39,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     tracker = Tracker(config.tracking)
     run_id = tracker.start("query", config.model_dump(mode="json"),
                            {"dataworth.flow": "query", "dataworth.index_run": str(manifest.get("mlflow_run_id"))})
-    common = {"run_id": run_id, "tracking_uri": tracker.uri}
+    common = tracker.task_kwargs
     report_dir = config.report_dir or default_report_dir(config.index_uri)
     ok = False
     try:
