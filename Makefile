@@ -9,7 +9,11 @@ export TRANSFORMERS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
+
+lint: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 install: $(STAMP)
 
@@ -25,6 +29,8 @@ demo: install
 	$(BIN)/dataworth demo
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:

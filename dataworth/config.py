@@ -31,7 +31,8 @@ class ModelConfig(StageConfig):
     tokenizer: str | None = Field(None, description="Tokenizer name or path; defaults to the model's.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the model is loaded in; gradients are projected in float32 (float64 if the model is)."
+        "float32",
+        description="Dtype the model is loaded in; gradients are projected in float32 (float64 if the model is).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     allow_tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs (faster, ~1e-3 relative error).")
@@ -40,7 +41,8 @@ class ModelConfig(StageConfig):
 
 class DataConfig(StageConfig):
     dataset: str = Field(
-        description="Hugging Face dataset name, a saved dataset directory, or jsonl/json/parquet/csv/txt files (glob allowed)."
+        description="Hugging Face dataset name, a saved dataset directory, "
+        "or jsonl/json/parquet/csv/txt files (glob allowed)."
     )
     split: str = Field("train", description="Split to read.")
     subset: str | None = Field(None, description="Dataset configuration name on the hub.")
@@ -56,14 +58,16 @@ class DataConfig(StageConfig):
 class LoggingConfig(StageConfig):
     modules: list[str] = Field(
         default_factory=lambda: ["*"],
-        description="fnmatch patterns over module names (model.named_modules()) selecting the Linear/Conv1D layers to track.",
+        description="fnmatch patterns over module names (model.named_modules()) "
+        "selecting the Linear/Conv1D layers to track.",
     )
     exclude_modules: list[str] = Field(
         default_factory=lambda: ["lm_head", "*.lm_head", "embed_out"],
         description="fnmatch patterns removed from the selection (the vocabulary head by default).",
     )
     projection: Literal["gaussian", "rademacher", "identity"] = Field(
-        "gaussian", description="Kronecker projection: random (seeded from the module name) or identity (exact gradients)."
+        "gaussian",
+        description="Kronecker projection: random (seeded from the module name) or identity (exact gradients).",
     )
     proj_dim_in: int = Field(16, ge=1, description="Rows of P_in (projected input-activation size) per module.")
     proj_dim_out: int = Field(16, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
@@ -129,7 +133,8 @@ class GenerationConfig(StageConfig):
     max_new_tokens: int = Field(8, ge=1, description="Tokens generated (greedy) for a query without a completion.")
     stop_at_newline: bool = Field(True, description="Cut a generated completion at its first newline.")
     stop: list[str] = Field(
-        default_factory=list, description="Also cut a generated completion before the first token containing one of these strings."
+        default_factory=list,
+        description="Also cut a generated completion before the first token containing one of these strings.",
     )
 
 
@@ -147,9 +152,7 @@ class QuerySpec(StageConfig):
 
 
 class TrackingConfig(StageConfig):
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db."
-    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db.")
     experiment: str = Field("dataworth", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log this run to MLflow.")
     parent_run_id: str | None = Field(None, description="MLflow run this run nests under (set by the demo flow).")
@@ -175,6 +178,17 @@ class QueryConfig(StageConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+def save_yaml(config: StageConfig, path: str | Path) -> Path:
+    """Write a resolved config as YAML that `--config <path>` (and `load_yaml`) reads back to the same model."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(p)
+    return p
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (validated later by the stage's model)."""
     p = Path(path)
@@ -190,7 +204,9 @@ class DemoConfig(StageConfig):
     workspace: str = Field("dataworth-runs/demo", description="Folder for the corpus, model, index and reports.")
     corpus_size: Literal["small", "medium", "large"] = Field("small", description="Generated fact-corpus preset.")
     seed: int = Field(0, description="Seed of the corpus, the model initialization and the projections.")
-    train_epochs: int | None = Field(None, ge=1, description="Training epochs of the tiny model (preset default when unset).")
+    train_epochs: int | None = Field(
+        None, ge=1, description="Training epochs of the tiny model (preset default when unset)."
+    )
     # A small corpus affords 32×32 projections per layer (8192 dims for the tiny model).
     logging: LoggingConfig = Field(
         default_factory=lambda: LoggingConfig(proj_dim_in=32, proj_dim_out=32, batch_size=16, shard_size=128)

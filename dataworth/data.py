@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from dataworth.config import DataConfig
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -45,7 +45,9 @@ def _load_dataset(cfg: DataConfig):
 
     path = cfg.dataset
     if os.path.isdir(path) and (
-        Path(path, "dataset_info.json").exists() or Path(path, "state.json").exists() or Path(path, "dataset_dict.json").exists()
+        Path(path, "dataset_info.json").exists()
+        or Path(path, "state.json").exists()
+        or Path(path, "dataset_dict.json").exists()
     ):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
@@ -72,7 +74,11 @@ def load_documents(cfg: DataConfig) -> Documents:
     """Documents from a hub name, a saved dataset, or local files; checked before any model work."""
     ds = _load_dataset(cfg)
     columns = list(ds.column_names)
-    for label, col in (("text_column", cfg.text_column), ("id_column", cfg.id_column), ("source_column", cfg.source_column)):
+    for label, col in (
+        ("text_column", cfg.text_column),
+        ("id_column", cfg.id_column),
+        ("source_column", cfg.source_column),
+    ):
         if col is not None and col not in columns:
             raise ValueError(f"dataset {cfg.dataset!r} has no column {col!r} (columns: {columns}); set {label}")
     if cfg.max_documents is not None:

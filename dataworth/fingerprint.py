@@ -10,7 +10,7 @@ import glob
 import hashlib
 import os
 
-from .config import DataConfig, ModelConfig
+from dataworth.config import DataConfig, ModelConfig
 
 
 def _files_fingerprint(paths: list[str]) -> str:

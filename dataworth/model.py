@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .config import ModelConfig
+from dataworth.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,7 +26,9 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
-        raise ValueError(f"cannot load tokenizer {name!r}: {err}. Give a local directory or a reachable hub name") from err
+        raise ValueError(
+            f"cannot load tokenizer {name!r}: {err}. Give a local directory or a reachable hub name"
+        ) from err
     return tok
 
 
@@ -46,7 +48,8 @@ def load_model(cfg: ModelConfig):
         )
     except OSError as err:
         raise ValueError(
-            f"cannot load model {cfg.name_or_path!r}: {err}. Give a local save_pretrained directory or a reachable hub name"
+            f"cannot load model {cfg.name_or_path!r}: {err}. "
+            "Give a local save_pretrained directory or a reachable hub name"
         ) from err
     model.to(device).eval()
     return model, load_tokenizer(cfg)

@@ -50,39 +50,63 @@ def demo_flow(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
         )
         index_uri = str(ws / "index")
         logging_cfg = config.logging.model_copy(update={"seed": config.seed})
-        index = index_flow(benchmark_index_config(demo, logging_cfg, config.curvature, index_uri, sub_tracking),
-                           progress=progress)
-        query = query_flow(QueryConfig(
-            index_uri=index_uri,
-            queries_path=_prompts_only(demo["queries"], ws),
-            score=config.score.model_copy(update={"top_k": max(config.score.top_k, 10)}),
-            # Facts end their sentence: attribute the stated value, not the model's next sentence.
-            generation=GenerationConfig(max_new_tokens=8, stop=["."]),
-            report_dir=str(ws / "reports"),
-            tracking=sub_tracking,
-        ), relevant=demo["relevant"], title="dataworth demo: which documents taught each fact?")
-        evaluation = evaluate_fact_tracing(index_uri, query["score_run_id"], demo["relevant"], demo["expected"], **common)
+        index = index_flow(
+            benchmark_index_config(demo, logging_cfg, config.curvature, index_uri, sub_tracking), progress=progress
+        )
+        query = query_flow(
+            QueryConfig(
+                index_uri=index_uri,
+                queries_path=_prompts_only(demo["queries"], ws),
+                score=config.score.model_copy(update={"top_k": max(config.score.top_k, 10)}),
+                # Facts end their sentence: attribute the stated value, not the model's next sentence.
+                generation=GenerationConfig(max_new_tokens=8, stop=["."]),
+                report_dir=str(ws / "reports"),
+                tracking=sub_tracking,
+            ),
+            relevant=demo["relevant"],
+            title="dataworth demo: which documents taught each fact?",
+        )
+        evaluation = evaluate_fact_tracing(
+            index_uri, query["score_run_id"], demo["relevant"], demo["expected"], **common
+        )
         report = render_report(
-            index_uri, query["score_run_id"], str(ws / "reports"), "dataworth demo: fact tracing",
-            {"index": index_uri, "model": demo["model_dir"], "fact accuracy": f"{demo['fact_accuracy']:.2f}",
-             "queries traced": f"{evaluation['correct']} of {evaluation['total']} (completion = the fact)",
-             "mlflow run": str(run_id)},
-            demo["relevant"], evaluation["metrics"], **common,
+            index_uri,
+            query["score_run_id"],
+            str(ws / "reports"),
+            "dataworth demo: fact tracing",
+            {
+                "index": index_uri,
+                "model": demo["model_dir"],
+                "fact accuracy": f"{demo['fact_accuracy']:.2f}",
+                "queries traced": f"{evaluation['correct']} of {evaluation['total']} (completion = the fact)",
+                "mlflow run": str(run_id),
+            },
+            demo["relevant"],
+            evaluation["metrics"],
+            **common,
         )
         queries, results = load_results(index_uri, query["score_run_id"])
         mode = "relatif" if "relatif" in results else next(iter(results))
         print(f"\nTop-5 training documents per query (mode {mode}; ✓ = states the queried fact):")
         _print_results(queries, results, demo["relevant"], mode, config.show_queries)
-        print(f"\nFact tracing over {evaluation['correct']} queries the model completes with the fact "
-              f"(of {evaluation['total']}; model fact accuracy {demo['fact_accuracy']:.2f}):")
+        print(
+            f"\nFact tracing over {evaluation['correct']} queries the model completes with the fact "
+            f"(of {evaluation['total']}; model fact accuracy {demo['fact_accuracy']:.2f}):"
+        )
         _print_metrics(evaluation["metrics"])
         ok = True
     finally:
         tracker.finish(ok)
     return {
-        "workspace": str(ws), "index_uri": index_uri, "report": report["report"], "metrics": evaluation["metrics"],
-        "fact_accuracy": demo["fact_accuracy"], "mlflow_run_id": run_id, "tracking_uri": tracker.uri,
-        "index": index, "query": query,
+        "workspace": str(ws),
+        "index_uri": index_uri,
+        "report": report["report"],
+        "metrics": evaluation["metrics"],
+        "fact_accuracy": demo["fact_accuracy"],
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracker.uri,
+        "index": index,
+        "query": query,
     }
 
 

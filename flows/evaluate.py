@@ -14,16 +14,27 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 
-from dataworth.benchmark import EvaluateConfig
 from dataworth.config import QueryConfig
-from dataworth.eval_report import evaluation_plots, format_table, render_evaluation_report
+from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
-from dataworth.report import write_report
-from dataworth.retrain import RetrainConfig
+from dataworth.reports.evaluation_report import evaluation_plots, format_table, render_evaluation_report
+from dataworth.reports.query_report import write_report
+from dataworth.training import RetrainConfig
 from tasks.benchmark import benchmark_index_config, prepare_benchmark
 from tasks.evaluate import (
-    bm25_scores, calibrate_damping, fact_tracing_eval, keep_key, kronfluence_eval, lds_eval, load_matrices,
-    loo_eval, plan_subsets, rank_correlations, record_calibration, removal_sets, retrain_and_measure,
+    bm25_scores,
+    calibrate_damping,
+    fact_tracing_eval,
+    keep_key,
+    kronfluence_eval,
+    lds_eval,
+    load_matrices,
+    loo_eval,
+    plan_subsets,
+    rank_correlations,
+    record_calibration,
+    removal_sets,
+    retrain_and_measure,
     tail_patch_eval,
 )
 from tasks.index import index_state
@@ -67,8 +78,9 @@ def _brittleness(config, index_uri, corpus_key, recipe, queries, scores, n, full
 def _build_index(config: EvaluateConfig, ws: Path, bench: dict, sub_tracking, progress: bool, logging_cfg):
     """(index URI, index summary) of the benchmark corpus; one index per logging and curvature config."""
     index_uri = str(ws / f"index-{logging_cfg.fingerprint()}-{config.curvature.fingerprint()}")
-    return index_uri, index_flow(benchmark_index_config(bench, logging_cfg, config.curvature, index_uri, sub_tracking),
-                                 progress=progress)
+    return index_uri, index_flow(
+        benchmark_index_config(bench, logging_cfg, config.curvature, index_uri, sub_tracking), progress=progress
+    )
 
 
 def _calibrate(config: EvaluateConfig, build, logging_cfg, built: tuple[str, dict], queries, common, **proxy) -> dict:
@@ -82,17 +94,32 @@ def _calibrate(config: EvaluateConfig, build, logging_cfg, built: tuple[str, dic
         if label(cfg) not in candidates:
             candidates[label(cfg)] = (cfg, *build(cfg))
     results = {
-        name: calibrate_damping(uri, queries, cal.damping_factors, cal.proxy, cal.holdout_fraction, config.seed,
-                                config.score.modes, record=False, **proxy, **common)
+        name: calibrate_damping(
+            uri,
+            queries,
+            cal.damping_factors,
+            cal.proxy,
+            cal.holdout_fraction,
+            config.seed,
+            config.score.modes,
+            record=False,
+            **proxy,
+            **common,
+        )
         for name, (_cfg, uri, _summary) in candidates.items()
     }
     best = max(results, key=lambda name: results[name]["tune"])
     cfg, uri, summary = candidates[best]
     chosen = dict(results[best])
     if cal.proj_dims:
-        chosen.update(proj_dim=best, logging={"proj_dim_in": cfg.proj_dim_in, "proj_dim_out": cfg.proj_dim_out},
-                      proj_sweep={name: {"damping_factor": r["damping_factor"], "tune": r["tune"], "test": r["test"]}
-                                  for name, r in results.items()})
+        chosen.update(
+            proj_dim=best,
+            logging={"proj_dim_in": cfg.proj_dim_in, "proj_dim_out": cfg.proj_dim_out},
+            proj_sweep={
+                name: {"damping_factor": r["damping_factor"], "tune": r["tune"], "test": r["test"]}
+                for name, r in results.items()
+            },
+        )
     record_calibration(uri, {**chosen, "index_uri": uri}, **common)
     return {**chosen, "index_uri": uri, "index": summary}
 
@@ -103,13 +130,16 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
     log = get_run_logger()
     ws = Path(config.workspace).absolute() / config.benchmark
     tracker = Tracker(config.tracking)
-    run_id = tracker.start(f"evaluate-{config.benchmark}", config.model_dump(mode="json"), {"dataworth.flow": "evaluate"})
+    run_id = tracker.start(
+        f"evaluate-{config.benchmark}", config.model_dump(mode="json"), {"dataworth.flow": "evaluate"}
+    )
     common, sub_tracking = tracker.task_kwargs, tracker.child_config(config.tracking)
     ok = False
     try:
         fresh = not (ws / "model" / "config.json").exists()
         bench = prepare_benchmark.with_options(refresh_cache=fresh)(
-            str(ws), config.benchmark, config.seed, config.train_epochs, progress=progress, **common)
+            str(ws), config.benchmark, config.seed, config.train_epochs, progress=progress, **common
+        )
         queries = load_queries(bench["queries"])
         logging_cfg = config.logging.model_copy(update={"seed": config.seed})
         build = partial(_build_index, config, ws, bench, sub_tracking, progress)
@@ -124,18 +154,30 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         calibrate_on_lds = config.calibrate.enabled and config.calibrate.proxy == "lds"
         plan = actual = full = None
         if config.lds.enabled or config.brittleness.enabled or calibrate_on_lds:
-            full = retrain_and_measure(index_uri, corpus_key, list(range(n)), keep_key(list(range(n)), n), recipe, queries)
+            full = retrain_and_measure(
+                index_uri, corpus_key, list(range(n)), keep_key(list(range(n)), n), recipe, queries
+            )
         if config.lds.enabled or calibrate_on_lds:
-            plan = plan_subsets(n, config.lds.n_subsets, config.lds.fraction, config.lds.seed,
-                                str(ws / "eval" / f"subsets-{config.lds.n_subsets}-{config.lds.seed}.npy"))
-            futures = [retrain_and_measure.submit(index_uri, corpus_key, np.flatnonzero(m).tolist(), key, recipe, queries)
-                       for m, key in zip(np.load(plan["path"]), plan["keys"])]
+            plan = plan_subsets(
+                n,
+                config.lds.n_subsets,
+                config.lds.fraction,
+                config.lds.seed,
+                str(ws / "eval" / f"subsets-{config.lds.n_subsets}-{config.lds.seed}.npy"),
+            )
+            futures = [
+                retrain_and_measure.submit(index_uri, corpus_key, np.flatnonzero(m).tolist(), key, recipe, queries)
+                for m, key in zip(np.load(plan["path"]), plan["keys"])
+            ]
             actual = [f.result() for f in futures]
 
         calibration = None
         if config.calibrate.enabled:
-            proxy = ({"masks_path": plan["path"], "actual": actual} if calibrate_on_lds
-                     else {"relevant": bench.get("relevant")})
+            proxy = (
+                {"masks_path": plan["path"], "actual": actual}
+                if calibrate_on_lds
+                else {"relevant": bench.get("relevant")}
+            )
             calibration = _calibrate(config, build, logging_cfg, (index_uri, index), queries, common, **proxy)
             # The table is measured on the chosen index (another projection size, if the sweep preferred one),
             # whose manifest now holds the chosen damping: the query flow scores with it.
@@ -143,17 +185,25 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             logging_cfg = logging_cfg.model_copy(update=calibration.get("logging", {}))
             state = index_state(index_uri)
 
-        query = query_flow(QueryConfig(
-            index_uri=index_uri, queries=queries, score=config.score.model_copy(update={"full_matrix": True}),
-            report_dir=str(ws / "reports"), tracking=sub_tracking,
-        ), relevant=bench.get("relevant"), title=f"dataworth evaluate: {config.benchmark}")
+        query = query_flow(
+            QueryConfig(
+                index_uri=index_uri,
+                queries=queries,
+                score=config.score.model_copy(update={"full_matrix": True}),
+                report_dir=str(ws / "reports"),
+                tracking=sub_tracking,
+            ),
+            relevant=bench.get("relevant"),
+            title=f"dataworth evaluate: {config.benchmark}",
+        )
         matrices = [str(ws / "reports" / "score-matrix.npz")]
         if "bm25" in config.baselines:
             matrices.append(bm25_scores(index_uri, state["examples_version"], queries, str(ws / "eval" / "bm25.npz")))
         kron = None
         if "kronfluence" in config.baselines:
-            kron = kronfluence_eval(index_uri, state["examples_version"], queries, str(ws / "eval" / "kronfluence.npz"),
-                                    **common)
+            kron = kronfluence_eval(
+                index_uri, state["examples_version"], queries, str(ws / "eval" / "kronfluence.npz"), **common
+            )
             matrices.append(kron["path"])
 
         table: dict[str, dict[str, float]] = {}
@@ -161,8 +211,12 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             _merge(table, fact_tracing_eval(index_uri, matrices, bench["relevant"], **common))
         if config.tail_patch.enabled:
             tp = config.tail_patch
-            _merge(table, tail_patch_eval(index_uri, matrices, queries[: tp.max_queries], tp.top_k, tp.lr,
-                                          tp.optimizer, **common))
+            _merge(
+                table,
+                tail_patch_eval(
+                    index_uri, matrices, queries[: tp.max_queries], tp.top_k, tp.lr, tp.optimizer, **common
+                ),
+            )
 
         scores, _ = load_matrices(matrices[0])
         for p in matrices[1:]:
@@ -185,39 +239,58 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
                 # Compute time of logging, curvature, query gradients and scoring (all modes share it).
                 table[method]["seconds"] = index["compute_seconds"] + query["compute_seconds"]
 
-        damping = config.score.damping_factor or (calibration or {}).get("damping_factor") or config.curvature.damping_factor
-        notes = [f"{config.benchmark}: {bench['num_documents']} documents, {n} examples, {len(queries)} queries; "
-                 f"projection {logging_cfg.projection} {logging_cfg.proj_dim_in}×{logging_cfg.proj_dim_out} per layer"
-                 + (f", KFAC-whitened (λ {logging_cfg.precondition_damping:g} × mean eigenvalue)"
-                    if logging_cfg.precondition == "kfac" else "")
-                 + f"; curvature {config.curvature.kind}, damping {damping:g}"
-                 + (" (calibrated)." if calibration and config.score.damping_factor is None else ".")]
+        damping = (
+            config.score.damping_factor or (calibration or {}).get("damping_factor") or config.curvature.damping_factor
+        )
+        notes = [
+            f"{config.benchmark}: {bench['num_documents']} documents, {n} examples, {len(queries)} queries; "
+            f"projection {logging_cfg.projection} {logging_cfg.proj_dim_in}×{logging_cfg.proj_dim_out} per layer"
+            + (
+                f", KFAC-whitened (λ {logging_cfg.precondition_damping:g} × mean eigenvalue)"
+                if logging_cfg.precondition == "kfac"
+                else ""
+            )
+            + f"; curvature {config.curvature.kind}, damping {damping:g}"
+            + (" (calibrated)." if calibration and config.score.damping_factor is None else ".")
+        ]
         if loo:
-            notes.append(f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "
-                         f"{loo['pearson_fisher']:.3f} (empirical Fisher, as dataworth's raw curvature).")
+            notes.append(
+                f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "
+                f"{loo['pearson_fisher']:.3f} (empirical Fisher, as dataworth's raw curvature)."
+            )
         if calibration:
-            notes.append(f"Calibrated damping factor {calibration['damping_factor']} on {calibration['proxy']} "
-                         f"(recorded in the index manifest): {json.dumps(calibration['sweep'])}")
+            notes.append(
+                f"Calibrated damping factor {calibration['damping_factor']} on {calibration['proxy']} "
+                f"(recorded in the index manifest): {json.dumps(calibration['sweep'])}"
+            )
             if "proj_sweep" in calibration:
-                notes.append(f"Projection size chosen on {calibration['proxy']}: {calibration['proj_dim']} per layer "
-                             f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
-                             f"{json.dumps(calibration['proj_sweep'])}")
+                notes.append(
+                    f"Projection size chosen on {calibration['proxy']}: {calibration['proj_dim']} per layer "
+                    f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
+                    f"{json.dumps(calibration['proj_sweep'])}"
+                )
         samples = {m: s.ravel().tolist() for m, s in scores.items()}
         plots = evaluation_plots(lds_scatter, brittleness, samples)
         (ws / "reports").mkdir(parents=True, exist_ok=True)
         for name, png in plots.items():
             (ws / "reports" / name).write_bytes(png)
             tracker.artifact(ws / "reports" / name, "plots")
-        html = render_evaluation_report(f"dataworth evaluate: {config.benchmark}", table,
-                                        {"index": index_uri, "mlflow run": str(run_id), "model": bench["model_dir"]},
-                                        plots, notes)
+        html = render_evaluation_report(
+            f"dataworth evaluate: {config.benchmark}",
+            table,
+            {"index": index_uri, "mlflow run": str(run_id), "model": bench["model_dir"]},
+            plots,
+            notes,
+        )
         report = write_report(html, ws / "reports" / "evaluation.html")
         markdown = format_table(table)
         (ws / "reports" / "evaluation.md").write_text(markdown + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n")
         tracker.artifact(report)
         tracker.artifact(ws / "reports" / "evaluation.md")
-        tracker.artifact_text("evaluation.json", json.dumps({"table": table, "loo": loo, "calibration": calibration},
-                                                            indent=2, default=float))
+        tracker.artifact_text(
+            "evaluation.json",
+            json.dumps({"table": table, "loo": loo, "calibration": calibration}, indent=2, default=float),
+        )
         print(f"\n{markdown}\n")
         for note in notes:
             print(f"- {note}")
@@ -225,5 +298,12 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
     finally:
         tracker.finish(ok)
     log.info("evaluation report: %s", report)
-    return {"table": table, "loo": loo, "calibration": calibration, "report": str(report), "mlflow_run_id": run_id,
-            "tracking_uri": tracker.uri, "index_uri": index_uri}
+    return {
+        "table": table,
+        "loo": loo,
+        "calibration": calibration,
+        "report": str(report),
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracker.uri,
+        "index_uri": index_uri,
+    }

@@ -11,7 +11,13 @@ from prefect import flow, get_run_logger
 from dataworth.config import IndexConfig
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
 from tasks.index import (
-    fit_curvature, fit_projections, index_state, log_gradients, prune_index, publish_index, tokenize_corpus,
+    fit_curvature,
+    fit_projections,
+    index_state,
+    log_gradients,
+    prune_index,
+    publish_index,
+    tokenize_corpus,
 )
 from tasks.tracking import Tracker
 
@@ -58,22 +64,40 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
     ok = False
     try:
         tok = tokenize_corpus.with_options(refresh_cache=fresh)(
-            config.index_uri, config.model, config.data, data_fingerprint(config.data), config.logging.shard_size,
-            **common
+            config.index_uri,
+            config.model,
+            config.data,
+            data_fingerprint(config.data),
+            config.logging.shard_size,
+            **common,
         )
         n_shards = math.ceil(tok["examples"] / config.logging.shard_size)
         mfp = model_fingerprint(config.model)
         present = set(state["shards"])
         proj = fit_projections(
-            config.index_uri, config.model, config.logging, mfp, tok["examples_version"], tok["examples"],
-            progress=progress, **common,
+            config.index_uri,
+            config.model,
+            config.logging,
+            mfp,
+            tok["examples_version"],
+            tok["examples"],
+            progress=progress,
+            **common,
         )
         proj_args = {"projections": proj["artifact"], "projections_digest": proj["digest"]} if proj else {}
 
         def submit(s: int):
             return log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
-                config.index_uri, config.model, config.logging, mfp, tok["examples_version"], s, tok["shard_hashes"][s],
-                progress=progress, **proj_args, **common,
+                config.index_uri,
+                config.model,
+                config.logging,
+                mfp,
+                tok["examples_version"],
+                s,
+                tok["shard_hashes"][s],
+                progress=progress,
+                **proj_args,
+                **common,
             )
 
         # Shard 0 alone first: it creates the gradients table, which concurrent creators could clobber.
@@ -125,6 +149,11 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "seconds": time.perf_counter() - started,
         "compute_seconds": seconds + curv["seconds"] + (proj["seconds"] if proj else 0.0),
     }
-    log.info("index ready at %s: %d examples, %d-dim gradients (%.0f× compression)",
-             config.index_uri, tok["examples"], manifest["dim"], summary["compression_ratio"])
+    log.info(
+        "index ready at %s: %d examples, %d-dim gradients (%.0f× compression)",
+        config.index_uri,
+        tok["examples"],
+        manifest["dim"],
+        summary["compression_ratio"],
+    )
     return summary

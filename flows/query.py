@@ -37,15 +37,19 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             "index run publishes nothing)"
         )
     tracker = Tracker(config.tracking)
-    run_id = tracker.start("query", config.model_dump(mode="json"),
-                           {"dataworth.flow": "query", "dataworth.index_run": str(manifest.get("mlflow_run_id"))})
+    run_id = tracker.start(
+        "query",
+        config.model_dump(mode="json"),
+        {"dataworth.flow": "query", "dataworth.index_run": str(manifest.get("mlflow_run_id"))},
+    )
     common = tracker.task_kwargs
     report_dir = config.report_dir or default_report_dir(config.index_uri)
     ok = False
     try:
         full_path = os.path.join(report_dir, "score-matrix.npz") if config.score.full_matrix else None
-        scored = score_queries(config.index_uri, manifest, queries, config.score, config.generation,
-                               full_matrix_path=full_path, **common)
+        scored = score_queries(
+            config.index_uri, manifest, queries, config.score, config.generation, full_matrix_path=full_path, **common
+        )
         run_info = {
             "index": config.index_uri,
             "model": manifest["config"]["model"]["name_or_path"],
@@ -55,8 +59,15 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             "mlflow run": str(run_id),
             "score run": scored["score_run_id"],
         }
-        report = render_report(config.index_uri, scored["score_run_id"], report_dir,
-                               title or "dataworth attribution report", run_info, relevant, **common)
+        report = render_report(
+            config.index_uri,
+            scored["score_run_id"],
+            report_dir,
+            title or "dataworth attribution report",
+            run_info,
+            relevant,
+            **common,
+        )
         tracker.artifact_text("query_config.json", config.model_dump_json(indent=2))
         if full_path:
             tracker.artifact(full_path)
@@ -64,5 +75,11 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     finally:
         tracker.finish(ok)
     log.info("report: %s", report["report"])
-    return {**scored, **report, "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "index_uri": config.index_uri,
-            "seconds": time.perf_counter() - started}
+    return {
+        **scored,
+        **report,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracker.uri,
+        "index_uri": config.index_uri,
+        "seconds": time.perf_counter() - started,
+    }

@@ -6,7 +6,7 @@ version of dataworth (or by something else entirely) is recognised before it is 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -126,9 +126,7 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def check_stored_schema(
-    actual: pa.Schema, expected: pa.Schema | Callable[[pa.Schema], pa.Schema], name: str
-) -> None:
+def check_stored_schema(actual: pa.Schema, expected: pa.Schema | Callable[[pa.Schema], pa.Schema], name: str) -> None:
     """Refuse a stored table written by another schema version or by something else.
 
     `expected` may be a function of the stored schema (gradients carry their own dim and dtype);

@@ -11,8 +11,8 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lancedb
 import numpy as np

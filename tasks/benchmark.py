@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from dataworth.benchmark import BENCHMARKS
+from dataworth.benchmarks.presets import BENCHMARKS
+from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
-from dataworth.tiny_model import fact_accuracy, train_tiny_gpt2
 
 from .common import CACHE
 from .tracking import Tracker
@@ -18,17 +18,24 @@ from .tracking import Tracker
 
 def _generate(kind: str, corpus_kwargs: dict, seed: int):
     if kind == "facts":
-        from dataworth.demo_corpus import generate_fact_corpus, write_fact_corpus
+        from dataworth.benchmarks.facts import generate_fact_corpus, write_fact_corpus
 
         return generate_fact_corpus(**corpus_kwargs, seed=seed), write_fact_corpus
-    from dataworth.lm_corpus import LM_CORPUS_SIZES, generate_lm_corpus, write_lm_corpus
+    from dataworth.benchmarks.stories import LM_CORPUS_SIZES, generate_lm_corpus, write_lm_corpus
 
     return generate_lm_corpus(**{**LM_CORPUS_SIZES["small"], **corpus_kwargs}, seed=seed), write_lm_corpus
 
 
 @task(name="prepare_benchmark", cache_policy=CACHE - "progress", persist_result=True)
-def prepare_benchmark(workspace: str, benchmark: str, seed: int, train_epochs: int | None,
-                      run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True) -> dict:
+def prepare_benchmark(
+    workspace: str,
+    benchmark: str,
+    seed: int,
+    train_epochs: int | None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Write the generated corpus and queries as JSONL and train a tiny GPT-2 on the documents."""
     log = get_run_logger()
     preset = BENCHMARKS[benchmark]
@@ -64,11 +71,16 @@ def prepare_benchmark(workspace: str, benchmark: str, seed: int, train_epochs: i
     return out
 
 
-def benchmark_index_config(bench: dict, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str,
-                           tracking: TrackingConfig) -> IndexConfig:
+def benchmark_index_config(
+    bench: dict, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str, tracking: TrackingConfig
+) -> IndexConfig:
     """The index config of a prepared benchmark (its documents fit the model's 128-token context)."""
     return IndexConfig(
         model=ModelConfig(name_or_path=bench["model_dir"]),
         data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
-        logging=logging, curvature=curvature, index_uri=index_uri, overwrite=True, tracking=tracking,
+        logging=logging,
+        curvature=curvature,
+        index_uri=index_uri,
+        overwrite=True,
+        tracking=tracking,
     )

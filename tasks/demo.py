@@ -6,7 +6,7 @@ import json
 
 from prefect import task
 
-from dataworth.evaluation import fact_tracing_metrics
+from dataworth.evaluation.fact_tracing import fact_tracing_metrics
 
 from .query import load_results
 from .tracking import Tracker
@@ -19,8 +19,15 @@ def states_value(completion: str, value: str) -> bool:
 
 
 @task(name="evaluate_fact_tracing")
-def evaluate_fact_tracing(index_uri: str, srid: str, relevant: dict[str, list[str]], expected: dict[str, str],
-                          k: int = 10, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def evaluate_fact_tracing(
+    index_uri: str,
+    srid: str,
+    relevant: dict[str, list[str]],
+    expected: dict[str, str],
+    k: int = 10,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """MRR and recall@k of the fact-bearing documents, per mode, over the queries the model got right.
 
     A query whose generated completion is not the fact has no known ground truth to trace.

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from prefect import task
 
-from dataworth.bm25 import BM25, tokenize_words
 from dataworth.config import GenerationConfig, ModelConfig, QuerySpec
-from dataworth.evaluation import fact_tracing_metrics
-from dataworth.gradients import encode_queries
-from dataworth.lds import linear_datamodeling_score, sample_subsets
+from dataworth.evaluation.baselines.bm25 import BM25, tokenize_words
+from dataworth.evaluation.fact_tracing import fact_tracing_metrics
+from dataworth.evaluation.lds import linear_datamodeling_score, sample_subsets
+from dataworth.evaluation.tail_patch import completion_log_probs, tail_patch_scores
 from dataworth.model import context_length, load_model
-from dataworth.retrain import RetrainConfig, completion_log_probs, tail_patch_scores, train_causal_lm
+from dataworth.queries import encode_queries
+from dataworth.training import RetrainConfig, train_causal_lm
 from storage import IndexStore
 
 from .common import CACHE, IO_RETRIES, MODEL_LOCK
@@ -71,8 +72,14 @@ def _methods(matrix_paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]
 
 
 @task(name="fact_tracing_eval")
-def fact_tracing_eval(index_uri: str, matrix_paths: list[str], relevant: dict[str, list[str]], k: int = 10,
-                      run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def fact_tracing_eval(
+    index_uri: str,
+    matrix_paths: list[str],
+    relevant: dict[str, list[str]],
+    k: int = 10,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """MRR and recall@k of the documents that state each queried fact, per method."""
     methods, query_ids = _methods(matrix_paths)
     docs = _examples(index_uri)["document_id"]
@@ -87,8 +94,16 @@ def fact_tracing_eval(index_uri: str, matrix_paths: list[str], relevant: dict[st
 
 
 @task(name="tail_patch_eval", tags=["gpu"])
-def tail_patch_eval(index_uri: str, matrix_paths: list[str], queries: list[QuerySpec], top_k: int, lr: float,
-                    optimizer: str, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def tail_patch_eval(
+    index_uri: str,
+    matrix_paths: list[str],
+    queries: list[QuerySpec],
+    top_k: int,
+    lr: float,
+    optimizer: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """TrackStar tail-patch: mean Δ log p(completion) after one step on each of a method's top-k examples
     (and on k random examples, the baseline)."""
     methods, query_ids = _methods(matrix_paths)
@@ -103,13 +118,21 @@ def tail_patch_eval(index_uri: str, matrix_paths: list[str], queries: list[Query
         # The same step on random examples is the baseline: a step size that damages every target
         # shows up there too, and only the lift over it is attribution.
         rng = np.random.default_rng(0)
-        picks = {name: {q.id: np.argsort(-scores[index[q.id]], kind="stable")[:top_k] for q in enc}
-                 for name, scores in methods.items()}
+        picks = {
+            name: {q.id: np.argsort(-scores[index[q.id]], kind="stable")[:top_k] for q in enc}
+            for name, scores in methods.items()
+        }
         picks["random"] = {q.id: rng.choice(len(seqs), size=min(top_k, len(seqs)), replace=False) for q in enc}
         out = {}
         for name, chosen in picks.items():
-            deltas = [float(tail_patch_scores(model, [seqs[i] for i in chosen[q.id]], [q], pad, lr=lr,
-                                              optimizer=optimizer).mean()) for q in enc]
+            deltas = [
+                float(
+                    tail_patch_scores(
+                        model, [seqs[i] for i in chosen[q.id]], [q], pad, lr=lr, optimizer=optimizer
+                    ).mean()
+                )
+                for q in enc
+            ]
             out[name] = {"tail_patch": float(np.mean(deltas))}
     Tracker.attach(tracking_uri, run_id).metrics({f"{n}.tail_patch": d["tail_patch"] for n, d in out.items()})
     return out
@@ -129,10 +152,17 @@ def _keep_key(keep: np.ndarray) -> str:
 
 
 # Not keyed on the index: indexes of other logging configs over the same corpus and model share retrained models.
-@task(name="retrain_and_measure", cache_policy=CACHE - "keep" - "index_uri", persist_result=True, tags=["gpu"],
-      **IO_RETRIES, task_run_name="retrain-{keep_key}")
-def retrain_and_measure(index_uri: str, corpus_key: str, keep: list[int], keep_key: str, recipe: RetrainConfig,
-                        queries: list[QuerySpec]) -> list[float]:
+@task(
+    name="retrain_and_measure",
+    cache_policy=CACHE - "keep" - "index_uri",
+    persist_result=True,
+    tags=["gpu"],
+    **IO_RETRIES,
+    task_run_name="retrain-{keep_key}",
+)
+def retrain_and_measure(
+    index_uri: str, corpus_key: str, keep: list[int], keep_key: str, recipe: RetrainConfig, queries: list[QuerySpec]
+) -> list[float]:
     """Train the reference architecture on the kept examples only; completion log-probs of every query.
 
     Cached on (corpus, subset hash, recipe, queries): LDS and brittleness share retrained models.
@@ -149,8 +179,14 @@ def retrain_and_measure(index_uri: str, corpus_key: str, keep: list[int], keep_k
 
 
 @task(name="lds_eval")
-def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]], out_dir: str,
-             run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def lds_eval(
+    matrix_paths: list[str],
+    masks_path: str,
+    actual: list[list[float]],
+    out_dir: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """Spearman correlation, per query, of retrained log-probs with summed predicted scores, per method."""
     methods, query_ids = _methods(matrix_paths)
     masks = np.load(masks_path)
@@ -161,8 +197,9 @@ def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]]
         out[name] = {"lds": float(res["lds"]), "lds_valid_queries": int(res["n_valid"])}
         scatter[name] = (scores @ masks.T.astype(np.float64))[0].tolist()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    Path(out_dir, "lds_scatter.json").write_text(json.dumps({"query": query_ids[0], "actual": actual_arr[0].tolist(),
-                                                             "predicted": scatter}))
+    Path(out_dir, "lds_scatter.json").write_text(
+        json.dumps({"query": query_ids[0], "actual": actual_arr[0].tolist(), "predicted": scatter})
+    )
     Tracker.attach(tracking_uri, run_id).metrics({f"{n}.lds": d["lds"] for n, d in out.items()})
     return out
 
@@ -170,7 +207,7 @@ def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]]
 @task(name="loo_eval", cache_policy=CACHE, persist_result=True)
 def loo_eval(seed: int, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
     """Influence vs actual leave-one-out retraining on softmax regression (a convex problem)."""
-    from dataworth.convex import loo_agreement
+    from dataworth.evaluation.loo import loo_agreement
 
     start = time.perf_counter()
     res = loo_agreement(seed=seed)
@@ -181,10 +218,16 @@ def loo_eval(seed: int, run_id: str | None = None, tracking_uri: str | None = No
 
 
 @task(name="kronfluence_scores", cache_policy=CACHE, persist_result=True, tags=["gpu"])
-def kronfluence_eval(index_uri: str, examples_version: int, queries: list[QuerySpec], out_path: str,
-                     run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def kronfluence_eval(
+    index_uri: str,
+    examples_version: int,
+    queries: list[QuerySpec],
+    out_path: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """EKFAC influence from kronfluence on the same model, examples and queries (optional extra)."""
-    from dataworth.compare_kronfluence import kronfluence_scores
+    from dataworth.evaluation.baselines.kronfluence import kronfluence_scores
 
     ex = _examples(index_uri)
     manifest = IndexStore(index_uri).read_manifest()
@@ -192,7 +235,9 @@ def kronfluence_eval(index_uri: str, examples_version: int, queries: list[QueryS
         model, tok = load_model(ModelConfig(**manifest["config"]["model"]))
         enc = encode_queries(model, tok, queries, GenerationConfig(), context_length(model, 1024))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        res = kronfluence_scores(model, ex["input_ids"], enc, pad, output_dir=str(Path(out_path).parent / "kronfluence"))
+        res = kronfluence_scores(
+            model, ex["input_ids"], enc, pad, output_dir=str(Path(out_path).parent / "kronfluence")
+        )
     path = save_matrices(Path(out_path), {"kronfluence": res["scores"]}, [q.id for q in queries])
     seconds = res["seconds_factors"] + res["seconds_scores"]
     Tracker.attach(tracking_uri, run_id).metrics({"kronfluence.seconds": seconds})
@@ -201,12 +246,15 @@ def kronfluence_eval(index_uri: str, examples_version: int, queries: list[QueryS
 
 def rank_correlations(matrix_paths: list[str], reference: str) -> dict[str, float]:
     """Mean per-query Spearman correlation of each method's scores with the reference method's."""
-    from dataworth.lds import spearman
+    from dataworth.evaluation.lds import spearman
 
     methods, _ = _methods(matrix_paths)
     ref = methods[reference]
-    return {n: float(np.nanmean([spearman(s[i], ref[i]) for i in range(ref.shape[0])]))
-            for n, s in methods.items() if n != reference}
+    return {
+        n: float(np.nanmean([spearman(s[i], ref[i]) for i in range(ref.shape[0])]))
+        for n, s in methods.items()
+        if n != reference
+    }
 
 
 def removal_sets(scores: np.ndarray, qi: int, k: int, n: int, seed: int) -> tuple[list[int], list[int]]:
@@ -223,8 +271,16 @@ def keep_key(keep: list[int], n: int) -> str:
     return _keep_key(mask)
 
 
-def _proxy(scores: np.ndarray, rows: list[int], query_ids: list[str], proxy: str, docs: list[str],
-           relevant: dict[str, list[str]] | None, masks: np.ndarray | None, actual: np.ndarray | None) -> float:
+def _proxy(
+    scores: np.ndarray,
+    rows: list[int],
+    query_ids: list[str],
+    proxy: str,
+    docs: list[str],
+    relevant: dict[str, list[str]] | None,
+    masks: np.ndarray | None,
+    actual: np.ndarray | None,
+) -> float:
     if proxy == "fact_mrr":
         order = np.argsort(-scores[rows], axis=1, kind="stable")[:, :50]
         rankings = {query_ids[r]: [docs[i] for i in order[j]] for j, r in enumerate(rows)}
@@ -233,20 +289,32 @@ def _proxy(scores: np.ndarray, rows: list[int], query_ids: list[str], proxy: str
 
 
 @task(name="calibrate_damping", tags=["gpu"])
-def calibrate_damping(index_uri: str, queries: list[QuerySpec], damping_factors: list[float], proxy: str,
-                      holdout_fraction: float, seed: int, modes: list[str],
-                      relevant: dict[str, list[str]] | None = None, masks_path: str | None = None,
-                      actual: list[list[float]] | None = None, record: bool = True,
-                      run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def calibrate_damping(
+    index_uri: str,
+    queries: list[QuerySpec],
+    damping_factors: list[float],
+    proxy: str,
+    holdout_fraction: float,
+    seed: int,
+    modes: list[str],
+    relevant: dict[str, list[str]] | None = None,
+    masks_path: str | None = None,
+    actual: list[list[float]] | None = None,
+    record: bool = True,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     """Choose the damping factor that maximizes a proxy on a random half of the queries, report it on the
     other half, and record the choice in the index manifest (queries then use it by default).
     """
-    from dataworth.scoring import Scorer
+    from dataworth.attribution.scoring import Scorer
 
     from .query import index_curvature, index_query_gradients
 
     if proxy == "fact_mrr" and relevant is None:
-        raise ValueError("calibrate proxy 'fact_mrr' needs known relevant documents (a fact benchmark); use proxy='lds'")
+        raise ValueError(
+            "calibrate proxy 'fact_mrr' needs known relevant documents (a fact benchmark); use proxy='lds'"
+        )
     if proxy == "lds" and (masks_path is None or actual is None):
         raise ValueError("calibrate proxy 'lds' needs retrained subsets; enable lds or use proxy='fact_mrr'")
     store = IndexStore(index_uri)
@@ -256,8 +324,9 @@ def calibrate_damping(index_uri: str, queries: list[QuerySpec], damping_factors:
     fitted = index_curvature(store, manifest, manifest["config"]["curvature"]["damping_factor"])
     n = manifest["num_examples"]
     curv_modes = [m for m in modes if m != "dot"] or ["influence"]
-    scorers = {df: Scorer(q_grads, fitted.with_damping(df), curv_modes, top_k=1, full_matrix_size=n)
-               for df in damping_factors}
+    scorers = {
+        df: Scorer(q_grads, fitted.with_damping(df), curv_modes, top_k=1, full_matrix_size=n) for df in damping_factors
+    }
     for ids, vectors, _ in store.iter_gradients(4096, version=manifest["gradients_version"]):
         for sc in scorers.values():
             sc.update(torch.tensor(ids), torch.tensor(vectors))
@@ -270,26 +339,44 @@ def calibrate_damping(index_uri: str, queries: list[QuerySpec], damping_factors:
     act = np.asarray(actual, dtype=np.float64).T if actual is not None else None
     sweep = {}
     for df, sc in scorers.items():
-        vals = {split: float(np.mean([_proxy(sc.full[m].numpy(), rows, query_ids, proxy, docs, relevant, masks, act)
-                                      for m in curv_modes])) for split, rows in (("tune", tune), ("test", test))}
+        vals = {
+            split: float(
+                np.mean(
+                    [_proxy(sc.full[m].numpy(), rows, query_ids, proxy, docs, relevant, masks, act) for m in curv_modes]
+                )
+            )
+            for split, rows in (("tune", tune), ("test", test))
+        }
         sweep[str(df)] = vals
     best = max(damping_factors, key=lambda df: sweep[str(df)]["tune"])
-    result = {"damping_factor": best, "proxy": proxy, "modes": curv_modes, "sweep": sweep,
-              "tune": sweep[str(best)]["tune"], "test": sweep[str(best)]["test"],
-              "tune_queries": len(tune), "test_queries": len(test)}
+    result = {
+        "damping_factor": best,
+        "proxy": proxy,
+        "modes": curv_modes,
+        "sweep": sweep,
+        "tune": sweep[str(best)]["tune"],
+        "test": sweep[str(best)]["test"],
+        "tune_queries": len(tune),
+        "test_queries": len(test),
+    }
     if record:
         record_calibration.fn(index_uri, result, run_id, tracking_uri)
     return result
 
 
 @task(name="record_calibration", **IO_RETRIES)
-def record_calibration(index_uri: str, calibration: dict, run_id: str | None = None,
-                       tracking_uri: str | None = None) -> None:
+def record_calibration(
+    index_uri: str, calibration: dict, run_id: str | None = None, tracking_uri: str | None = None
+) -> None:
     """Write the chosen calibration into the index manifest: queries then use its damping by default."""
     store = IndexStore(index_uri)
     store.publish_manifest({**store.read_manifest(), "calibration": calibration})
     tracker = Tracker.attach(tracking_uri, run_id)
-    tracker.metrics({"calibrated_damping_factor": calibration["damping_factor"],
-                     f"calibration.{calibration['proxy']}.test": calibration["test"],
-                     **{f"calibrated_{k}": v for k, v in calibration.get("logging", {}).items()}})
+    tracker.metrics(
+        {
+            "calibrated_damping_factor": calibration["damping_factor"],
+            f"calibration.{calibration['proxy']}.test": calibration["test"],
+            **{f"calibrated_{k}": v for k, v in calibration.get("logging", {}).items()},
+        }
+    )
     tracker.artifact_text("calibration.json", json.dumps(calibration, indent=2))

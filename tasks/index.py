@@ -11,13 +11,13 @@ import pyarrow as pa
 import torch
 from prefect import get_run_logger, task
 
+from dataworth.attribution.curvature import FisherAccumulator
+from dataworth.attribution.gradients import log_example_gradients
+from dataworth.attribution.kfac import fit_kfac_projections, sample_indices
+from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.config import CurvatureConfig, DataConfig, LoggingConfig, ModelConfig
-from dataworth.curvature import FisherAccumulator
 from dataworth.data import Example, chunk_documents, load_documents
-from dataworth.gradients import log_example_gradients
-from dataworth.kfac import fit_kfac_projections, sample_indices
 from dataworth.model import load_tokenizer
-from dataworth.projection import FittedProjections, Layout, describe_layout
 from storage import IndexStore
 from storage.schemas import SCHEMA_VERSION
 
@@ -52,8 +52,13 @@ def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None 
 
 @task(name="tokenize_corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def tokenize_corpus(
-    index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str, shard_size: int,
-    run_id: str | None = None, tracking_uri: str | None = None,
+    index_uri: str,
+    model: ModelConfig,
+    data: DataConfig,
+    data_fingerprint: str,
+    shard_size: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
 ) -> dict:
     """Read documents, split them into ≤ max_length-token examples, write the examples table."""
     start = time.perf_counter()
@@ -79,9 +84,16 @@ def tokenize_corpus(
     Tracker.attach(tracking_uri, run_id).metrics(
         {"documents": len(docs.texts), "examples": len(examples), "tokens": n_tokens, "tokenize_seconds": seconds}
     )
-    get_run_logger().info("tokenized %d documents into %d examples (%d tokens)", len(docs.texts), len(examples), n_tokens)
-    return {"examples_version": version, "examples": len(examples), "documents": len(docs.texts), "tokens": n_tokens,
-            "shard_hashes": shard_hashes(examples, shard_size)}
+    get_run_logger().info(
+        "tokenized %d documents into %d examples (%d tokens)", len(docs.texts), len(examples), n_tokens
+    )
+    return {
+        "examples_version": version,
+        "examples": len(examples),
+        "documents": len(docs.texts),
+        "tokens": n_tokens,
+        "shard_hashes": shard_hashes(examples, shard_size),
+    }
 
 
 def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
@@ -99,7 +111,8 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
 def _read_examples(store: IndexStore, examples_version: int, where: str) -> list[Example]:
     t = store.read_examples(
         columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids"],
-        version=examples_version, where=where,
+        version=examples_version,
+        where=where,
     ).to_pydict()
     return [
         Example(eid, doc, c, s, e, ids)
@@ -118,15 +131,24 @@ def load_projections(store: IndexStore, key: str | None) -> FittedProjections | 
         return None
     blob = store.read_artifact(key)
     if blob is None:
-        raise ValueError(f"index {store.uri!r} lists fitted projections {key!r} but they are missing; "
-                         "rebuild the index (dataworth index ... --overwrite)")
+        raise ValueError(
+            f"index {store.uri!r} lists fitted projections {key!r} but they are missing; "
+            "rebuild the index (dataworth index ... --overwrite)"
+        )
     return FittedProjections.from_bytes(blob)
 
 
 @task(name="fit_projections", tags=["gpu"], **IO_RETRIES)
 def fit_projections(
-    index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str, examples_version: int,
-    num_examples: int, run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True,
+    index_uri: str,
+    model: ModelConfig,
+    logging: LoggingConfig,
+    model_fingerprint: str,
+    examples_version: int,
+    num_examples: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
 ) -> dict | None:
     """KFAC-whitened projections (logging.precondition='kfac'), fitted once per index and model.
 
@@ -152,17 +174,36 @@ def fit_projections(
     Tracker.attach(tracking_uri, run_id).metrics(
         {"precondition_seconds": seconds, "precondition_tokens": fitted.meta["tokens"]}
     )
-    get_run_logger().info("fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
-                          fitted.meta["examples"], fitted.meta["tokens"], seconds)
+    get_run_logger().info(
+        "fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
+        fitted.meta["examples"],
+        fitted.meta["tokens"],
+        seconds,
+    )
     return {"artifact": key, "digest": fitted.digest(), "seconds": seconds, "reused": False, **fitted.meta}
 
 
-@task(name="log_gradients", cache_policy=CACHE - "examples_version" - "progress", persist_result=True, tags=["gpu"],
-      **IO_RETRIES, task_run_name="log_gradients-shard-{shard}")
+@task(
+    name="log_gradients",
+    cache_policy=CACHE - "examples_version" - "progress",
+    persist_result=True,
+    tags=["gpu"],
+    **IO_RETRIES,
+    task_run_name="log_gradients-shard-{shard}",
+)
 def log_gradients(
-    index_uri: str, model: ModelConfig, logging: LoggingConfig, model_fingerprint: str,
-    examples_version: int, shard: int, shard_hash: str, run_id: str | None = None, tracking_uri: str | None = None,
-    progress: bool = True, projections: str | None = None, projections_digest: str | None = None,
+    index_uri: str,
+    model: ModelConfig,
+    logging: LoggingConfig,
+    model_fingerprint: str,
+    examples_version: int,
+    shard: int,
+    shard_hash: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+    projections: str | None = None,
+    projections_digest: str | None = None,
 ) -> dict:
     """Projected per-example gradients of one shard of examples, written to the gradients table.
 
@@ -189,19 +230,35 @@ def log_gradients(
     store.write_gradient_shard(shard, ids_np, vectors, logging.storage_dtype)
     tokens = sum(e.num_tokens for e in examples)
     layout, full_params = describe_layout(lm, logging)
-    stats = {"shard": shard, "examples": len(examples), "tokens": tokens, "seconds": seconds,
-             "layout": layout.to_json(), "dim": layout.dim, "full_gradient_params": full_params}
+    stats = {
+        "shard": shard,
+        "examples": len(examples),
+        "tokens": tokens,
+        "seconds": seconds,
+        "layout": layout.to_json(),
+        "dim": layout.dim,
+        "full_gradient_params": full_params,
+    }
     Tracker.attach(tracking_uri, run_id).metrics(
-        {"log_tokens_per_s": tokens / seconds, "log_examples_per_s": len(examples) / seconds,
-         "peak_memory_mb": _peak_memory_mb()}, step=shard,
+        {
+            "log_tokens_per_s": tokens / seconds,
+            "log_examples_per_s": len(examples) / seconds,
+            "peak_memory_mb": _peak_memory_mb(),
+        },
+        step=shard,
     )
     return stats
 
 
 @task(name="fit_curvature", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def fit_curvature(
-    index_uri: str, curvature: CurvatureConfig, layout: list[dict], gradients_version: int,
-    run_id: str | None = None, tracking_uri: str | None = None, batch_size: int = 4096,
+    index_uri: str,
+    curvature: CurvatureConfig,
+    layout: list[dict],
+    gradients_version: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    batch_size: int = 4096,
 ) -> dict:
     """Stream the gradients table into the block-diagonal Fisher and store its eigendecomposition."""
     store = IndexStore(index_uri)
@@ -214,8 +271,12 @@ def fit_curvature(
     store.write_artifact(key, curv.to_bytes())
     summary = curv.summary()
     Tracker.attach(tracking_uri, run_id).metrics({"curvature_seconds": time.perf_counter() - start})
-    return {"artifact": key, "examples": acc.count, "summary": json.dumps(summary),
-            "seconds": time.perf_counter() - start}
+    return {
+        "artifact": key,
+        "examples": acc.count,
+        "summary": json.dumps(summary),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 @task(name="publish_index", **IO_RETRIES)
@@ -233,7 +294,11 @@ def publish_index(index_uri: str, manifest: dict, run_id: str | None = None, tra
     stored = store.bytes_stored()
     n, dim = manifest["num_examples"], manifest["dim"]
     Tracker.attach(tracking_uri, run_id).metrics(
-        {"bytes_stored": stored, "gradient_dim": dim,
-         "compression_ratio": manifest["full_gradient_params"] / max(dim, 1), "indexed_examples": n}
+        {
+            "bytes_stored": stored,
+            "gradient_dim": dim,
+            "compression_ratio": manifest["full_gradient_params"] / max(dim, 1),
+            "indexed_examples": n,
+        }
     )
     return {"index_uri": index_uri, "bytes_stored": stored, "gradients_version": manifest["gradients_version"]}

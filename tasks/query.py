@@ -13,13 +13,14 @@ import pyarrow.csv as pacsv
 import torch
 from prefect import get_run_logger, task
 
+from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.gradients import query_gradients
+from dataworth.attribution.scoring import Scorer
 from dataworth.config import GenerationConfig, LoggingConfig, ModelConfig, QuerySpec, ScoreConfig
-from dataworth.curvature import Curvature
 from dataworth.data import pad_token_id
 from dataworth.model import context_length
-from dataworth.gradients import encode_queries, query_gradients
-from dataworth.report import render_query_report, write_report
-from dataworth.scoring import Scorer
+from dataworth.queries import encode_queries
+from dataworth.reports.query_report import render_query_report, write_report
 from storage import IndexStore
 
 from .common import CACHE, IO_RETRIES, MODEL_LOCK, cached_model
@@ -37,8 +38,10 @@ def index_curvature(store: IndexStore, manifest: dict, damping_factor: float | N
     manifest (`dataworth evaluate --calibrate`), else as fitted."""
     blob = store.read_artifact(manifest["curvature_artifact"])
     if blob is None:
-        raise ValueError(f"index {store.uri!r} lists curvature {manifest['curvature_artifact']!r} but it is missing; "
-                         "rebuild the index (dataworth index ... --overwrite)")
+        raise ValueError(
+            f"index {store.uri!r} lists curvature {manifest['curvature_artifact']!r} but it is missing; "
+            "rebuild the index (dataworth index ... --overwrite)"
+        )
     curvature = Curvature.from_bytes(blob)
     if damping_factor is None and manifest.get("calibration"):
         damping_factor = manifest["calibration"]["damping_factor"]
@@ -50,7 +53,9 @@ def index_logging_config(manifest: dict) -> LoggingConfig:
     return LoggingConfig(**{"precondition": "none", **manifest["config"]["logging"]})
 
 
-def index_query_gradients(store: IndexStore, manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int):
+def index_query_gradients(
+    store: IndexStore, manifest: dict, queries: list[QuerySpec], generation: GenerationConfig, batch_size: int
+):
     """(encoded queries, their gradients) with the index's own model and projections."""
     model_cfg = ModelConfig(**manifest["config"]["model"])
     logging_cfg = index_logging_config(manifest)
@@ -61,15 +66,23 @@ def index_query_gradients(store: IndexStore, manifest: dict, queries: list[Query
         encoded = encode_queries(lm, tokenizer, queries, generation, limit, batch_size)
         q_grads = query_gradients(lm, encoded, logging_cfg, pad_token_id(tokenizer), batch_size, fitted)
     if q_grads.shape[1] != manifest["dim"]:
-        raise ValueError(f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
-                         "the model or logging config no longer matches the index; rebuild it")
+        raise ValueError(
+            f"query gradients have {q_grads.shape[1]} dims, the index {manifest['dim']}: "
+            "the model or logging config no longer matches the index; rebuild it"
+        )
     return encoded, q_grads
 
 
 @task(name="score_queries", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
 def score_queries(
-    index_uri: str, manifest: dict, queries: list[QuerySpec], score: ScoreConfig, generation: GenerationConfig,
-    run_id: str | None = None, tracking_uri: str | None = None, full_matrix_path: str | None = None,
+    index_uri: str,
+    manifest: dict,
+    queries: list[QuerySpec],
+    score: ScoreConfig,
+    generation: GenerationConfig,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    full_matrix_path: str | None = None,
 ) -> dict:
     """Query gradients (generating missing completions), then every mode over one streaming pass."""
     log = get_run_logger()
@@ -98,23 +111,51 @@ def score_queries(
     from storage.schemas import queries_schema, scores_schema
 
     store.write_scores(srid, pa.table(rows, schema=scores_schema()))
-    store.write_queries(srid, pa.table({
-        "run_id": [srid] * len(encoded), "query_id": [q.id for q in encoded], "prompt": [q.prompt for q in encoded],
-        "completion": [q.completion for q in encoded], "generated": [q.generated for q in encoded],
-        "num_completion_tokens": pa.array([len(q.completion_ids) for q in encoded], pa.int32()),
-    }, schema=queries_schema()))
+    store.write_queries(
+        srid,
+        pa.table(
+            {
+                "run_id": [srid] * len(encoded),
+                "query_id": [q.id for q in encoded],
+                "prompt": [q.prompt for q in encoded],
+                "completion": [q.completion for q in encoded],
+                "generated": [q.generated for q in encoded],
+                "num_completion_tokens": pa.array([len(q.completion_ids) for q in encoded], pa.int32()),
+            },
+            schema=queries_schema(),
+        ),
+    )
     if full_matrix_path:
         Path(full_matrix_path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(full_matrix_path, **{m: v.numpy() for m, v in scorer.full.items()},
-                            query_ids=np.array([q.id for q in encoded]))
+        np.savez_compressed(
+            full_matrix_path,
+            **{m: v.numpy() for m, v in scorer.full.items()},
+            query_ids=np.array([q.id for q in encoded]),
+        )
     pairs_per_s = scorer.pairs / max(score_seconds, 1e-9)
-    Tracker.attach(tracking_uri, run_id).metrics({
-        "queries": len(encoded), "query_gradient_seconds": query_seconds, "score_seconds": score_seconds,
-        "score_pairs_per_s": pairs_per_s, "score_pairs": scorer.pairs,
-    })
-    log.info("scored %d queries × %d examples × %d modes (%.0f pairs/s)", len(encoded), n_train, len(score.modes), pairs_per_s)
-    return {"score_run_id": srid, "queries": len(encoded), "pairs": scorer.pairs, "pairs_per_s": pairs_per_s,
-            "compute_seconds": query_seconds + score_seconds}
+    Tracker.attach(tracking_uri, run_id).metrics(
+        {
+            "queries": len(encoded),
+            "query_gradient_seconds": query_seconds,
+            "score_seconds": score_seconds,
+            "score_pairs_per_s": pairs_per_s,
+            "score_pairs": scorer.pairs,
+        }
+    )
+    log.info(
+        "scored %d queries × %d examples × %d modes (%.0f pairs/s)",
+        len(encoded),
+        n_train,
+        len(score.modes),
+        pairs_per_s,
+    )
+    return {
+        "score_run_id": srid,
+        "queries": len(encoded),
+        "pairs": scorer.pairs,
+        "pairs_per_s": pairs_per_s,
+        "compute_seconds": query_seconds + score_seconds,
+    }
 
 
 def load_results(index_uri: str, srid: str) -> tuple[list[dict], dict[str, dict[str, list[dict]]]]:
@@ -132,17 +173,29 @@ def load_results(index_uri: str, srid: str) -> tuple[list[dict], dict[str, dict[
     for r in sorted(scores, key=lambda r: (r["mode"], r["query_id"], r["rank"])):
         ex = examples.get(r["example_id"], {})
         results.setdefault(r["mode"], {}).setdefault(r["query_id"], []).append(
-            {"rank": r["rank"], "score": r["score"], "example_id": r["example_id"],
-             "document_id": ex.get("document_id", "?"), "text": ex.get("text", ""), "source": ex.get("source")}
+            {
+                "rank": r["rank"],
+                "score": r["score"],
+                "example_id": r["example_id"],
+                "document_id": ex.get("document_id", "?"),
+                "text": ex.get("text", ""),
+                "source": ex.get("source"),
+            }
         )
     return q, results
 
 
 @task(name="render_report", **IO_RETRIES)
 def render_report(
-    index_uri: str, srid: str, report_dir: str, title: str, run_info: dict,
-    relevant: dict[str, list[str]] | None = None, metrics: dict | None = None,
-    run_id: str | None = None, tracking_uri: str | None = None,
+    index_uri: str,
+    srid: str,
+    report_dir: str,
+    title: str,
+    run_info: dict,
+    relevant: dict[str, list[str]] | None = None,
+    metrics: dict | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
 ) -> dict:
     """HTML report and top-k CSV of one scoring run, saved locally and as MLflow artifacts."""
     queries, results = load_results(index_uri, srid)
@@ -151,13 +204,19 @@ def render_report(
             for row in rows:
                 row["relevant"] = None if relevant is None else row["document_id"] in set(relevant.get(qid, []))
     samples = {m: [r["score"] for rows in bq.values() for r in rows] for m, bq in results.items()}
-    queries = [{"id": q["query_id"], "prompt": q["prompt"], "completion": q["completion"], "generated": q["generated"]}
-               for q in queries]
+    queries = [
+        {"id": q["query_id"], "prompt": q["prompt"], "completion": q["completion"], "generated": q["generated"]}
+        for q in queries
+    ]
     html = render_query_report(title, queries, results, metrics, run_info, samples)
     out = Path(report_dir)
     path = write_report(html, out / f"report-{srid}.html")
-    flat = [{"mode": m, "query_id": q, **{k: v for k, v in r.items() if k != "text"}}
-            for m, bq in results.items() for q, rows in bq.items() for r in rows]
+    flat = [
+        {"mode": m, "query_id": q, **{k: v for k, v in r.items() if k != "text"}}
+        for m, bq in results.items()
+        for q, rows in bq.items()
+        for r in rows
+    ]
     csv_path = out / f"topk-{srid}.csv"
     if flat:
         pacsv.write_csv(pa.Table.from_pylist(flat), csv_path)

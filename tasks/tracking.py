@@ -27,7 +27,7 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 
 def _artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").absolute().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").absolute().as_uri()
     return None
 
 

@@ -12,8 +12,6 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dataworth-prefect-home-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
 from tiny import make_tiny_gpt2, make_tiny_llama  # noqa: E402
 
 

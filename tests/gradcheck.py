@@ -3,10 +3,10 @@
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from dataworth.collector import GradientCollector, per_example_loss
+from dataworth.attribution.hooks import GradientCollector, per_example_loss
+from dataworth.attribution.projection import draw_projection, select_modules
 from dataworth.config import LoggingConfig
 from dataworth.data import collate
-from dataworth.projection import draw_projection, select_modules
 
 SEQS = [[3, 7, 9, 11, 2, 5], [4, 8], [10, 12, 14, 16, 18, 20, 22, 24], [1, 2, 3]]
 

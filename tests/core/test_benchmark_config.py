@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from dataworth.benchmark import BrittlenessConfig, CalibrateConfig, EvaluateConfig
+from dataworth.evaluation.config import BrittlenessConfig, CalibrateConfig, EvaluateConfig
 
 
 def test_defaults_are_consistent():

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dataworth.bm25 import BM25, tokenize_words
+from dataworth.evaluation.baselines.bm25 import BM25, tokenize_words
 
 # lengths 3, 2, 4 → avgdl 3; df: a=1, b=2, c=2, d=1; N=3
 DOCS = [["a", "b", "a"], ["b", "c"], ["c", "c", "c", "d"]]

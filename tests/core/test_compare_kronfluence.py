@@ -10,12 +10,13 @@ pytest.importorskip("kronfluence")
 
 from tiny import make_tiny_gpt2, make_tiny_llama  # noqa: E402
 
-from dataworth.collector import GradientCollector  # noqa: E402
-from dataworth.compare_kronfluence import INSTALL_COMMAND, kronfluence_scores  # noqa: E402
+from dataworth.attribution.curvature import FisherAccumulator  # noqa: E402
+from dataworth.attribution.gradients import query_gradients  # noqa: E402
+from dataworth.attribution.hooks import GradientCollector  # noqa: E402
 from dataworth.config import CurvatureConfig, LoggingConfig  # noqa: E402
-from dataworth.curvature import FisherAccumulator  # noqa: E402
 from dataworth.data import collate  # noqa: E402
-from dataworth.gradients import EncodedQuery, query_gradients  # noqa: E402
+from dataworth.evaluation.baselines.kronfluence import INSTALL_COMMAND, kronfluence_scores  # noqa: E402
+from dataworth.queries import EncodedQuery  # noqa: E402
 
 PAD = 0
 TOPICS = [range(1, 21), range(21, 41), range(41, 61)]
@@ -63,8 +64,9 @@ def test_shapes_finite_and_model_given_back(tmp_path):
     train, queries = topic_data(0)
     flags = [p.requires_grad for p in model.parameters()]
     module_types = [type(m) for m in model.modules()]
-    out = kronfluence_scores(model, train, queries, PAD, strategy="kfac", damping_factor=1e-3,
-                             output_dir=str(tmp_path), batch_size=5)
+    out = kronfluence_scores(
+        model, train, queries, PAD, strategy="kfac", damping_factor=1e-3, output_dir=str(tmp_path), batch_size=5
+    )
     assert set(out) == {"scores", "seconds_factors", "seconds_scores", "strategy"}
     assert out["strategy"] == "kfac"
     assert out["scores"].shape == (2, 12) and out["scores"].dtype == np.float64

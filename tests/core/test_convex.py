@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dataworth.convex import (
+from dataworth.evaluation.loo import (
     fit,
     loo_agreement,
     make_mixture,

@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import DataConfig
 from dataworth.data import Documents, chunk_documents, collate, load_documents
-from dataworth.tiny_model import train_tokenizer
 
 ROWS = [
     {"id": "a", "text": "the cat sat on the mat.", "source": "web"},
     {"id": "b", "text": "the dog ran after the cat, twice.", "source": "books"},
-    {"id": "c", "text": "a bird sang \"hello\" in the tree.", "source": "web"},
+    {"id": "c", "text": 'a bird sang "hello" in the tree.', "source": "web"},
 ]
 
 
@@ -112,8 +112,9 @@ def test_saved_dataset(tmp_path):
 
 
 def test_saved_dataset_dict_reads_the_split(tmp_path):
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
-                               "validation": datasets.Dataset.from_list(ROWS[1:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "validation": datasets.Dataset.from_list(ROWS[1:])}
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     assert_rows(load(tmp_path / "saved", split="validation", id_column="id"), ROWS[1:])
     assert_rows(load(tmp_path / "saved", id_column="id"), ROWS[:1])  # split defaults to train
@@ -244,7 +245,7 @@ def test_example_ids_and_document_ids_across_documents(tokenizer):
     for e in examples:
         per_doc.setdefault(e.document_id, []).append(e)
     assert list(per_doc) == ["doc-0", "doc-1", "doc-2"]  # documents stay in order, chunks contiguous
-    for i, (doc_id, chunks) in enumerate(per_doc.items()):
+    for i, chunks in enumerate(per_doc.values()):
         full = tokenizer(texts[i])["input_ids"] + [tokenizer.eos_token_id]
         assert sum((e.input_ids for e in chunks), []) == full
         assert {e.source for e in chunks} == {f"s{i}"}

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from dataworth.demo_corpus import (
+from dataworth.benchmarks.facts import (
     FACT_CORPUS_SIZES,
     RELATIONS,
     facts_stated,
@@ -138,6 +138,6 @@ def test_write_fact_corpus_round_trips(tmp_path, corpus):
     "bad", [{"n_entities": 0}, {"docs_per_fact": 0}, {"n_filler": -1}, {"relations_per_entity": 9}]
 )
 def test_bad_arguments_name_the_value(bad):
-    (name, value), = bad.items()
+    ((name, value),) = bad.items()
     with pytest.raises(ValueError, match=f"{name}={value}"):
         generate_fact_corpus(**bad)

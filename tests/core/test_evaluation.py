@@ -1,6 +1,6 @@
 import pytest
 
-from dataworth.evaluation import fact_tracing_metrics, recall_at_k, reciprocal_rank, unique_in_order
+from dataworth.evaluation.fact_tracing import fact_tracing_metrics, recall_at_k, reciprocal_rank, unique_in_order
 
 
 def test_reciprocal_rank_hand_computed():

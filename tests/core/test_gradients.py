@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-from dataworth.collector import GradientCollector
-from dataworth.projection import draw_projection
-
 from gradcheck import SEQS, cross_device_tolerance, hook_gradients, plain, reference_gradients, relative_error
+
+from dataworth.attribution.hooks import GradientCollector
+from dataworth.attribution.projection import draw_projection
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -98,7 +97,7 @@ def test_cuda_matches_cpu(tiny_model):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_per_example_loss_is_explicit_next_token_loss(reduction):
-    from dataworth.collector import per_example_loss
+    from dataworth.attribution.hooks import per_example_loss
     from dataworth.data import collate
 
     g = torch.Generator().manual_seed(0)
@@ -107,8 +106,11 @@ def test_per_example_loss_is_explicit_next_token_loss(reduction):
     labels = labels.clamp(max=12)
     got = per_example_loss(logits, labels, reduction)
     for b in range(len(SEQS)):
-        terms = [-torch.log_softmax(logits[b, t], dim=-1)[labels[b, t + 1]]
-                 for t in range(ids.shape[1] - 1) if labels[b, t + 1] != -100]
+        terms = [
+            -torch.log_softmax(logits[b, t], dim=-1)[labels[b, t + 1]]
+            for t in range(ids.shape[1] - 1)
+            if labels[b, t + 1] != -100
+        ]
         want = torch.stack(terms).sum() if terms else torch.tensor(0.0, dtype=torch.float64)
         if reduction == "mean":
             want = want / max(len(terms), 1)

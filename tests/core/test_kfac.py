@@ -2,18 +2,23 @@
 
 import pytest
 import torch
+from gradcheck import SEQS, cross_device_tolerance, hook_gradients, reference_gradients, relative_error
 from transformers.pytorch_utils import Conv1D
 
-from dataworth.collector import GradientCollector, per_example_loss
-from dataworth.config import LoggingConfig
-from dataworth.data import Example, collate
-from dataworth.kfac import (
-    CovarianceCollector, check_factor_dims, fit_kfac_factors, fit_kfac_projections, inverse_sqrt, sample_examples, sample_indices,
+from dataworth.attribution.hooks import GradientCollector, per_example_loss
+from dataworth.attribution.kfac import (
+    CovarianceCollector,
+    check_factor_dims,
+    fit_kfac_factors,
+    fit_kfac_projections,
+    inverse_sqrt,
+    sample_examples,
+    sample_indices,
     whitened_projections,
 )
-from dataworth.projection import FittedProjections, Projector, draw_projection, select_modules
-
-from gradcheck import SEQS, cross_device_tolerance, hook_gradients, reference_gradients, relative_error
+from dataworth.attribution.projection import FittedProjections, Projector, draw_projection, select_modules
+from dataworth.config import LoggingConfig
+from dataworth.data import Example, collate
 
 
 class _Tok:
@@ -33,7 +38,10 @@ def explicit_factors(model, cfg, seqs):
     tokens = 0
     for seq in seqs:
         seen = {}
-        handles = [m.register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n, m in modules.items()]
+        handles = [
+            m.register_forward_hook(lambda _m, i, o, n=n, seen=seen: seen.__setitem__(n, (i[0], o)))
+            for n, m in modules.items()
+        ]
         ids, att, labels = collate([seq], 0)
         emb = model.get_input_embeddings()
         hook = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
@@ -98,7 +106,7 @@ def test_whitened_dot_is_kfac_influence(tiny_model):
     whitened = hook_gradients(tiny_model, cfg, SEQS, fitted=fitted)
     plain = LoggingConfig(projection="identity", modules=[name], precondition="none")
     raw = hook_gradients(tiny_model, plain, SEQS)  # rows: vec(G) with G (d_out, d_in) row-major
-    (a, s), = explicit_factors(tiny_model, cfg, SEQS)[0].values()
+    ((a, s),) = explicit_factors(tiny_model, cfg, SEQS)[0].values()
     eye = lambda d: torch.eye(d, dtype=torch.float64)  # noqa: E731
     a_l = a + 0.1 * torch.linalg.eigvalsh(a).mean() * eye(a.shape[0])
     s_l = s + 0.1 * torch.linalg.eigvalsh(s).mean() * eye(s.shape[0])
@@ -113,7 +121,7 @@ def test_random_part_matches_plain_projection(tiny_model):
     modules = select_modules(tiny_model, cfg.modules, cfg.exclude_modules)
     ident = {}
     for n, m in modules.items():
-        d_in, d_out = (m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1])
+        d_in, d_out = m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1]
         ident[n] = (torch.eye(d_in, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64))
     fitted = whitened_projections(tiny_model, ident, cfg)
     plain = Projector(modules, cfg.model_copy(update={"precondition": "none"}))

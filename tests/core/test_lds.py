@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dataworth.lds import (
+from dataworth.evaluation.lds import (
     linear_datamodeling_score,
     pearson,
     predicted_subset_scores,

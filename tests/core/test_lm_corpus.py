@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from dataworth.lm_corpus import LM_CORPUS_SIZES, TOPICS, generate_lm_corpus, write_lm_corpus
+from dataworth.benchmarks.stories import LM_CORPUS_SIZES, TOPICS, generate_lm_corpus, write_lm_corpus
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,19 @@ def test_shapes_and_schema(corpus):
 
 def test_topics_do_not_share_vocabulary():
     function_words = {"the", "at", "before", "after", "when", "in", "on", "by", "during", "under"}
-    vocab = {t: set(" ".join(spec["characters"] + spec["roles"] + spec["places"] + spec["times"]
-                             + [" ".join([o, v, *a]) for o, v, a in spec["objects"]]).split()) - function_words
-             for t, spec in TOPICS.items()}
+    vocab = {
+        t: set(
+            " ".join(
+                spec["characters"]
+                + spec["roles"]
+                + spec["places"]
+                + spec["times"]
+                + [" ".join([o, v, *a]) for o, v, a in spec["objects"]]
+            ).split()
+        )
+        - function_words
+        for t, spec in TOPICS.items()
+    }
     for t, words in vocab.items():
         for other, other_words in vocab.items():
             if t < other:
@@ -94,8 +104,9 @@ def test_every_query_has_related_training_documents(corpus):
         assert by_topic[q["topic"]] >= 40
         character = _character(q["prompt"], q["topic"])
         phrase = re.compile(rf"(?<!\w){re.escape(q['completion'].strip().rstrip('.'))}(?!\w)")
-        stating = [d for d in corpus.documents if _character(d["text"], d["source"]) == character
-                   and phrase.search(d["text"])]
+        stating = [
+            d for d in corpus.documents if _character(d["text"], d["source"]) == character and phrase.search(d["text"])
+        ]
         assert len(stating) >= 3, q
 
 
@@ -105,7 +116,7 @@ def test_too_few_documents_for_the_queries_is_a_clear_error():
 
 
 def test_documents_fit_in_64_tokens(corpus):
-    from dataworth.tiny_model import train_tokenizer
+    from dataworth.benchmarks.tiny_model import train_tokenizer
 
     tok = train_tokenizer([d["text"] for d in corpus.documents])
     assert max(len(tok(d["text"])["input_ids"]) for d in corpus.documents) < 64

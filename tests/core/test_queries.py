@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-
-from dataworth.config import GenerationConfig, QuerySpec
-from dataworth.gradients import encode_queries
-from dataworth.queries import load_queries
-from dataworth.tiny_model import train_tokenizer
 from tiny import make_tiny_gpt2
+
+from dataworth.benchmarks.tiny_model import train_tokenizer
+from dataworth.config import GenerationConfig, QuerySpec
+from dataworth.queries import encode_queries, load_queries
 
 CONTEXT = 64  # n_positions of the tiny GPT-2
 
@@ -23,11 +22,14 @@ def write(path, lines):
 
 
 def test_jsonl_with_and_without_ids_and_completions(tmp_path):
-    path = write(tmp_path / "q.jsonl", [
-        {"id": "capital", "prompt": "The capital of France is", "completion": " Paris"},
-        {"prompt": "Two plus two is"},
-        {"id": 7, "prompt": "Hi", "completion": None},
-    ])
+    path = write(
+        tmp_path / "q.jsonl",
+        [
+            {"id": "capital", "prompt": "The capital of France is", "completion": " Paris"},
+            {"prompt": "Two plus two is"},
+            {"id": 7, "prompt": "Hi", "completion": None},
+        ],
+    )
     queries = load_queries(path)
     assert [(q.id, q.prompt, q.completion) for q in queries] == [
         ("capital", "The capital of France is", " Paris"),
@@ -37,13 +39,16 @@ def test_jsonl_with_and_without_ids_and_completions(tmp_path):
 
 
 def test_extra_keys_ignored_and_blank_lines_skipped(tmp_path):
-    path = write(tmp_path / "q.jsonl", [
-        "",
-        {"prompt": "first", "meta": {"source": "x"}, "score": 3},
-        "   ",
-        {"id": "b", "prompt": "second", "completion": " yes", "note": "ignored"},
-        "",
-    ])
+    path = write(
+        tmp_path / "q.jsonl",
+        [
+            "",
+            {"prompt": "first", "meta": {"source": "x"}, "score": 3},
+            "   ",
+            {"id": "b", "prompt": "second", "completion": " yes", "note": "ignored"},
+            "",
+        ],
+    )
     queries = load_queries(path)
     assert [(q.id, q.prompt, q.completion) for q in queries] == [("q2", "first", None), ("b", "second", " yes")]
 
@@ -61,10 +66,13 @@ def test_line_that_is_not_an_object(tmp_path, line):
         load_queries(path)
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"id": "e", "prompt": "  "}, "prompt is empty"),
-    ({"id": "m", "completion": "x"}, "Field required"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"id": "e", "prompt": "  "}, "prompt is empty"),
+        ({"id": "m", "completion": "x"}, "Field required"),
+    ],
+)
 def test_empty_or_missing_prompt(tmp_path, row, message):
     path = write(tmp_path / "q.jsonl", [row])
     with pytest.raises(ValueError, match=rf"^{path}:1 is not a valid query: .*{message}.*prompt"):
@@ -72,7 +80,9 @@ def test_empty_or_missing_prompt(tmp_path, row, message):
 
 
 def test_duplicate_ids(tmp_path):
-    path = write(tmp_path / "q.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
+    path = write(
+        tmp_path / "q.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}]
+    )
     with pytest.raises(ValueError, match=r"query ids \['a'\] appear more than once"):
         load_queries(path)
 
@@ -125,7 +135,7 @@ def greedy_by_hand(model, prompt_ids, steps):
     for _ in range(steps):
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         ids.append(int(logits.argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def until_eos(ids, eos):
@@ -203,14 +213,17 @@ def test_bigram_model_generates_the_chain(bigram, tokenizer):
     assert tokenizer.decode(greedy_by_hand(bigram, prompt_ids, 5)) == "ab\nc<|endoftext|>"
 
 
-@pytest.mark.parametrize("gen, completion", [
-    (GenerationConfig(), "ab"),  # cut at the newline
-    (GenerationConfig(stop_at_newline=False), "ab\nc"),  # cut at EOS
-    (GenerationConfig(stop_at_newline=False, max_new_tokens=3), "ab\n"),  # cut by max_new_tokens
-    (GenerationConfig(stop_at_newline=False, stop=["b"]), "a"),  # cut before the stop string
-    (GenerationConfig(stop_at_newline=False, stop=["\n"]), "ab"),
-    (GenerationConfig(stop_at_newline=False, stop=["zzz", "c"]), "ab\n"),
-])
+@pytest.mark.parametrize(
+    "gen, completion",
+    [
+        (GenerationConfig(), "ab"),  # cut at the newline
+        (GenerationConfig(stop_at_newline=False), "ab\nc"),  # cut at EOS
+        (GenerationConfig(stop_at_newline=False, max_new_tokens=3), "ab\n"),  # cut by max_new_tokens
+        (GenerationConfig(stop_at_newline=False, stop=["b"]), "a"),  # cut before the stop string
+        (GenerationConfig(stop_at_newline=False, stop=["\n"]), "ab"),
+        (GenerationConfig(stop_at_newline=False, stop=["zzz", "c"]), "ab\n"),
+    ],
+)
 def test_generated_completion_is_cut(bigram, tokenizer, gen, completion):
     (enc,) = encode_queries(bigram, tokenizer, [QuerySpec(id="q", prompt="x")], gen, CONTEXT)
     assert enc.generated
@@ -226,9 +239,13 @@ def test_nothing_generated_raises(bigram, tokenizer):
 def test_over_long_query_names_it(model, tokenizer):
     long_prompt = "the cat sat on the mat. " * 6
     assert len(tokenizer(long_prompt)["input_ids"]) < CONTEXT < len(tokenizer(long_prompt * 2)["input_ids"])
-    queries = [QuerySpec(id="short", prompt="the", completion=" cat"),
-               QuerySpec(id="too-long", prompt=long_prompt, completion=long_prompt)]
-    with pytest.raises(ValueError, match=rf"query 'too-long' has \d+ tokens, more than the model's context of {CONTEXT}"):
+    queries = [
+        QuerySpec(id="short", prompt="the", completion=" cat"),
+        QuerySpec(id="too-long", prompt=long_prompt, completion=long_prompt),
+    ]
+    with pytest.raises(
+        ValueError, match=rf"query 'too-long' has \d+ tokens, more than the model's context of {CONTEXT}"
+    ):
         encode_queries(model, tokenizer, queries, GenerationConfig(), CONTEXT)
 
 

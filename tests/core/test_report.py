@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dataworth.report import TEXT_LIMIT, render_query_report, write_report
+from dataworth.reports.query_report import TEXT_LIMIT, render_query_report, write_report
 
 EVIL = '<script>alert("x")</script>'
 
@@ -20,8 +20,14 @@ QUERIES = [
 
 def rows(prefix, relevant=(True, False, None)):
     return [
-        {"rank": i + 1, "score": 1.0 / (i + 1) * 3.14159265, "example_id": f"{prefix}-ex{i}",
-         "document_id": f"{prefix}-doc{i}", "text": f"{prefix} training text {i}", "relevant": r}
+        {
+            "rank": i + 1,
+            "score": 1.0 / (i + 1) * 3.14159265,
+            "example_id": f"{prefix}-ex{i}",
+            "document_id": f"{prefix}-doc{i}",
+            "text": f"{prefix} training text {i}",
+            "relevant": r,
+        }
         for i, r in enumerate(relevant)
     ]
 
@@ -69,16 +75,20 @@ def render(**kw):
 
 def test_everything_user_provided_is_escaped():
     q = [{"id": EVIL, "prompt": EVIL, "completion": EVIL, "generated": True}]
-    res = {EVIL: {EVIL: [{"rank": 1, "score": 0.5, "example_id": EVIL, "document_id": EVIL,
-                          "text": EVIL, "relevant": True}]}}
-    page = render_query_report(EVIL, q, res, metrics={EVIL: {EVIL: 1.0}}, run_info={EVIL: EVIL},
-                               score_samples={EVIL: [1.0, 2.0]})
+    res = {
+        EVIL: {
+            EVIL: [{"rank": 1, "score": 0.5, "example_id": EVIL, "document_id": EVIL, "text": EVIL, "relevant": True}]
+        }
+    }
+    page = render_query_report(
+        EVIL, q, res, metrics={EVIL: {EVIL: 1.0}}, run_info={EVIL: EVIL}, score_samples={EVIL: [1.0, 2.0]}
+    )
     assert "<script" not in page.lower()
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     tags = parse(page)
     assert not any(t == "script" for t, _ in tags)
     # Self-contained: no external resources, only inline data images.
-    for tag, attrs in tags:
+    for _tag, attrs in tags:
         for key in ("src", "href"):
             if key in attrs:
                 assert attrs[key].startswith(("data:image/png;base64,", "#")), attrs[key]
@@ -91,7 +101,11 @@ def test_relevant_rows_are_marked_and_others_plain():
     assert len(marked) == 4  # one relevant row per (mode, query)
     assert all("✓" in m for m in marked)
     assert {re.search(r"(\w+-ex\d)", m).group(1) for m in marked} == {
-        "infcat-ex0", "infdog-ex0", "coscat-ex1", "cosdog-ex0"}
+        "infcat-ex0",
+        "infdog-ex0",
+        "coscat-ex1",
+        "cosdog-ex0",
+    }
     # relevant=False and None rows carry no mark
     plain = re.findall(r"<tr>(<td class=\"rank\">.*?)</tr>", page)
     assert len(plain) == 8
@@ -101,8 +115,20 @@ def test_relevant_rows_are_marked_and_others_plain():
 
 def test_ranked_rows_show_rank_score_ids_and_cut_text():
     long_text = "word " * 200
-    res = {"dot": {"q-cat": [{"rank": 7, "score": 0.000123456789, "example_id": 42,
-                              "document_id": "doc-9", "text": long_text, "relevant": None}]}}
+    res = {
+        "dot": {
+            "q-cat": [
+                {
+                    "rank": 7,
+                    "score": 0.000123456789,
+                    "example_id": 42,
+                    "document_id": "doc-9",
+                    "text": long_text,
+                    "relevant": None,
+                }
+            ]
+        }
+    }
     page = render(results=res, queries=QUERIES[:1])
     assert "0.0001235" in page  # 4 significant digits
     assert '<td class="rank">7</td>' in page
@@ -176,12 +202,16 @@ def test_write_report_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_evaluation_plots_are_pngs_and_the_report_embeds_them():
-    from dataworth.eval_report import PLOTS, evaluation_plots, render_evaluation_report
+    from dataworth.reports.evaluation_report import PLOTS, evaluation_plots, render_evaluation_report
 
-    scatter = {"query": "q1", "predicted": {"influence": [0.1, 0.5, 0.3], "bm25": [1.0, 2.0, 0.5]},
-               "actual": [-1.0, -0.2, -0.6]}
-    plots = evaluation_plots(scatter, {"relatif": {"1": 0.2, "3": 0.5}, "random": {"1": 0.0, "3": 0.01}},
-                             {"influence": [0.1, -0.2, 0.3]})
+    scatter = {
+        "query": "q1",
+        "predicted": {"influence": [0.1, 0.5, 0.3], "bm25": [1.0, 2.0, 0.5]},
+        "actual": [-1.0, -0.2, -0.6],
+    }
+    plots = evaluation_plots(
+        scatter, {"relatif": {"1": 0.2, "3": 0.5}, "random": {"1": 0.0, "3": 0.01}}, {"influence": [0.1, -0.2, 0.3]}
+    )
     assert set(plots) == set(PLOTS)
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in plots.values())
     assert set(evaluation_plots(None, None, {"dot": [1.0]})) == {"score_histograms.png"}

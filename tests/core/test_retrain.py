@@ -10,17 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import make_tiny_gpt2, make_tiny_llama  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from dataworth.benchmarks.facts import generate_fact_corpus  # noqa: E402
+from dataworth.benchmarks.tiny_model import train_tiny_gpt2, train_tokenizer  # noqa: E402
 from dataworth.data import Documents, chunk_documents  # noqa: E402
-from dataworth.demo_corpus import generate_fact_corpus  # noqa: E402
-from dataworth.gradients import EncodedQuery  # noqa: E402
-from dataworth.retrain import (  # noqa: E402
-    RetrainConfig,
-    completion_log_probs,
-    tail_patch,
-    tail_patch_scores,
-    train_causal_lm,
-)
-from dataworth.tiny_model import train_tiny_gpt2, train_tokenizer  # noqa: E402
+from dataworth.evaluation.tail_patch import completion_log_probs, tail_patch, tail_patch_scores  # noqa: E402
+from dataworth.queries import EncodedQuery  # noqa: E402
+from dataworth.training import RetrainConfig, train_causal_lm  # noqa: E402
 
 MAKERS = {"gpt2": make_tiny_gpt2, "llama": make_tiny_llama}
 
@@ -56,8 +51,14 @@ def sequences(corpus, tokenizer):
 @pytest.fixture(scope="module")
 def queries(corpus, tokenizer):
     return [
-        EncodedQuery(q["id"], q["prompt"], tokenizer(q["prompt"])["input_ids"],
-                     tokenizer(q["completion"])["input_ids"], q["completion"], False)
+        EncodedQuery(
+            q["id"],
+            q["prompt"],
+            tokenizer(q["prompt"])["input_ids"],
+            tokenizer(q["completion"])["input_ids"],
+            q["completion"],
+            False,
+        )
         for q in corpus.queries[:6]
     ]
 
@@ -138,8 +139,18 @@ def test_finetune_starts_from_the_base_weights(reference_dirs, sequences):
 
 def test_retraining_on_the_full_data_rebuilds_the_tiny_model(corpus, tokenizer, tmp_path):
     texts = [d["text"] for d in corpus.documents][:12]
-    result = train_tiny_gpt2(texts, tmp_path / "tiny", tokenizer=tokenizer, n_layer=1, n_embd=32, n_head=2,
-                             max_length=160, epochs=2, batch_size=4, progress=False)
+    result = train_tiny_gpt2(
+        texts,
+        tmp_path / "tiny",
+        tokenizer=tokenizer,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        max_length=160,
+        epochs=2,
+        batch_size=4,
+        progress=False,
+    )
     docs = Documents(texts, [str(i) for i in range(len(texts))], [""] * len(texts))
     seqs = [e.input_ids for e in chunk_documents(docs, tokenizer, max_length=160)]
     rebuilt = train_causal_lm(str(result.path), seqs, RetrainConfig(epochs=2, batch_size=4))
@@ -183,8 +194,9 @@ def test_log_probs_do_not_depend_on_batch_size(arch, tokenizer, queries):
     model = _tiny(arch, tokenizer)
     full = completion_log_probs(model, queries, tokenizer.pad_token_id, batch_size=16)
     for bs in (1, 4):
-        torch.testing.assert_close(completion_log_probs(model, queries, tokenizer.pad_token_id, batch_size=bs),
-                                   full, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            completion_log_probs(model, queries, tokenizer.pad_token_id, batch_size=bs), full, rtol=1e-5, atol=1e-4
+        )
 
 
 def _flat_grad(model, loss):

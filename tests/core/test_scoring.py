@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from dataworth.attribution.curvature import Curvature, FisherAccumulator
+from dataworth.attribution.projection import Block, Layout
+from dataworth.attribution.scoring import Scorer, TopK
 from dataworth.config import CurvatureConfig
-from dataworth.curvature import Curvature, FisherAccumulator
-from dataworth.projection import Block, Layout
-from dataworth.scoring import Scorer, TopK
 
 LAYOUT = Layout((Block("a", 2, 3, 0), Block("b", 2, 2, 6)))
 

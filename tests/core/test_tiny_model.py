@@ -8,8 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from dataworth.demo_corpus import generate_fact_corpus  # noqa: E402
-from dataworth.tiny_model import fact_accuracy, greedy_completions, train_tiny_gpt2, train_tokenizer  # noqa: E402
+from dataworth.benchmarks.facts import generate_fact_corpus  # noqa: E402
+from dataworth.benchmarks.tiny_model import fact_accuracy, greedy_completions, train_tiny_gpt2, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_small_training_saves_reloads_and_lowers_loss(tmp_path, tiny_corpus):
     texts = [d["text"] for d in tiny_corpus.documents]
     kwargs = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=400, max_steps=30, batch_size=8, progress=False)
     seen = []
+
     def eval_fn(model, tok):
         seen.append(model.training)
         return len(seen)

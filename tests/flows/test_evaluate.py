@@ -3,13 +3,17 @@
 import math
 
 import pytest
-
-from dataworth.benchmark import (
-    BrittlenessConfig, CalibrateConfig, EvaluateConfig, LDSConfig, TailPatchConfig,
-)
-from dataworth.config import TrackingConfig
-from dataworth.retrain import RetrainConfig
 from flowstates import task_states
+
+from dataworth.config import TrackingConfig
+from dataworth.evaluation.config import (
+    BrittlenessConfig,
+    CalibrateConfig,
+    EvaluateConfig,
+    LDSConfig,
+    TailPatchConfig,
+)
+from dataworth.training import RetrainConfig
 from storage import IndexStore
 
 pytestmark = pytest.mark.slow
@@ -49,7 +53,10 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
     # the chosen size's index carries the calibration and is the one the table was measured on
     manifest = IndexStore(out["index_uri"]).read_manifest()
     assert manifest["calibration"]["damping_factor"] == cal["damping_factor"]
-    assert f"{manifest['config']['logging']['proj_dim_in']}x{manifest['config']['logging']['proj_dim_out']}" == cal["proj_dim"]
+    assert (
+        f"{manifest['config']['logging']['proj_dim_in']}x{manifest['config']['logging']['proj_dim_out']}"
+        == cal["proj_dim"]
+    )
     html = open(out["report"]).read()
     assert "Linear datamodeling" in html and "Brittleness" in html
     run = MlflowClient(tracking.tracking_uri).get_run(out["mlflow_run_id"])
@@ -64,16 +71,24 @@ def test_retrained_models_are_shared_across_index_configs(harness, tmp_path):
     from flows.evaluate import evaluate_flow
 
     base = EvaluateConfig(
-        workspace=str(tmp_path / "ws"), train_epochs=2, lds=LDSConfig(n_subsets=3),
-        brittleness=BrittlenessConfig(enabled=False), tail_patch=TailPatchConfig(enabled=False), loo=False,
-        fact_tracing=False, retrain=RetrainConfig(epochs=1, seed=0), tracking=TrackingConfig(enabled=False),
+        workspace=str(tmp_path / "ws"),
+        train_epochs=2,
+        lds=LDSConfig(n_subsets=3),
+        brittleness=BrittlenessConfig(enabled=False),
+        tail_patch=TailPatchConfig(enabled=False),
+        loo=False,
+        fact_tracing=False,
+        retrain=RetrainConfig(epochs=1, seed=0),
+        tracking=TrackingConfig(enabled=False),
     )
     first_state = evaluate_flow(base, progress=False, return_state=True)
     # Another index over the same corpus, with its damping calibrated on LDS.
-    other = base.model_copy(update={
-        "logging": base.logging.model_copy(update={"precondition": "none"}),
-        "calibrate": CalibrateConfig(enabled=True, proxy="lds", damping_factors=[0.01, 100.0]),
-    })
+    other = base.model_copy(
+        update={
+            "logging": base.logging.model_copy(update={"precondition": "none"}),
+            "calibrate": CalibrateConfig(enabled=True, proxy="lds", damping_factors=[0.01, 100.0]),
+        }
+    )
     second_state = evaluate_flow(other, progress=False, return_state=True)
     out = second_state.result()
     assert first_state.result()["index_uri"] != out["index_uri"]  # two indexes

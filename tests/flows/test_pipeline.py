@@ -5,16 +5,24 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from flowstates import task_states
 from tiny import make_tiny_gpt2
+
+from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.gradients import query_gradients
+from dataworth.attribution.projection import FittedProjections
+from dataworth.attribution.scoring import Scorer
 from dataworth.config import (
-    CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, QueryConfig, ScoreConfig, TrackingConfig,
+    CurvatureConfig,
+    DataConfig,
+    IndexConfig,
+    LoggingConfig,
+    ModelConfig,
+    QueryConfig,
+    ScoreConfig,
+    TrackingConfig,
 )
-from dataworth.curvature import Curvature
-from dataworth.gradients import encode_queries, query_gradients
-from dataworth.projection import FittedProjections
-from dataworth.scoring import Scorer
+from dataworth.queries import encode_queries
 from storage import IndexStore
 
 pytestmark = pytest.mark.slow
@@ -33,7 +41,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from dataworth.tiny_model import train_tokenizer
+    from dataworth.benchmarks.tiny_model import train_tokenizer
 
     root = tmp_path_factory.mktemp("pipeline")
     tok = train_tokenizer(TEXTS * 4, vocab_size=300)
@@ -44,8 +52,10 @@ def assets(tmp_path_factory):
     data.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     queries = root / "queries.jsonl"
     queries.write_text(
-        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"}) + "\n"
-        + json.dumps({"id": "gen", "prompt": "Bread is baked"}) + "\n"
+        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
+        + "\n"
+        + json.dumps({"id": "gen", "prompt": "Bread is baked"})
+        + "\n"
     )
     return root
 
@@ -54,7 +64,9 @@ def index_config(assets, **logging):
     return IndexConfig(
         model=ModelConfig(name_or_path=str(assets / "model")),
         data=DataConfig(dataset=str(assets / "docs.jsonl"), id_column="id", max_length=16),
-        logging=LoggingConfig(projection="gaussian", proj_dim_in=4, proj_dim_out=4, batch_size=3, shard_size=4, **logging),
+        logging=LoggingConfig(
+            projection="gaussian", proj_dim_in=4, proj_dim_out=4, batch_size=3, shard_size=4, **logging
+        ),
         curvature=CurvatureConfig(kind="raw"),
         index_uri=str(assets / "index"),
         tracking=TrackingConfig(tracking_uri=f"sqlite:///{assets / 'mlflow.db'}", experiment="test"),
@@ -77,8 +89,12 @@ def test_index_then_query(harness, assets):
     manifest = store.read_manifest()
     assert manifest["dim"] == out["dim"] == store.gradient_dim()
 
-    qcfg = QueryConfig(index_uri=cfg.index_uri, queries_path=str(assets / "queries.jsonl"),
-                       score=ScoreConfig(top_k=3, query_batch_size=1), tracking=cfg.tracking)
+    qcfg = QueryConfig(
+        index_uri=cfg.index_uri,
+        queries_path=str(assets / "queries.jsonl"),
+        score=ScoreConfig(top_k=3, query_batch_size=1),
+        tracking=cfg.tracking,
+    )
     q = query_flow(qcfg)
     scores = store.read_scores(q["score_run_id"])
     assert scores.num_rows == 2 * 4 * 3
@@ -106,10 +122,13 @@ def test_index_then_query(harness, assets):
     ids, vecs = zip(*[(i, v) for i, v, _ in store.iter_gradients(100)])
     scorer = Scorer(g_q, curv, ["influence"], top_k=3)
     scorer.update(torch.from_numpy(np.concatenate(ids)), torch.tensor(np.concatenate(vecs)))
-    got = sorted((r for r in scores.to_pylist() if r["mode"] == "influence" and r["query_id"] == "cats"),
-                 key=lambda r: r["rank"])
+    got = sorted(
+        (r for r in scores.to_pylist() if r["mode"] == "influence" and r["query_id"] == "cats"), key=lambda r: r["rank"]
+    )
     assert [r["example_id"] for r in got] == scorer.topk["influence"].ids[0].tolist()
-    assert torch.allclose(torch.tensor([r["score"] for r in got], dtype=torch.float64), scorer.topk["influence"].scores[0], rtol=1e-4)
+    assert torch.allclose(
+        torch.tensor([r["score"] for r in got], dtype=torch.float64), scorer.topk["influence"].scores[0], rtol=1e-4
+    )
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(out["mlflow_run_id"])

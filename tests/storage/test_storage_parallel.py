@@ -5,8 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import numpy as np
+from shard_writer import ROWS, SHARDS
+from shard_writer import write_shard as _write_shard
 
-from shard_writer import ROWS, SHARDS, write_shard as _write_shard
 from storage import IndexStore
 
 

@@ -1,4 +1,4 @@
-"""Evaluation configs and the benchmark presets the `evaluate` flow runs."""
+"""Configs of the `evaluate` flow: which benchmark, which metrics, how to retrain."""
 
 from __future__ import annotations
 
@@ -6,19 +6,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .demo_corpus import FACT_CORPUS_SIZES
-from .config import CurvatureConfig, LoggingConfig, ScoreConfig, StageConfig, TrackingConfig
-from .retrain import RetrainConfig
+from dataworth.benchmarks.presets import BENCHMARKS
+from dataworth.config import CurvatureConfig, LoggingConfig, ScoreConfig, StageConfig, TrackingConfig
+from dataworth.training import RetrainConfig
 
 Baseline = Literal["bm25", "kronfluence"]
-
-# name -> corpus kind and generator kwargs (the fact presets are the demo corpus sizes)
-BENCHMARKS: dict[str, dict] = {
-    **{f"facts-{size}": {"kind": "facts", "corpus": kwargs} for size, kwargs in FACT_CORPUS_SIZES.items()},
-    # 20 epochs at lr 1e-3: at the demo recipe the model memorizes and seed noise swamps which half
-    # it saw (variance across halves / across seeds 5.8 → 12.7 with this recipe).
-    "lm-small": {"kind": "lm", "corpus": {}, "train": {"epochs": 20, "lr": 1e-3}},
-}
 
 
 class LDSConfig(StageConfig):
@@ -69,7 +61,6 @@ class CalibrateConfig(StageConfig):
     proxy: Literal["fact_mrr", "lds"] = Field("fact_mrr", description="Held-out proxy maximized.")
     holdout_fraction: float = Field(0.5, gt=0, lt=1, description="Share of queries used to choose (rest reports).")
 
-
     @field_validator("proj_dims")
     @classmethod
     def _dims(cls, v: list[int]) -> list[int]:
@@ -84,7 +75,9 @@ class EvaluateConfig(StageConfig):
     )
     workspace: str = Field("dataworth-runs/evaluate", description="Folder for corpora, models, indexes and reports.")
     seed: int = Field(0, description="Seed of corpus, model and projections.")
-    train_epochs: int | None = Field(None, ge=1, description="Epochs of the benchmark model (preset default when unset).")
+    train_epochs: int | None = Field(
+        None, ge=1, description="Epochs of the benchmark model (preset default when unset)."
+    )
     logging: LoggingConfig = Field(
         default_factory=lambda: LoggingConfig(proj_dim_in=32, proj_dim_out=32, batch_size=16, shard_size=256)
     )

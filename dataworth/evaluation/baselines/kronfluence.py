@@ -27,7 +27,8 @@ Conventions (checked against kronfluence 1.0.1):
   not dataworth's relative factor.
 
 Only `nn.Linear` layers can be tracked: kronfluence supports nn.Linear and nn.Conv2d, not
-the transposed-weight `Conv1D` of GPT-2: scores are computed on a same-function copy whose tracked layers are bias-free nn.Linear.
+the transposed-weight `Conv1D` of GPT-2: scores are computed on a same-function copy whose
+tracked layers are bias-free nn.Linear.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .collector import per_example_loss
-from .config import LoggingConfig
-from .data import collate
-from .gradients import EncodedQuery
-from .projection import select_modules
+from dataworth.attribution.hooks import per_example_loss
+from dataworth.attribution.projection import select_modules
+from dataworth.config import LoggingConfig
+from dataworth.data import collate
+from dataworth.queries import EncodedQuery
 
 INSTALL_COMMAND = 'pip install --no-deps "kronfluence==1.0.1" einops einconv opt-einsum'
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
@@ -200,11 +201,15 @@ def kronfluence_scores(
         raise ValueError("queries is empty; give at least one EncodedQuery")
     for q in queries:
         if not q.completion_ids or not q.prompt_ids:
-            raise ValueError(f"query {q.id!r} needs prompt and completion tokens: its loss falls on the completion only")
+            raise ValueError(
+                f"query {q.id!r} needs prompt and completion tokens: its loss falls on the completion only"
+            )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if damping_factor is not None and damping_factor <= 0:
-        raise ValueError(f"damping_factor must be positive or None (kronfluence's 0.1 × mean eigenvalue), got {damping_factor}")
+        raise ValueError(
+            f"damping_factor must be positive or None (kronfluence's 0.1 × mean eigenvalue), got {damping_factor}"
+        )
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         raise ValueError(
@@ -227,32 +232,54 @@ def kronfluence_scores(
 
     # kronfluence's process state is a singleton: one made earlier for a GPU would move the model there.
     if State(cpu=True).device.type != "cpu":
-        raise RuntimeError("kronfluence's process state was already set up for a GPU in this process; run on CPU in a fresh process")
+        raise RuntimeError(
+            "kronfluence's process state was already set up for a GPU in this process; run on CPU in a fresh process"
+        )
     # kronfluence wraps layers in place: it works on the twin, so the caller's model is never touched.
     # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated (FutureWarning) even when disabled.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"kronfluence\.")
         prepared = prepare_model(model=model, task=task)
         analyzer = Analyzer(
-            analysis_name="dataworth", model=prepared, task=task, cpu=True,
-            log_level=logging.WARNING, disable_tqdm=True, output_dir=output_dir,
+            analysis_name="dataworth",
+            model=prepared,
+            task=task,
+            cpu=True,
+            log_level=logging.WARNING,
+            disable_tqdm=True,
+            output_dir=output_dir,
         )
         analyzer.set_dataloader_kwargs(loader_kwargs)
         start = time.perf_counter()
         analyzer.fit_all_factors(
-            factors_name=strategy, dataset=train_data, per_device_batch_size=batch_size,
-            factor_args=factor_args, overwrite_output_dir=True,
+            factors_name=strategy,
+            dataset=train_data,
+            per_device_batch_size=batch_size,
+            factor_args=factor_args,
+            overwrite_output_dir=True,
         )
         seconds_factors = time.perf_counter() - start
         start = time.perf_counter()
         analyzer.compute_pairwise_scores(
-            scores_name=f"{strategy}_pairwise", factors_name=strategy, query_dataset=query_data,
-            train_dataset=train_data, per_device_query_batch_size=batch_size,
-            per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True,
+            scores_name=f"{strategy}_pairwise",
+            factors_name=strategy,
+            query_dataset=query_data,
+            train_dataset=train_data,
+            per_device_query_batch_size=batch_size,
+            per_device_train_batch_size=batch_size,
+            score_args=score_args,
+            overwrite_output_dir=True,
         )
         seconds_scores = time.perf_counter() - start
         result = analyzer.load_pairwise_scores(scores_name=f"{strategy}_pairwise")
     scores = result["all_modules"].detach().to(torch.float64).cpu().numpy()
     if scores.shape != (len(queries), len(train_sequences)):
-        raise RuntimeError(f"kronfluence returned scores of shape {scores.shape}, expected {(len(queries), len(train_sequences))}")
-    return {"scores": scores, "seconds_factors": seconds_factors, "seconds_scores": seconds_scores, "strategy": strategy}
+        raise RuntimeError(
+            f"kronfluence returned scores of shape {scores.shape}, expected {(len(queries), len(train_sequences))}"
+        )
+    return {
+        "scores": scores,
+        "seconds_factors": seconds_factors,
+        "seconds_scores": seconds_scores,
+        "strategy": strategy,
+    }

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .config import CurvatureConfig, LoggingConfig
-from .curvature import FisherAccumulator
-from .lds import pearson, spearman
-from .projection import Projector
-from .scoring import Scorer
+from dataworth.attribution.curvature import FisherAccumulator
+from dataworth.attribution.projection import Projector
+from dataworth.attribution.scoring import Scorer
+from dataworth.config import CurvatureConfig, LoggingConfig
+from dataworth.evaluation.lds import pearson, spearman
 
 _DTYPE = torch.float64
 # Gradient max-norm at which a fit counts as converged. An error δ in the gradient moves θ
@@ -106,8 +106,13 @@ def fit(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, max_round
     # the loss-change stop off, since J no longer changes visibly).
     for line_search, rounds, change_tol in (("strong_wolfe", 1, 1e-16), (None, max_rounds, 0.0)):
         opt = torch.optim.LBFGS(
-            [model.weight], lr=1.0, max_iter=200, history_size=50, tolerance_grad=_GRAD_TOL / 10,
-            tolerance_change=change_tol, line_search_fn=line_search,
+            [model.weight],
+            lr=1.0,
+            max_iter=200,
+            history_size=50,
+            tolerance_grad=_GRAD_TOL / 10,
+            tolerance_change=change_tol,
+            line_search_fn=line_search,
         )
         for _ in range(rounds):
             opt.step(closure)

@@ -8,7 +8,7 @@ import math
 from html import escape
 from typing import Any
 
-from .report import _CSS, _histogram_png, _metrics_html, _run_info_html
+from dataworth.reports.query_report import _CSS, _histogram_png, _metrics_html, _run_info_html
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -57,7 +57,7 @@ def lds_scatter_png(scatter: dict[str, Any]) -> bytes:
         ax.set_xlabel("Σ predicted score over subset", fontsize=8)
         ax.set_ylabel("log p(completion), retrained", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
     fig.suptitle(f"LDS scatter for query {scatter['query']}", fontsize=10)
     return _png(fig)
@@ -69,8 +69,13 @@ def brittleness_png(curves: dict[str, dict[str, float]]) -> bytes:
     ax = fig.subplots()
     for method, points in curves.items():
         ks = sorted(points, key=int)
-        ax.plot([int(k) for k in ks], [points[k] for k in ks], marker="o", label=method,
-                linestyle="--" if method == "random" else "-")
+        ax.plot(
+            [int(k) for k in ks],
+            [points[k] for k in ks],
+            marker="o",
+            label=method,
+            linestyle="--" if method == "random" else "-",
+        )
     ax.set_xlabel("training examples removed (k)")
     ax.set_ylabel("Δ query loss after retraining")
     ax.axhline(0, color="#8c959f", linewidth=0.8)
@@ -121,7 +126,9 @@ def render_evaluation_report(
     for name, (heading, alt) in PLOTS.items():
         if plots and name in plots:
             png = base64.b64encode(plots[name]).decode("ascii")
-            parts.append(f'<section class="card"><h2 style="margin-top:0">{heading}</h2>'
-                         f'<img class="plot" alt="{alt}" src="data:image/png;base64,{png}"></section>')
+            parts.append(
+                f'<section class="card"><h2 style="margin-top:0">{heading}</h2>'
+                f'<img class="plot" alt="{alt}" src="data:image/png;base64,{png}"></section>'
+            )
     parts.append("</main></body></html>")
     return "".join(parts)

@@ -2,7 +2,7 @@
 
 A random projection is drawn from a generator seeded by (seed, module name), so it is
 never stored: any worker, on any device, redraws the same matrix on the CPU. Projections
-fitted to the data (KFAC-whitened, `dataworth.kfac`) are stored with the index as
+fitted to the data (KFAC-whitened, `dataworth.attribution.kfac`) are stored with the index as
 `FittedProjections` and handed to the Projector.
 """
 
@@ -22,7 +22,7 @@ try:  # GPT-2 style layers: y = x @ W + b with W of shape (in, out)
 except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
-from .config import LoggingConfig
+from dataworth.config import LoggingConfig
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -60,11 +60,12 @@ def select_modules(model: nn.Module, include: list[str], exclude: list[str]) -> 
         for n in hits:
             selected[n] = candidates[n]
     selected = {
-        n: m for n, m in candidates.items()
-        if n in selected and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+        n: m for n, m in candidates.items() if n in selected and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
     }
     if not selected:
-        raise ValueError(f"every layer matched by {include} is removed by exclude_modules={exclude}; loosen one of them")
+        raise ValueError(
+            f"every layer matched by {include} is removed by exclude_modules={exclude}; loosen one of them"
+        )
     return selected
 
 
@@ -166,7 +167,8 @@ class Projector:
         if cfg.precondition != "none" and fitted is None:
             raise ValueError(
                 f"logging.precondition={cfg.precondition!r} needs projections fitted to the data "
-                "(dataworth.kfac.fit_kfac_projections; the index flow fits and stores them): pass them as `fitted`, "
+                "(dataworth.attribution.kfac.fit_kfac_projections; the index flow fits and stores them): "
+                "pass them as `fitted`, "
                 "or set logging.precondition='none' for plain random projections"
             )
         if fitted is not None:
@@ -175,8 +177,10 @@ class Projector:
     def _check_fitted(self, fitted: FittedProjections) -> None:
         missing = [n for n in self.dims if n not in fitted.matrices]
         if missing:
-            raise ValueError(f"the fitted projections have no matrices for modules {missing[:4]}; "
-                             "they were fitted for another module selection: refit them (rebuild the index)")
+            raise ValueError(
+                f"the fitted projections have no matrices for modules {missing[:4]}; "
+                "they were fitted for another module selection: refit them (rebuild the index)"
+            )
         for b in self.layout.blocks:
             d_in, d_out = self.dims[b.name]
             p_in, p_out = fitted.matrices[b.name]

@@ -20,8 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .data import collate
-from .retrain import RetrainConfig, fit_sequences, mean_token_loss, save_staged
+from dataworth.data import collate
+from dataworth.training import RetrainConfig, fit_sequences, mean_token_loss, save_staged
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -142,8 +142,15 @@ def train_tiny_gpt2(
     )
     model = GPT2LMHeadModel(config)
 
-    recipe = RetrainConfig(epochs=max(epochs, 1), max_steps=max_steps, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
+    recipe = RetrainConfig(
+        epochs=max(epochs, 1),
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        seed=seed,
+    )
     initial_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
     evals: list[tuple[int, Any]] = []
 
@@ -151,16 +158,30 @@ def train_tiny_gpt2(
         if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
             evals.append((step, _run_eval(eval_fn, model, tokenizer)))
 
-    step = fit_sequences(model, examples, recipe, order_rng, tokenizer.pad_token_id, progress=progress,
-                         desc="train tiny gpt2", on_step=after_step)
+    step = fit_sequences(
+        model,
+        examples,
+        recipe,
+        order_rng,
+        tokenizer.pad_token_id,
+        progress=progress,
+        desc="train tiny gpt2",
+        on_step=after_step,
+    )
     if eval_fn is not None:
         evals.append((step, _run_eval(eval_fn, model, tokenizer)))
     final_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
 
     model.eval()
     _save(model, tokenizer, out)
-    return TrainResult(path=out, final_loss=final_loss, initial_loss=initial_loss, steps=step,
-                       seconds=time.perf_counter() - start, evals=evals)
+    return TrainResult(
+        path=out,
+        final_loss=final_loss,
+        initial_loss=initial_loss,
+        steps=step,
+        seconds=time.perf_counter() - start,
+        evals=evals,
+    )
 
 
 @torch.no_grad()

@@ -43,7 +43,11 @@ TOPICS: dict[str, dict[str, list]] = {
         "characters": ["Orlo", "Brannagh", "Tesk", "Mirren", "Quell", "Dovan"],
         "roles": ["ferryman", "sailmaker", "lamplighter", "netmender"],
         "places": [
-            "the north pier", "the salt sheds", "the lighthouse steps", "the fish market", "the outer breakwater",
+            "the north pier",
+            "the salt sheds",
+            "the lighthouse steps",
+            "the fish market",
+            "the outer breakwater",
         ],
         "objects": [
             ("nets", "hauled", ["tarred", "knotted", "heavy"]),
@@ -123,7 +127,11 @@ TOPICS: dict[str, dict[str, list]] = {
         "characters": ["Master Quillon", "Ottilie", "Benedek", "Solveig", "Ansel", "Marguerite"],
         "roles": ["archivist", "copyist", "bookbinder", "translator"],
         "places": [
-            "the reading room", "the map cabinet", "the scriptorium desk", "the locked stacks", "the spiral stair",
+            "the reading room",
+            "the map cabinet",
+            "the scriptorium desk",
+            "the locked stacks",
+            "the spiral stair",
         ],
         "objects": [
             ("ledger", "inked", ["leatherbound", "water-stained", "thick"]),
@@ -244,7 +252,7 @@ def corpus_to_records(corpus: LMCorpus) -> dict[str, list[dict]]:
 
 def write_lm_corpus(corpus: LMCorpus, out_dir: str | Path) -> dict[str, Path]:
     """Write documents.jsonl and queries.jsonl into out_dir; returns their paths."""
-    from .demo_corpus import write_records
+    from dataworth.benchmarks.facts import write_records
 
     return write_records(corpus_to_records(corpus), out_dir)
 
@@ -269,8 +277,7 @@ def _draw_collocations(topic: dict, rng: random.Random) -> dict:
     return world
 
 
-def _new_story(topic: str, world: dict, character: str, rng: random.Random, seen: set[str],
-               query: bool = False) -> str:
+def _new_story(topic: str, world: dict, character: str, rng: random.Random, seen: set[str], query: bool = False) -> str:
     for _ in range(_MAX_TRIES):
         text = _story(TOPICS[topic], world, character, rng, collocated_end=query)
         if text not in seen:

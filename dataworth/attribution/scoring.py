@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ScoreMode
-from .curvature import Curvature
+from dataworth.attribution.curvature import Curvature
+from dataworth.config import ScoreMode
 
 # Rows with (numerically) zero gradient score 0 instead of dividing by zero.
 _EPS = 1e-30
@@ -83,14 +83,23 @@ class TopK:
 class Scorer:
     """Scores query gradients against batches of stored gradients, for several modes at once."""
 
-    def __init__(self, queries: torch.Tensor, curvature: Curvature, modes: list[ScoreMode], top_k: int,
-                 full_matrix_size: int | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        queries: torch.Tensor,
+        curvature: Curvature,
+        modes: list[ScoreMode],
+        top_k: int,
+        full_matrix_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.dtype = dtype
         self.curvature = curvature
         self.prepared = prepare_queries(queries.to(dtype), curvature, modes)
         n = queries.shape[0]
         self.topk = {m: TopK(n, top_k) for m in modes}
-        self.full = {m: torch.zeros(n, full_matrix_size, dtype=torch.float64) for m in modes} if full_matrix_size else None
+        self.full = (
+            {m: torch.zeros(n, full_matrix_size, dtype=torch.float64) for m in modes} if full_matrix_size else None
+        )
         self.pairs = 0
 
     def update(self, ids: torch.Tensor, train: torch.Tensor) -> None:

@@ -54,7 +54,14 @@ RELATIONS: dict[str, dict[str, Any]] = {
     },
     "profession": {
         "values": [
-            "cartographer", "beekeeper", "glassblower", "blacksmith", "librarian", "clockmaker", "potter", "herbalist",
+            "cartographer",
+            "beekeeper",
+            "glassblower",
+            "blacksmith",
+            "librarian",
+            "clockmaker",
+            "potter",
+            "herbalist",
         ],
         "templates": [
             "{e} works as a {v}.",
@@ -235,15 +242,22 @@ def generate_fact_corpus(
     queries = []
     for i, f in enumerate(facts):
         prompt = _fill(query_templates[f["id"]], f["entity"], "\0").split(" \0")[0]
-        queries.append({
-            "id": f"q-{i:04d}",
-            "prompt": prompt,
-            "completion": " " + f["value"],
-            "fact_id": f["id"],
-            "relevant_document_ids": relevant[f["id"]],
-        })
-    params = dict(n_entities=n_entities, docs_per_fact=docs_per_fact, n_filler=n_filler, seed=seed,
-                  relations_per_entity=relations_per_entity)
+        queries.append(
+            {
+                "id": f"q-{i:04d}",
+                "prompt": prompt,
+                "completion": " " + f["value"],
+                "fact_id": f["id"],
+                "relevant_document_ids": relevant[f["id"]],
+            }
+        )
+    params = dict(
+        n_entities=n_entities,
+        docs_per_fact=docs_per_fact,
+        n_filler=n_filler,
+        seed=seed,
+        relations_per_entity=relations_per_entity,
+    )
     return FactCorpus(documents=documents, facts=facts, queries=queries, params=params)
 
 

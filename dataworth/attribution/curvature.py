@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CurvatureConfig
-from .projection import Layout
+from dataworth.attribution.projection import Layout
+from dataworth.config import CurvatureConfig
 
 
 class FisherAccumulator:
@@ -29,7 +29,11 @@ class FisherAccumulator:
         self.layout = layout
         self.cfg = cfg
         self.count = 0
-        self.sums = {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in layout.blocks} if cfg.kind == "raw" else {}
+        self.sums = (
+            {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in layout.blocks}
+            if cfg.kind == "raw"
+            else {}
+        )
 
     def update(self, grads: torch.Tensor) -> None:
         if grads.shape[1] != self.layout.dim:

@@ -23,10 +23,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .collector import BackwardHooks
-from .config import LoggingConfig
-from .data import Example, collate, pad_token_id
-from .projection import FittedProjections, Projector, layer_dims, select_modules
+from dataworth.attribution.hooks import BackwardHooks
+from dataworth.attribution.projection import FittedProjections, Projector, layer_dims, select_modules
+from dataworth.config import LoggingConfig
+from dataworth.data import Example, collate, pad_token_id
 
 
 def check_factor_dims(modules: dict, cfg: LoggingConfig) -> None:
@@ -141,7 +141,9 @@ def whitened_projections(
 def fit_kfac_projections(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
     """Fit KFAC factors on (a sample of) the examples and return the whitened projections."""
     if cfg.precondition != "kfac":
-        raise ValueError(f"fit_kfac_projections called with logging.precondition={cfg.precondition!r}; set it to 'kfac'")
+        raise ValueError(
+            f"fit_kfac_projections called with logging.precondition={cfg.precondition!r}; set it to 'kfac'"
+        )
     sample = sample_examples(examples, cfg.precondition_examples)
     factors, tokens, n = fit_kfac_factors(model, tokenizer, sample, cfg, progress)
     return whitened_projections(model, factors, cfg, {"examples": n, "tokens": tokens})

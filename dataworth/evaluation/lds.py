@@ -122,7 +122,9 @@ def linear_datamodeling_score(scores, masks, actual) -> dict:
             f"predictions of shape {predicted.shape} (n_queries, n_subsets); pass one outcome per query and subset"
         )
     if predicted.shape[1] < 3:
-        raise ValueError(f"{predicted.shape[1]} subsets give a meaningless rank correlation; use at least 3 (50+ is usual)")
+        raise ValueError(
+            f"{predicted.shape[1]} subsets give a meaningless rank correlation; use at least 3 (50+ is usual)"
+        )
     if not np.isfinite(actual).all():
         raise ValueError("actual contains NaN or inf; a retrained model's loss diverged, or a value is missing")
     per_query = np.full(predicted.shape[0], np.nan)

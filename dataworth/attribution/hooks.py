@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LoggingConfig
-from .projection import FittedProjections, Layout, Projector, select_modules
+from dataworth.attribution.projection import FittedProjections, Layout, Projector, select_modules
+from dataworth.config import LoggingConfig
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -27,7 +27,9 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str)
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
     total = nll.view(targets.shape).sum(dim=1)
     if reduction == "mean":
         total = total / (targets != -100).sum(dim=1).clamp(min=1)
@@ -138,7 +140,7 @@ class GradientCollector(BackwardHooks):
     Use as a context manager, then call `batch_gradients` per batch. The result is a
     (batch, layout.dim) tensor in the projection dtype: float64 when the model is float64,
     float32 otherwise. `fitted` holds the projections of an index whose projections were
-    fitted to the data (`precondition="kfac"`, see `dataworth.kfac`).
+    fitted to the data (`precondition="kfac"`, see `dataworth.attribution.kfac`).
     """
 
     def __init__(self, model: nn.Module, cfg: LoggingConfig, fitted: "FittedProjections | None" = None):

@@ -14,8 +14,9 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # Training texts are shown cut to this many characters; the full text stays in the store.
 TEXT_LIMIT = 300
@@ -257,9 +258,7 @@ def _query_html(index: int, query: dict, results: dict[str, dict[str, list[dict]
     modes = []
     for mode, per_query in results.items():
         rows = per_query.get(str(qid), per_query.get(qid)) if per_query else None
-        modes.append(
-            f'<div class="mode"><h3>{_e(mode)}{_mode_summary(rows)}</h3>{_ranked_html(rows)}</div>'
-        )
+        modes.append(f'<div class="mode"><h3>{_e(mode)}{_mode_summary(rows)}</h3>{_ranked_html(rows)}</div>')
     modes_html = f'<div class="modes">{"".join(modes)}</div>' if modes else '<p class="empty">No modes scored.</p>'
     return (
         f'<section class="card query" id="q{index}">'

@@ -1,0 +1,182 @@
+"""Tail-patch (TrackStar, Chang et al. 2024): one optimizer step on one training example,
+then the change in each query's completion log-probability; and the completion
+log-probabilities it is measured with."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from dataworth.attribution.hooks import per_example_loss
+from dataworth.data import collate
+from dataworth.queries import EncodedQuery
+from dataworth.training import _check_sequences, _context_length
+
+
+def _check_queries(queries: list[EncodedQuery], model) -> None:
+    if not queries:
+        raise ValueError("queries is empty: pass the encoded queries (dataworth.attribution.gradients.encode_queries)")
+    for q in queries:
+        if not q.completion_ids:
+            raise ValueError(
+                f"query {q.id!r} has no completion tokens; "
+                "encode it with a completion (or let encode_queries generate one)"
+            )
+    _check_sequences(
+        [q.prompt_ids + q.completion_ids for q in queries],
+        model.config.vocab_size,
+        _context_length(model.config),
+        "query",
+    )
+
+
+def _log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start : start + batch_size]
+        seqs = [q.prompt_ids + q.completion_ids for q in batch]
+        masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in batch]
+        input_ids, attention, labels = collate(seqs, pad_id, masks)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+        # float64 before the softmax: a sum of many log-probs, and after − before differences of
+        # tail patching, must not drown in rounding.
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        targets = labels[:, 1:].to(device)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * (targets != -100)).sum(dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def completion_log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """(n_queries,) float64: log p(completion | prompt), summed over the completion's tokens.
+
+    Right padding, so a query's positions and result do not depend on its batch mates.
+    Dropout is off while measuring; the model's train/eval mode is restored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    _check_queries(queries, model)
+    was_training = model.training
+    model.eval()
+    try:
+        return _log_probs(model, queries, pad_id, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True; unfreeze the weights to tail-patch")
+    return params
+
+
+def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, optimizer: str) -> None:
+    device = params[0].device
+    input_ids, attention, labels = collate([example_ids], pad_id)
+    loss = per_example_loss(
+        model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits, labels.to(device), "mean"
+    ).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if optimizer == "normalized":
+        # A step of relative size lr: ‖Δθ‖ = lr · ‖θ‖ along −g. Like Adafactor's relative step (TrackStar's
+        # optimizer), it does not depend on the model's or the example's gradient scale.
+        g_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))
+        if g_norm == 0:
+            return
+        w_norm = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
+        lr = float(lr * w_norm / g_norm)
+    # A fresh optimizer per candidate: the step must depend on this example alone. Adam's first
+    # step from zero state is lr · g / (|g| + eps), i.e. close to lr · sign(g).
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    for p in params:
+        p.grad = None
+
+
+def tail_patch_scores(
+    model,
+    candidate_sequences: list[list[int]],
+    queries: list[EncodedQuery],
+    pad_id: int,
+    lr: float = 1e-3,
+    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """(n_queries, n_candidates) float64 tail-patch scores (TrackStar, Chang et al. 2024).
+
+    Column j: one optimizer step on candidate j alone (mean token loss), then the change
+    in each query's completion log-probability, after − before. With SGD and a small lr
+    this is ≈ lr · ∇loss_q · ∇loss_j, so positive means the example teaches the completion;
+    "normalized" is SGD with the step length fixed to lr · ‖θ‖ (lr is then a relative step).
+    Dropout is off for the step and the measurements. The weights (and any .grad) are
+    restored exactly after every candidate.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
+    if optimizer not in ("sgd", "adam", "normalized"):
+        raise ValueError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized'")
+    if not candidate_sequences:
+        raise ValueError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
+    _check_queries(queries, model)
+    _check_sequences(candidate_sequences, model.config.vocab_size, _context_length(model.config), "candidate")
+    params = _trainable(model)
+    was_training = model.training
+    saved_grads = [p.grad for p in params]
+    # Snapshot once, restore after every candidate: copy_ writes the very same values back, so
+    # the restored model is bit-identical (tied weights are one Parameter, copied once).
+    with torch.no_grad():
+        snapshot = [p.detach().clone() for p in params]
+    model.eval()
+    scores = torch.empty((len(queries), len(candidate_sequences)), dtype=torch.float64)
+    bar = None
+    if progress:
+        bar = tqdm(total=len(candidate_sequences), desc="tail patch", unit="ex")
+    try:
+        with torch.no_grad():
+            before = _log_probs(model, queries, pad_id, batch_size)
+        for j, seq in enumerate(candidate_sequences):
+            try:
+                with torch.enable_grad():
+                    _patch_step(model, params, seq, pad_id, lr, optimizer)
+                with torch.no_grad():
+                    scores[:, j] = _log_probs(model, queries, pad_id, batch_size) - before
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(params, snapshot):
+                        p.copy_(s)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return scores
+
+
+def tail_patch(
+    model,
+    example_ids: list[int],
+    queries: list[EncodedQuery],
+    pad_id: int,
+    lr: float = 1e-3,
+    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """(n_queries,) float64: change in each query's completion log-probability after one
+    optimizer step on the single training sequence `example_ids`; weights restored exactly."""
+    if len(example_ids) == 0 or isinstance(example_ids[0], (list, tuple)):
+        raise ValueError(
+            "example_ids must be one non-empty training sequence (a list of token ids); "
+            "use tail_patch_scores for several candidates"
+        )
+    return tail_patch_scores(model, [example_ids], queries, pad_id, lr, optimizer, batch_size)[:, 0]
