@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dataworth.config import DataConfig
+from dataworth.errors import DataError
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -52,18 +53,18 @@ def _load_dataset(cfg: DataConfig):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
-                raise ValueError(f"saved dataset {path!r} has splits {list(ds)}, not {cfg.split!r}; set split")
+                raise DataError(f"saved dataset {path!r} has splits {list(ds)}, not {cfg.split!r}; set split")
             ds = ds[cfg.split]
         return ds
     files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
     if os.path.isdir(path):
         files = sorted(f for ext in _FILE_BUILDERS for f in glob.glob(os.path.join(path, f"*{ext}")))
         if not files:
-            raise ValueError(f"directory {path!r} holds no saved dataset and no {sorted(_FILE_BUILDERS)} files")
+            raise DataError(f"directory {path!r} holds no saved dataset and no {sorted(_FILE_BUILDERS)} files")
     if files:
         exts = {Path(f).suffix for f in files}
         if len(exts) != 1 or next(iter(exts)) not in _FILE_BUILDERS:
-            raise ValueError(f"data files {files[:3]} must share one extension among {sorted(_FILE_BUILDERS)}")
+            raise DataError(f"data files {files[:3]} must share one extension among {sorted(_FILE_BUILDERS)}")
         return datasets.load_dataset(_FILE_BUILDERS[exts.pop()], data_files=files, split="train")
     if path.startswith((".", "/")) or path.endswith(tuple(_FILE_BUILDERS)):
         raise FileNotFoundError(f"dataset path {path!r} does not exist")
@@ -80,31 +81,31 @@ def load_documents(cfg: DataConfig) -> Documents:
         ("source_column", cfg.source_column),
     ):
         if col is not None and col not in columns:
-            raise ValueError(f"dataset {cfg.dataset!r} has no column {col!r} (columns: {columns}); set {label}")
+            raise DataError(f"dataset {cfg.dataset!r} has no column {col!r} (columns: {columns}); set {label}")
     if cfg.max_documents is not None:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
     if len(ds) == 0:
-        raise ValueError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) is empty")
+        raise DataError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) is empty")
     texts = ds[cfg.text_column]
     ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
     sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")
+        raise DataError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")
     keep = []
     for i, t in enumerate(texts):
         # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
         if t is not None and not isinstance(t, str):
-            raise ValueError(f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text")
+            raise DataError(f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text")
         if t is None or not t.strip():
             if not cfg.skip_empty:
-                raise ValueError(
+                raise DataError(
                     f"document {ids[i]!r} (row {i}) has empty text; remove it or set skip_empty=True (--skip-empty)"
                 )
             continue
         keep.append(i)
     if not keep:
-        raise ValueError(f"every document of {cfg.dataset!r} is empty")
+        raise DataError(f"every document of {cfg.dataset!r} is empty")
     return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep])
 
 
@@ -123,10 +124,16 @@ def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool =
     return examples
 
 
-def pad_token_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
+def pad_token_id(source) -> int:
+    """The id to pad with, read from a tokenizer or a model config: its pad token, else its eos token, else 0.
+
+    Padding is masked out of attention and labels, so any valid id works. A config's ids are
+    checked against its vocabulary (a tokenizer's added tokens may lie past `vocab_size`).
+    """
+    vocab = None if hasattr(source, "convert_tokens_to_ids") else getattr(source, "vocab_size", None)
+    for tid in (getattr(source, "pad_token_id", None), getattr(source, "eos_token_id", None)):
+        if isinstance(tid, int) and tid >= 0 and (not isinstance(vocab, int) or tid < vocab):
+            return tid
     return 0
 
 

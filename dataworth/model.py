@@ -1,4 +1,5 @@
-"""Loading a causal LM and its tokenizer by hub name or local path, on the right device."""
+"""Loading a causal LM and its tokenizer by hub name or local path, on the right device; and the
+device, dtype and context length every part of dataworth reads the same way."""
 
 from __future__ import annotations
 
@@ -7,16 +8,33 @@ import os
 import torch
 
 from dataworth.config import ModelConfig
+from dataworth.errors import ConfigError, ModelError
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config attributes that hold the longest sequence a model accepts, by architecture family.
+_CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
 
 
-def resolve_device(cfg: ModelConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device is 'cuda' but CUDA is not available here; use device='auto' or 'cpu'")
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """The torch device for a device setting: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.
+
+    `setting` names the option in the error, e.g. 'model.device'.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting} is 'cuda' but CUDA is not available here; use device='auto' or 'cpu'")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def context_length(model_or_config, fallback: int | None = None) -> int | None:
+    """Longest sequence the model accepts, read from a model's config or a config itself; else `fallback`."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return fallback
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -26,7 +44,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
-        raise ValueError(
+        raise ModelError(
             f"cannot load tokenizer {name!r}: {err}. Give a local directory or a reachable hub name"
         ) from err
     return tok
@@ -37,29 +55,19 @@ def load_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     if os.path.sep in cfg.name_or_path and not os.path.exists(cfg.name_or_path):
-        raise ValueError(f"model path {cfg.name_or_path!r} does not exist")
-    device = resolve_device(cfg)
+        raise ModelError(f"model path {cfg.name_or_path!r} does not exist")
+    device = resolve_device(cfg.device, "model.device")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            cfg.name_or_path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
     except OSError as err:
-        raise ValueError(
+        raise ModelError(
             f"cannot load model {cfg.name_or_path!r}: {err}. "
             "Give a local save_pretrained directory or a reachable hub name"
         ) from err
     model.to(device).eval()
     return model, load_tokenizer(cfg)
-
-
-def context_length(model, fallback: int) -> int:
-    """Longest sequence the model accepts (from its config), else `fallback`."""
-    cfg = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return fallback

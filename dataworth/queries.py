@@ -11,7 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from dataworth.config import GenerationConfig, QuerySpec
-from dataworth.data import pad_token_id
+from dataworth.data import collate, pad_token_id
+from dataworth.errors import ConfigError, QueryError
+from dataworth.model import context_length
 
 
 def load_queries(path: str | None, inline: list[QuerySpec] | None = None) -> list[QuerySpec]:
@@ -26,27 +28,27 @@ def load_queries(path: str | None, inline: list[QuerySpec] | None = None) -> lis
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(
+                raise QueryError(
                     f"{path}:{n} is not valid JSON ({err.msg}); each line must be one JSON object"
                 ) from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n} must be a JSON object with 'prompt' (and optionally 'id', 'completion')")
+                raise QueryError(f"{path}:{n} must be a JSON object with 'prompt' (and optionally 'id', 'completion')")
             row.setdefault("id", f"q{n}")
             row = {k: row[k] for k in ("id", "prompt", "completion") if k in row}
             try:
                 queries.append(QuerySpec(**{**row, "id": str(row["id"])}))
             except ValidationError as err:
-                raise ValueError(
+                raise QueryError(
                     f"{path}:{n} is not a valid query: {err.errors()[0]['msg']} ({err.errors()[0]['loc']})"
                 ) from err
     if not queries:
-        raise ValueError(
+        raise QueryError(
             'no queries: give queries inline or a queries_path JSONL file with one {"prompt": ...} per line'
         )
     ids = [q.id for q in queries]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
-        raise ValueError(f"query ids {sorted(dup)} appear more than once; ids must be unique")
+        raise QueryError(f"query ids {sorted(dup)} appear more than once; ids must be unique")
     return queries
 
 
@@ -58,6 +60,21 @@ class EncodedQuery:
     completion_ids: list[int]
     completion: str
     generated: bool
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Prompt then completion, the sequence the query's loss is taken on."""
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def label_mask(self) -> list[bool]:
+        """True on the completion tokens: the loss falls on them only."""
+        return [False] * len(self.prompt_ids) + [True] * len(self.completion_ids)
+
+
+def collate_queries(queries: list[EncodedQuery], pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) of a batch of queries; labels on completion tokens only."""
+    return collate([q.input_ids for q in queries], pad_id, [q.label_mask for q in queries])
 
 
 def _cut_completion(ids: list[int], tokenizer, cfg: GenerationConfig) -> list[int]:
@@ -86,12 +103,12 @@ def encode_queries(
     encoded: list[EncodedQuery] = []
     for q in queries:
         if q.id in seen:
-            raise ValueError(f"query id {q.id!r} appears twice; query ids must be unique")
+            raise QueryError(f"query id {q.id!r} appears twice; query ids must be unique")
         seen.add(q.id)
         p_ids = tokenizer(q.prompt, add_special_tokens=True)["input_ids"]
         c_ids = tokenizer(q.completion, add_special_tokens=False)["input_ids"] if q.completion is not None else []
         if q.completion is not None and not c_ids:
-            raise ValueError(
+            raise QueryError(
                 f"query {q.id!r} has an empty completion; give text or leave completion out to generate one"
             )
         encoded.append(EncodedQuery(q.id, q.prompt, list(p_ids), list(c_ids), q.completion or "", q.completion is None))
@@ -99,34 +116,63 @@ def encode_queries(
         total = len(e.prompt_ids) + (gen.max_new_tokens if e.generated else len(e.completion_ids))
         if total > max_length:
             what = f"up to {gen.max_new_tokens} generated" if e.generated else f"{len(e.completion_ids)} completion"
-            raise ValueError(
+            raise QueryError(
                 f"query {e.id!r} has {total} tokens, more than the model's context of {max_length} "
                 f"({len(e.prompt_ids)} prompt + {what}); shorten its prompt"
             )
     todo = [e for e in encoded if e.generated]
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        width = max(len(e.prompt_ids) for e in batch)
-        # Left padding so every prompt ends at the same position for greedy decoding.
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, width - len(e.prompt_ids) :] = torch.tensor(e.prompt_ids)
-            mask[i, width - len(e.prompt_ids) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=gen.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-        for i, e in enumerate(batch):
-            e.completion_ids = _cut_completion(out[i, width:].tolist(), tokenizer, gen)
-            if not e.completion_ids:
-                raise ValueError(
-                    f"the model generated nothing for query {e.id!r} (it stopped at once); give a completion explicitly"
-                )
-            e.completion = tokenizer.decode(e.completion_ids)
+    generated = greedy_generate(
+        model, [e.prompt_ids for e in todo], gen.max_new_tokens, pad_token_id(tokenizer), batch_size
+    )
+    for e, new_ids in zip(todo, generated):
+        e.completion_ids = _cut_completion(new_ids, tokenizer, gen)
+        if not e.completion_ids:
+            raise QueryError(
+                f"the model generated nothing for query {e.id!r} (it stopped at once); give a completion explicitly"
+            )
+        e.completion = tokenizer.decode(e.completion_ids)
     return encoded
+
+
+@torch.no_grad()
+def greedy_generate(
+    model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, batch_size: int = 16
+) -> list[list[int]]:
+    """The greedy continuation (new token ids) of each prompt, in the order given.
+
+    Prompts are left-padded in batches so every prompt ends at the same position. Generation
+    stops at the model's end-of-text token (the rest of that row is `pad_id`, for the caller
+    to cut) and never runs past the model's context. Dropout is off while generating; the
+    model's train/eval mode is restored.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    device = next(model.parameters()).device
+    context = context_length(model)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            steps = max_new_tokens if context is None else min(max_new_tokens, context - width)
+            if steps <= 0:
+                out.extend([] for _ in batch)
+                continue
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, p in enumerate(batch):
+                ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )  # [B, width + ≤steps]
+            out.extend(row.tolist() for row in generated[:, width:])
+    finally:
+        model.train(was_training)
+    return out

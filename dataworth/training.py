@@ -27,9 +27,11 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from dataworth.config import StageConfig
-from dataworth.data import collate
+from dataworth.data import collate, pad_token_id
+from dataworth.errors import DataError, ModelError
+from dataworth.losses import mean_token_loss
+from dataworth.model import DTYPES, context_length, resolve_device
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Everything save_pretrained of a tokenizer may write; copied so the retrained model loads as
 # a drop-in replacement of the reference (same ids, same specials).
 _TOKENIZER_FILES = (
@@ -83,73 +85,38 @@ class RetrainConfig(StageConfig):
         return self
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available here; use device='auto' or 'cpu'")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def _context_length(config) -> int | None:
-    for attr in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _check_sequences(sequences: list[list[int]], vocab_size: int, context: int | None, what: str) -> None:
+def check_sequences(sequences: list[list[int]], vocab_size: int, context: int | None, what: str) -> None:
+    """Refuse empty sequences, sequences longer than the context and token ids outside the vocabulary."""
     for i, seq in enumerate(sequences):
         if len(seq) == 0:
-            raise ValueError(f"{what} {i} is empty; drop it (every sequence needs at least one token)")
+            raise DataError(f"{what} {i} is empty; drop it (every sequence needs at least one token)")
         if context is not None and len(seq) > context:
-            raise ValueError(f"{what} {i} has {len(seq)} tokens, more than the model's context of {context}; cut it")
+            raise DataError(f"{what} {i} has {len(seq)} tokens, more than the model's context of {context}; cut it")
         lo, hi = min(seq), max(seq)
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(
+            raise DataError(
                 f"{what} {i} holds token id {bad}, outside the model's vocabulary of {vocab_size}; "
                 "use the tokenizer the reference model was trained with"
             )
 
 
-def _pad_id(config) -> int:
-    # Padding is masked out of attention and labels, so any valid id works; prefer the model's own.
-    for tid in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
-        if isinstance(tid, int) and 0 <= tid < config.vocab_size:
-            return tid
-    return 0
-
-
-def mean_token_loss(model, input_ids, attention, labels) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    targets = labels[:, 1:]
-    if not bool((targets != -100).any()):
-        # A batch of one-token sequences has nothing to predict; a zero loss keeps the step (and
-        # the schedule) in place instead of a NaN from an empty mean.
-        return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-    )
-
-
 def _build_model(reference_model_dir: str, cfg: RetrainConfig):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     if cfg.init == "finetune":
         try:
             return AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
         except OSError as err:
-            raise ValueError(
+            raise ModelError(
                 f"cannot load base_model {cfg.base_model!r}: {err}. "
                 "Give a save_pretrained directory or a reachable hub name"
             ) from err
     try:
         config = AutoConfig.from_pretrained(reference_model_dir)
     except OSError as err:
-        raise ValueError(
+        raise ModelError(
             f"cannot read the config of reference model {reference_model_dir!r}: {err}. "
             "Give the save_pretrained directory (or hub name) of the model being attributed"
         ) from err
@@ -173,16 +140,16 @@ def train_causal_lm(
     (save_pretrained, the reference's tokenizer files and retrain_config.json).
     """
     if not sequences:
-        raise ValueError("sequences is empty: pass the token ids of the training examples to retrain on")
-    device = _device(cfg.device)
+        raise DataError("sequences is empty: pass the token ids of the training examples to retrain on")
+    device = resolve_device(cfg.device)
     model = _build_model(reference_model_dir, cfg)
-    _check_sequences(sequences, model.config.vocab_size, _context_length(model.config), "sequence")
+    check_sequences(sequences, model.config.vocab_size, context_length(model.config), "sequence")
     model.to(device)
     # Seeded again after loading so finetune runs are reproducible too (dropout draws); for
     # scratch it continues the stream of the initialization, exactly as tiny_model does.
     if cfg.init == "finetune":
         torch.manual_seed(cfg.seed)
-    fit_sequences(model, sequences, cfg, random.Random(cfg.seed), _pad_id(model.config), progress=progress)
+    fit_sequences(model, sequences, cfg, random.Random(cfg.seed), pad_token_id(model.config), progress=progress)
     model.eval()
     if out_dir is not None:
         _save(model, reference_model_dir, cfg, Path(out_dir))
@@ -228,7 +195,8 @@ def fit_sequences(
             if step >= total:
                 break
             input_ids, attention, labels = collate([sequences[j] for j in order[i : i + cfg.batch_size]], pad_id)
-            loss = mean_token_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            loss = mean_token_loss(logits, labels.to(device))
             loss.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

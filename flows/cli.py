@@ -4,274 +4,235 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import textwrap
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dataworth.config import ALL_SCORE_MODES, load_yaml  # noqa: E402
+from dataworth.config import StageConfig, load_yaml  # noqa: E402
+from flows.cli_options import (  # noqa: E402
+    OVERRIDES,
+    REQUIRED,
+    Alias,
+    add_config_options,
+    apply_overrides,
+    fill_section_defaults,
+    walk,
+)
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
-    if value is None:
-        return
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-    d[keys[-1]] = value
+def _prompt_query(i: int, prompt: str) -> dict[str, Any]:
+    return {"id": f"prompt-{i}", "prompt": prompt}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the stage config; flags given here override it")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///dataworth-runs/mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment name (default dataworth)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log this run to MLflow")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+# The one table of short and legacy flags. Every config field also has its own flag, named after
+# its dotted path (`--logging.proj-dim-in`); an alias applies to every command whose config has
+# all its paths, unless `commands` says otherwise. Bool paths: `--no-...` sets False, else True.
+ALIASES: tuple[Alias, ...] = (
+    Alias("--model", ("model.name_or_path",)),
+    Alias("--tokenizer", ("model.tokenizer",)),
+    Alias("--dtype", ("model.dtype",)),
+    Alias("--device", ("model.device",)),
+    Alias("--dataset", ("data.dataset",)),
+    Alias("--split", ("data.split",)),
+    Alias("--text-column", ("data.text_column",)),
+    Alias("--id-column", ("data.id_column",)),
+    Alias("--max-length", ("data.max_length",)),
+    Alias("--max-documents", ("data.max_documents",)),
+    Alias("--skip-empty", ("data.skip_empty",)),
+    Alias("--index", ("index_uri",)),
+    Alias("--modules", ("logging.modules",)),
+    Alias("--projection", ("logging.projection",)),
+    Alias(
+        "--proj-dim", ("logging.proj_dim_in", "logging.proj_dim_out"), help="Projection size per side (k_in = k_out)."
+    ),
+    Alias("--precondition", ("logging.precondition",)),
+    Alias("--batch-size", ("logging.batch_size",)),
+    Alias("--shard-size", ("logging.shard_size",)),
+    Alias("--curvature", ("curvature.kind",)),
+    Alias("--damping", ("curvature.damping_factor",), commands=("demo", "index", "evaluate")),
+    Alias("--damping", ("score.damping_factor",), commands=("query",)),
+    Alias("--modes", ("score.modes",)),
+    Alias("--top-k", ("score.top_k",)),
+    Alias("--full-matrix", ("score.full_matrix",)),
+    Alias("--size", ("corpus_size",)),
+    Alias("--epochs", ("train_epochs",)),
+    Alias("--show", ("show_queries",)),
+    Alias("--subsets", ("lds.n_subsets",)),
+    Alias("--no-lds", ("lds.enabled",)),
+    Alias("--no-brittleness", ("brittleness.enabled",)),
+    Alias("--no-tail-patch", ("tail_patch.enabled",)),
+    Alias("--tail-patch-lr", ("tail_patch.lr",)),
+    Alias("--tail-patch-optimizer", ("tail_patch.optimizer",)),
+    Alias("--calibrate", ("calibrate.enabled",)),
+    Alias("--calibrate-proxy", ("calibrate.proxy",)),
+    Alias("--damping-factors", ("calibrate.damping_factors",)),
+    Alias("--proj-dims", ("calibrate.proj_dims",)),
+    Alias("--queries", ("queries_path",)),
+    Alias("--max-new-tokens", ("generation.max_new_tokens",)),
+    Alias(
+        "--prompt",
+        ("queries",),
+        help="A query prompt, completed by the model (ids prompt-1, prompt-2, ... after the file's queries).",
+        extend=_prompt_query,
+    ),
+    Alias("--mlflow-uri", ("tracking.tracking_uri",)),
+    Alias("--experiment", ("tracking.experiment",)),
+    Alias("--no-mlflow", ("tracking.enabled",)),
+)
 
+# Fields with no flag of their own (a `--config` file sets them).
+NO_FLAG = {
+    "queries",  # a list of {id, prompt, completion} records: --prompt appends to it
+    "tracking.parent_run_id",  # set by the demo flow for the runs it nests
+}
 
-def _scoring(p: argparse.ArgumentParser, prefix: str) -> None:
-    p.add_argument("--modes", nargs="+", choices=ALL_SCORE_MODES, help="score modes (default: all four)")
-    p.add_argument("--top-k", type=int, help="training examples kept per query and mode (default 10)")
-    p.add_argument("--damping", type=float, help=f"damping factor override (λ = factor × mean eigenvalue){prefix}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataworth", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser(
-        "demo",
-        help="run the whole pipeline on a generated fact corpus and a tiny GPT-2",
-        description="Generate a fact corpus, train a tiny GPT-2 on it, index it, attribute the "
-        "model's completions, and report fact-tracing recall@10 / MRR per score mode.",
-    )
-    demo.add_argument("--workspace", help="folder for corpus, model, index, reports (default dataworth-runs/demo)")
-    demo.add_argument("--size", choices=["small", "medium", "large"], help="corpus preset (default small)")
-    demo.add_argument("--seed", type=int)
-    demo.add_argument("--epochs", type=int, help="training epochs of the tiny model")
-    demo.add_argument("--show", type=int, help="queries printed with their top-5 (default 8)")
-    _scoring(demo, "")
-    _common(demo)
-
-    index = sub.add_parser(
-        "index",
-        help="log gradients of a corpus and build an attribution index",
-        description="tokenize → log projected per-example gradients → fit curvature → publish",
-    )
-    index.add_argument("--model", help="Hugging Face model name or local save_pretrained directory")
-    index.add_argument("--tokenizer", help="tokenizer name or path (default: the model's)")
-    index.add_argument("--dataset", help="HF dataset name, saved dataset dir, or jsonl/json/parquet/csv/txt file(s)")
-    index.add_argument("--split", help="dataset split (default train)")
-    index.add_argument("--text-column", help="column with the text (default text)")
-    index.add_argument("--id-column", help="column with document ids (default: row numbers)")
-    index.add_argument("--max-length", type=int, help="tokens per example; longer documents are chunked (default 256)")
-    index.add_argument("--max-documents", type=int, help="read at most this many documents")
-    index.add_argument(
-        "--skip-empty", action="store_true", default=None, help="drop empty documents instead of failing"
-    )
-    index.add_argument("--index", dest="index_uri", help="LanceDB URI of the index (directory or object store)")
-    index.add_argument("--modules", nargs="+", help="fnmatch patterns of layers to track (default: all but lm_head)")
-    index.add_argument("--projection", choices=["gaussian", "rademacher", "identity"])
-    index.add_argument("--proj-dim", type=int, help="projection size per side (k_in = k_out)")
-    index.add_argument(
-        "--precondition",
-        choices=["kfac", "none"],
-        help="whiten with KFAC factors before projecting (default kfac) or project only",
-    )
-    index.add_argument("--curvature", choices=["identity", "raw"])
-    index.add_argument("--damping", type=float, help="damping factor (λ = factor × mean eigenvalue per block)")
-    index.add_argument("--batch-size", type=int)
-    index.add_argument("--shard-size", type=int, help="examples per gradient-logging task")
-    index.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], help="model dtype")
-    index.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    index.add_argument(
-        "--overwrite", action="store_true", default=None, help="rebuild an index made with another config"
-    )
-    _common(index)
-
-    ev = sub.add_parser(
-        "evaluate",
-        help="measure attribution quality on a generated benchmark (LDS, fact tracing, ...)",
-        description="Train the benchmark model, index it, and measure every score mode and baseline: "
-        "fact tracing (MRR, recall@10), tail-patch, linear datamodeling score (retrains a "
-        "model per random subset), brittleness, and leave-one-out on a convex problem.",
-    )
-    ev.add_argument(
-        "--benchmark",
-        choices=["facts-small", "facts-medium", "facts-large", "lm-small"],
-        help="generated benchmark preset (default facts-small)",
-    )
-    ev.add_argument(
-        "--workspace", help="folder for benchmark corpora, models, indexes, reports (default dataworth-runs/evaluate)"
-    )
-    ev.add_argument("--seed", type=int)
-    ev.add_argument("--epochs", type=int, help="training epochs of the benchmark model")
-    ev.add_argument("--proj-dim", type=int, help="projection size per side (default 32)")
-    ev.add_argument(
-        "--precondition",
-        choices=["kfac", "none"],
-        help="whiten with KFAC factors before projecting (default kfac) or project only",
-    )
-    ev.add_argument("--curvature", choices=["identity", "raw"])
-    ev.add_argument("--baselines", nargs="*", choices=["bm25", "kronfluence"], help="baselines (default bm25)")
-    ev.add_argument("--subsets", type=int, help="LDS: retrained subsets (default 50)")
-    ev.add_argument("--no-lds", action="store_true", help="skip the linear datamodeling score")
-    ev.add_argument("--no-brittleness", action="store_true", help="skip brittleness retraining")
-    ev.add_argument("--no-tail-patch", action="store_true", help="skip tail-patch")
-    ev.add_argument("--tail-patch-lr", type=float, help="learning rate of the single tail-patch step (default 0.01)")
-    ev.add_argument(
-        "--tail-patch-optimizer",
-        choices=["sgd", "adam", "normalized"],
-        help="optimizer of the tail-patch step (default sgd)",
-    )
-    ev.add_argument("--no-loo", action="store_true", help="skip leave-one-out on the convex problem")
-    ev.add_argument(
-        "--calibrate",
-        action="store_true",
-        default=None,
-        help="sweep the damping factor on a held-out proxy and record the choice in the index",
-    )
-    ev.add_argument("--calibrate-proxy", choices=["fact_mrr", "lds"], help="proxy maximized by --calibrate")
-    ev.add_argument("--damping-factors", nargs="+", type=float, help="damping factors swept by --calibrate")
-    ev.add_argument(
-        "--proj-dims",
-        nargs="+",
-        type=int,
-        help="projection sizes also swept by --calibrate (one index each); the best is recorded in its index",
-    )
-    _scoring(ev, "")
-    _common(ev)
-
-    query = sub.add_parser(
-        "query",
-        help="attribute query completions to the training examples of an index",
-        description="Score queries (JSONL: {id, prompt, completion?}) against a published index. "
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    # command: (config class, module, help, description)
+    "demo": (
+        "DemoConfig",
+        "dataworth.config",
+        "run the whole pipeline on a generated fact corpus and a tiny GPT-2",
+        "Generate a fact corpus, train a tiny GPT-2 on it, index it, attribute the model's completions, "
+        "and report fact-tracing recall@10 / MRR per score mode.",
+    ),
+    "index": (
+        "IndexConfig",
+        "dataworth.config",
+        "log gradients of a corpus and build an attribution index",
+        "tokenize → log projected per-example gradients → fit curvature → publish",
+    ),
+    "query": (
+        "QueryConfig",
+        "dataworth.config",
+        "attribute query completions to the training examples of an index",
+        "Score queries (JSONL: {id, prompt, completion?}) against a published index. "
         "Queries without a completion are completed greedily by the model first.",
-    )
-    query.add_argument("--index", dest="index_uri", help="LanceDB URI of a published index")
-    query.add_argument("--queries", dest="queries_path", help="JSONL file of queries")
-    query.add_argument("--prompt", action="append", help="a query prompt (repeatable); completed by the model")
-    query.add_argument("--max-new-tokens", type=int, help="tokens generated for queries without a completion")
-    query.add_argument("--report-dir", help="where the HTML report goes (default <index>/reports)")
-    query.add_argument("--full-matrix", action="store_true", default=None, help="also save the full score matrix")
-    _scoring(query, " for this run only")
-    _common(query)
+    ),
+    "evaluate": (
+        "EvaluateConfig",
+        "dataworth.evaluation.config",
+        "measure attribution quality on a generated benchmark (LDS, fact tracing, ...)",
+        "Train the benchmark model, index it, and measure every score mode and baseline: fact tracing "
+        "(MRR, recall@10), tail-patch, linear datamodeling score (retrains a model per random subset), "
+        "brittleness, and leave-one-out on a convex problem.",
+    ),
+}
+
+
+def config_class(command: str) -> type[StageConfig]:
+    name, module, _, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=40)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"  # the metavar once, not after every spelling
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # keep paths and flags whole
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose config flags are generated on first use, so `dataworth index --help` does not
+    import the evaluation configs (and torch with them)."""
+
+    def __init__(self, *args, command: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
+        self.flags: dict[str, list[str]] | None = None  # dotted path → its flags, once generated
+
+    def with_options(self) -> CommandParser:
+        if self.command is not None and self.flags is None:
+            self.flags = add_config_options(self, self.command, config_class(self.command), ALIASES, NO_FLAG)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.with_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.with_options()
+        return super().format_help()
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="dataworth", description=__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for command, (name, _, help_, description) in COMMANDS.items():
+        p = sub.add_parser(
+            command,
+            help=help_,
+            description=textwrap.fill(description, 100)
+            + "\n\n"
+            + textwrap.fill(
+                f"Every field of {name} has a flag named after its path (--section.field); flags override "
+                "--config FILE, which overrides the defaults.",
+                100,
+            ),
+            usage=f"dataworth {command} [--config FILE] [OPTIONS]",
+            formatter_class=_Formatter,
+            command=command,
+        )
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"YAML file with the {name} (a run saves its resolved one beside its outputs; "
+            "give it here to replay the run); flags given here override it",
+        )
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.commands = sub.choices
     return parser
 
 
-def _tracking(args, cfg: dict) -> None:
-    _set(cfg, "tracking.tracking_uri", args.mlflow_uri)
-    _set(cfg, "tracking.experiment", args.experiment)
-    if args.no_mlflow:
-        _set(cfg, "tracking.enabled", False)
+def command_parser(parser: CommandParser, command: str) -> CommandParser:
+    """The parser of one command, with its generated flags."""
+    return parser.commands[command].with_options()
 
 
-def _index_config(args) -> dict:
-    cfg = load_yaml(args.config) if args.config else {}
-    for flag, key in [
-        ("model", "model.name_or_path"),
-        ("tokenizer", "model.tokenizer"),
-        ("dtype", "model.dtype"),
-        ("device", "model.device"),
-        ("dataset", "data.dataset"),
-        ("split", "data.split"),
-        ("text_column", "data.text_column"),
-        ("id_column", "data.id_column"),
-        ("max_length", "data.max_length"),
-        ("max_documents", "data.max_documents"),
-        ("skip_empty", "data.skip_empty"),
-        ("index_uri", "index_uri"),
-        ("modules", "logging.modules"),
-        ("projection", "logging.projection"),
-        ("batch_size", "logging.batch_size"),
-        ("precondition", "logging.precondition"),
-        ("shard_size", "logging.shard_size"),
-        ("curvature", "curvature.kind"),
-        ("damping", "curvature.damping_factor"),
-        ("overwrite", "overwrite"),
-    ]:
-        _set(cfg, key, getattr(args, flag))
-    if args.proj_dim:
-        _set(cfg, "logging.proj_dim_in", args.proj_dim)
-        _set(cfg, "logging.proj_dim_out", args.proj_dim)
-    _tracking(args, cfg)
-    return cfg
+def build_config(args: argparse.Namespace) -> StageConfig:
+    """The command's config: the model's defaults, then the `--config` file, then the flags given."""
+    cls = config_class(args.command)
+    data = load_yaml(args.config) if args.config else {}
+    apply_overrides(data, getattr(args, OVERRIDES, []))
+    return cls.model_validate(fill_section_defaults(cls, data))
 
 
-def _query_config(args) -> dict:
-    cfg = load_yaml(args.config) if args.config else {}
-    for flag, key in [
-        ("index_uri", "index_uri"),
-        ("queries_path", "queries_path"),
-        ("max_new_tokens", "generation.max_new_tokens"),
-        ("report_dir", "report_dir"),
-        ("full_matrix", "score.full_matrix"),
-        ("modes", "score.modes"),
-        ("top_k", "score.top_k"),
-        ("damping", "score.damping_factor"),
-    ]:
-        _set(cfg, key, getattr(args, flag))
-    if args.prompt:
-        cfg.setdefault("queries", []).extend({"id": f"prompt-{i}", "prompt": p} for i, p in enumerate(args.prompt, 1))
-    _tracking(args, cfg)
-    return cfg
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def _demo_config(args) -> dict:
-    cfg = load_yaml(args.config) if args.config else {}
-    for flag, key in [
-        ("workspace", "workspace"),
-        ("size", "corpus_size"),
-        ("seed", "seed"),
-        ("epochs", "train_epochs"),
-        ("show", "show_queries"),
-        ("modes", "score.modes"),
-        ("top_k", "score.top_k"),
-        ("damping", "curvature.damping_factor"),
-    ]:
-        _set(cfg, key, getattr(args, flag))
-    _tracking(args, cfg)
-    return cfg
-
-
-def _evaluate_config(args) -> dict:
-    cfg = load_yaml(args.config) if args.config else {}
-    for flag, key in [
-        ("benchmark", "benchmark"),
-        ("workspace", "workspace"),
-        ("seed", "seed"),
-        ("epochs", "train_epochs"),
-        ("curvature", "curvature.kind"),
-        ("precondition", "logging.precondition"),
-        ("baselines", "baselines"),
-        ("subsets", "lds.n_subsets"),
-        ("calibrate", "calibrate.enabled"),
-        ("calibrate_proxy", "calibrate.proxy"),
-        ("damping_factors", "calibrate.damping_factors"),
-        ("proj_dims", "calibrate.proj_dims"),
-        ("modes", "score.modes"),
-        ("top_k", "score.top_k"),
-        ("damping", "curvature.damping_factor"),
-        ("tail_patch_lr", "tail_patch.lr"),
-        ("tail_patch_optimizer", "tail_patch.optimizer"),
-    ]:
-        _set(cfg, key, getattr(args, flag))
-    if args.proj_dim:
-        _set(cfg, "logging.proj_dim_in", args.proj_dim)
-        _set(cfg, "logging.proj_dim_out", args.proj_dim)
-    for flag, key in [
-        ("no_lds", "lds.enabled"),
-        ("no_brittleness", "brittleness.enabled"),
-        ("no_tail_patch", "tail_patch.enabled"),
-    ]:
-        if getattr(args, flag):
-            _set(cfg, key, False)
-    if args.no_loo:
-        _set(cfg, "loo", False)
-    _tracking(args, cfg)
-    return cfg
+def describe_validation_error(err, command: str, flags: dict[str, list[str]]) -> str:
+    """One line: each bad field by its dotted path, what is wrong, the value given, and its flag."""
+    required = [leaf.path for leaf in walk(config_class(command), NO_FLAG) if leaf.default is REQUIRED]
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(k) for k in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if e["type"] != "missing" and loc and not isinstance(value, dict):
+            msg += f", got {value!r}"
+        field = ".".join(str(k) for k in e["loc"] if not isinstance(k, int))
+        if field in flags:
+            named = flags[field][:1]
+        else:  # a missing section: the flags of its required fields
+            named = [flags[p][0] for p in required if p.startswith(field + ".") and p in flags]
+        hint = f" ({', '.join(named)})" if named and loc else ""
+        parts.append(f"{loc}: {msg}{hint}" if loc else msg)
+    return "invalid configuration: " + "; ".join(_one_line(p) for p in parts)
 
 
 def _summary(title: str, rows: dict) -> None:
@@ -281,95 +242,101 @@ def _summary(title: str, rows: dict) -> None:
             print(f"  {k:<18} {v}")
 
 
+def _run(command: str, config, progress: bool) -> None:
+    if command == "index":
+        from flows.index import index_flow
+
+        out = index_flow(config, progress=progress)
+        _summary(
+            "index",
+            {
+                "index": out["index_uri"],
+                "examples": out["examples"],
+                "gradient dim": out["dim"],
+                "compression": f"{out['compression_ratio']:.0f}×",
+                "bytes stored": out["bytes_stored"],
+                "mlflow run": out["mlflow_run_id"],
+                "mlflow store": out["tracking_uri"],
+            },
+        )
+    elif command == "query":
+        from flows.query import query_flow
+
+        out = query_flow(config)
+        _summary(
+            "query",
+            {
+                "queries": out["queries"],
+                "report": out["report"],
+                "top-k table": out["topk_csv"],
+                "scores table": f"{out['index_uri']} (scores, run_id={out['score_run_id']})",
+                "mlflow run": out["mlflow_run_id"],
+                "mlflow store": out["tracking_uri"],
+            },
+        )
+    elif command == "evaluate":
+        from flows.evaluate import evaluate_flow
+
+        out = evaluate_flow(config, progress=progress)
+        _summary(
+            "evaluate",
+            {
+                "report": out["report"],
+                "index": out["index_uri"],
+                "mlflow run": out["mlflow_run_id"],
+                "mlflow store": out["tracking_uri"],
+            },
+        )
+    else:
+        from flows.demo import demo_flow
+
+        out = demo_flow(config, progress=progress)
+        _summary(
+            "demo",
+            {
+                "workspace": out["workspace"],
+                "index": out["index_uri"],
+                "report": out["report"],
+                "mlflow run": out["mlflow_run_id"],
+                "mlflow store": out["tracking_uri"],
+                "see runs": f"mlflow ui --backend-store-uri {out['tracking_uri']}",
+            },
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse, build the config, run the flow; a failure ends as one line `dataworth <command>: <what is wrong>`
+    (exit 2 for bad input, 1 for a failed run; DATAWORTH_DEBUG=1 shows the traceback)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    commands = command_parser(parser, args.command)
+    if unknown:
+        commands.error(f"unrecognized arguments: {' '.join(unknown)}")
     import yaml
     from pydantic import ValidationError
 
-    from dataworth.config import DemoConfig, IndexConfig, QueryConfig
-
+    prefix = f"dataworth {args.command}:"
     try:
-        if args.command == "index":
-            config = IndexConfig(**_index_config(args))
-        elif args.command == "query":
-            config = QueryConfig(**_query_config(args))
-        elif args.command == "evaluate":
-            from dataworth.evaluation.config import EvaluateConfig
-
-            config = EvaluateConfig(**_evaluate_config(args))
-        else:
-            config = DemoConfig(**_demo_config(args))
+        config = build_config(args)
+        _run(args.command, config, progress=not args.no_progress)
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        print(f"dataworth {args.command}: invalid configuration\n" + "\n".join(lines), file=sys.stderr)
+        print(prefix, describe_validation_error(err, args.command, commands.flags or {}), file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:  # --config missing, not a mapping, or not YAML
-        print(f"dataworth {args.command}: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:  # bad input: a named error, a file, the YAML
+        print(prefix, _one_line(err), file=sys.stderr)
         return 2
-    progress = not args.no_progress
-    try:
-        if args.command == "index":
-            from flows.index import index_flow
-
-            out = index_flow(config, progress=progress)
-            _summary(
-                "index",
-                {
-                    "index": out["index_uri"],
-                    "examples": out["examples"],
-                    "gradient dim": out["dim"],
-                    "compression": f"{out['compression_ratio']:.0f}×",
-                    "bytes stored": out["bytes_stored"],
-                    "mlflow run": out["mlflow_run_id"],
-                    "mlflow store": out["tracking_uri"],
-                },
-            )
-        elif args.command == "query":
-            from flows.query import query_flow
-
-            out = query_flow(config)
-            _summary(
-                "query",
-                {
-                    "queries": out["queries"],
-                    "report": out["report"],
-                    "top-k table": out["topk_csv"],
-                    "scores table": f"{out['index_uri']} (scores, run_id={out['score_run_id']})",
-                    "mlflow run": out["mlflow_run_id"],
-                    "mlflow store": out["tracking_uri"],
-                },
-            )
-        elif args.command == "evaluate":
-            from flows.evaluate import evaluate_flow
-
-            out = evaluate_flow(config, progress=progress)
-            _summary(
-                "evaluate",
-                {
-                    "report": out["report"],
-                    "index": out["index_uri"],
-                    "mlflow run": out["mlflow_run_id"],
-                    "mlflow store": out["tracking_uri"],
-                },
-            )
-        else:
-            from flows.demo import demo_flow
-
-            out = demo_flow(config, progress=progress)
-            _summary(
-                "demo",
-                {
-                    "workspace": out["workspace"],
-                    "index": out["index_uri"],
-                    "report": out["report"],
-                    "mlflow run": out["mlflow_run_id"],
-                    "mlflow store": out["tracking_uri"],
-                    "see runs": f"mlflow ui --backend-store-uri {out['tracking_uri']}",
-                },
-            )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dataworth {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(prefix, "interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("DATAWORTH_DEBUG"):
+            raise
+        print(
+            prefix,
+            f"failed: {type(err).__name__}: {_one_line(err)} (DATAWORTH_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

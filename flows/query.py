@@ -11,7 +11,7 @@ from dataworth.config import QueryConfig
 from dataworth.queries import load_queries
 from tasks.index import index_state
 from tasks.query import render_report, score_queries
-from tasks.tracking import Tracker
+from tasks.tracking import tracked_run
 
 
 def default_report_dir(index_uri: str) -> str:
@@ -29,57 +29,54 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     log = get_run_logger()
     started = time.perf_counter()
     queries = load_queries(config.queries_path, config.queries)
-    state = index_state(config.index_uri)
-    manifest = state["manifest"]
+    manifest = index_state(config.index_uri).manifest
     if manifest is None:
         raise ValueError(
             f"no published index at {config.index_uri!r}; build one first with `dataworth index` (an interrupted "
             "index run publishes nothing)"
         )
-    tracker = Tracker(config.tracking)
-    run_id = tracker.start(
-        "query",
-        config.model_dump(mode="json"),
-        {"dataworth.flow": "query", "dataworth.index_run": str(manifest.get("mlflow_run_id"))},
-    )
-    common = tracker.task_kwargs
     report_dir = config.report_dir or default_report_dir(config.index_uri)
-    ok = False
-    try:
+    tags = {"dataworth.index_run": str(manifest.mlflow_run_id)}
+    config_path = os.path.join(report_dir, "query_config.yaml")
+    with tracked_run(config.tracking, "query", config, tags=tags, config_path=config_path) as run:
         full_path = os.path.join(report_dir, "score-matrix.npz") if config.score.full_matrix else None
-        scored = score_queries(
-            config.index_uri, manifest, queries, config.score, config.generation, full_matrix_path=full_path, **common
+        scored = run.log_result(
+            "score_queries",
+            score_queries(
+                config.index_uri,
+                manifest,
+                queries,
+                config.score,
+                config.generation,
+                full_matrix_path=full_path,
+                return_state=True,
+            ),
         )
+        build = manifest.config
         run_info = {
             "index": config.index_uri,
-            "model": manifest["config"]["model"]["name_or_path"],
-            "examples": str(manifest["num_examples"]),
-            "projection": f"{manifest['config']['logging']['projection']} → {manifest['dim']} dims",
-            "curvature": manifest["config"]["curvature"]["kind"],
-            "mlflow run": str(run_id),
-            "score run": scored["score_run_id"],
+            "model": build.model.name_or_path,
+            "examples": str(manifest.num_examples),
+            "projection": f"{build.logging.projection} → {manifest.dim} dims",
+            "curvature": build.curvature.kind,
+            "mlflow run": str(run.run_id),
+            "score run": scored.score_run_id,
         }
-        report = render_report(
-            config.index_uri,
-            scored["score_run_id"],
-            report_dir,
-            title or "dataworth attribution report",
-            run_info,
-            relevant,
-            **common,
-        )
-        tracker.artifact_text("query_config.json", config.model_dump_json(indent=2))
-        if full_path:
-            tracker.artifact(full_path)
-        ok = True
-    finally:
-        tracker.finish(ok)
-    log.info("report: %s", report["report"])
+        title = title or "dataworth attribution report"
+        report = render_report(config.index_uri, scored.score_run_id, report_dir, title, run_info, relevant)
+        for path in report.files + ([full_path] if full_path else []):
+            run.artifact(path)
+    log.info("report: %s", report.report)
     return {
-        **scored,
-        **report,
-        "mlflow_run_id": run_id,
-        "tracking_uri": tracker.uri,
+        "score_run_id": scored.score_run_id,
+        "queries": scored.queries,
+        "pairs": scored.pairs,
+        "pairs_per_s": scored.pairs_per_s,
+        "compute_seconds": scored.compute_seconds,
+        "report": report.report,
+        "topk_csv": report.topk_csv,
+        "mlflow_run_id": run.run_id,
+        "tracking_uri": run.uri,
         "index_uri": config.index_uri,
         "seconds": time.perf_counter() - started,
     }

@@ -11,15 +11,18 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+from pydantic import ValidationError
 
 from storage.errors import REBUILD_HINT, IndexStoreError
 from storage.gradients import batch_arrays, gradient_table
+from storage.manifest import IndexManifest, IndexState
 from storage.schemas import (
     SCHEMA_VERSION,
     artifacts_schema,
@@ -334,24 +337,18 @@ class IndexStore:
     def read_artifact(self, key: str) -> bytes | None:
         return self._get(_check_key("artifact key", key))
 
-    def publish_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest, which makes the index visible; call it after every other write."""
-        if not isinstance(manifest, dict):
-            raise IndexStoreError(f"manifest must be a dict, got {type(manifest).__name__}")
-        declared = manifest.get("schema_version", SCHEMA_VERSION)
-        if declared != SCHEMA_VERSION:
-            raise IndexStoreError(
-                f"manifest declares schema_version {declared!r}; this dataworth writes {SCHEMA_VERSION}"
-            )
-        try:
-            blob = json.dumps({**manifest, "schema_version": SCHEMA_VERSION}, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise IndexStoreError(
-                f"manifest is not JSON-serialisable ({exc}); store plain str/int/float/list/dict values"
-            ) from None
-        self._put(MANIFEST_KEY, blob.encode())
+    def publish_manifest(self, manifest: IndexManifest) -> None:
+        """Write the manifest, which makes the index visible; call it after every other write.
 
-    def read_manifest(self) -> dict[str, Any] | None:
+        The first publication stamps published_at; republishing (e.g. with a calibration) keeps it.
+        """
+        if not isinstance(manifest, IndexManifest):
+            raise IndexStoreError(f"manifest must be an IndexManifest, got {type(manifest).__name__}")
+        if manifest.published_at is None:
+            manifest = manifest.model_copy(update={"published_at": time.time()})
+        self._put(MANIFEST_KEY, manifest.model_dump_json().encode())
+
+    def read_manifest(self) -> IndexManifest | None:
         blob = self._get(MANIFEST_KEY)
         if blob is None:
             return None
@@ -367,7 +364,10 @@ class IndexStore:
                 f"the index at {self.uri} has schema version {version!r}, this dataworth reads version "
                 f"{SCHEMA_VERSION}; {REBUILD_HINT}"
             )
-        return manifest
+        try:
+            return IndexManifest.model_validate(manifest)
+        except ValidationError as exc:
+            raise IndexStoreError(f"the manifest in {self.uri} does not read as an index manifest: {exc}") from None
 
     def exists(self) -> bool:
         """True when a manifest has been published (the index is complete and visible)."""
@@ -413,19 +413,19 @@ class IndexStore:
 
     # ---- housekeeping ----------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        """A small JSON-able summary of what the index holds now (None for absent tables)."""
+    def state(self) -> IndexState:
+        """What the index holds now (None for absent tables)."""
         examples = self._open(EXAMPLES)
         gradients = self._open(GRADIENTS)
-        return {
-            "manifest": self.read_manifest(),
-            "has_examples": examples is not None,
-            "examples_version": None if examples is None else int(examples.version),
-            "num_examples": None if examples is None else int(examples.count_rows()),
-            "gradients_version": None if gradients is None else int(gradients.version),
-            "num_gradients": None if gradients is None else int(gradients.count_rows()),
-            "shards": sorted(self.shards_present()),
-        }
+        return IndexState(
+            manifest=self.read_manifest(),
+            has_examples=examples is not None,
+            examples_version=None if examples is None else int(examples.version),
+            num_examples=None if examples is None else int(examples.count_rows()),
+            gradients_version=None if gradients is None else int(gradients.version),
+            num_gradients=None if gradients is None else int(gradients.count_rows()),
+            shards=sorted(self.shards_present()),
+        )
 
     def drop(self) -> None:
         """Remove every table of the index (overwrite=True); table versions start again at 1."""
@@ -433,13 +433,20 @@ class IndexStore:
             self._db.drop_table(name, ignore_missing=True)
 
     def bytes_stored(self) -> int:
-        """Bytes the index occupies: file sizes for a local directory, Lance's stats otherwise."""
+        """Bytes the index's tables occupy: file sizes for a local directory, Lance's stats otherwise.
+
+        Other files in the directory (the run's saved config, reports) are not counted.
+        """
+        names = self._table_names() & set(TABLES)
         if self._local_path is not None:
             total = 0
-            for root, _, files in os.walk(self._local_path):
-                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+            for name in names:
+                for root, _, files in os.walk(os.path.join(self._local_path, f"{name}.lance")):
+                    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
             return total
-        total = 0
-        for name in self._table_names() & set(TABLES):
-            total += int(self._db.open_table(name).stats().get("total_bytes", 0))
-        return total
+        return sum(int(self._db.open_table(name).stats().get("total_bytes", 0)) for name in names)
+
+    @property
+    def local_path(self) -> str | None:
+        """The index's directory when it is on the local file system, else None."""
+        return self._local_path

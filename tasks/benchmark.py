@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict, Field
 
 from dataworth.benchmarks.presets import BENCHMARKS
 from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
 
 from .common import CACHE
-from .tracking import Tracker
 
 
 def _generate(kind: str, corpus_kwargs: dict, seed: int):
@@ -26,16 +27,49 @@ def _generate(kind: str, corpus_kwargs: dict, seed: int):
     return generate_lm_corpus(**{**LM_CORPUS_SIZES["small"], **corpus_kwargs}, seed=seed), write_lm_corpus
 
 
+class PreparedBenchmark(BaseModel):
+    """A generated corpus and queries written as JSONL, and the tiny GPT-2 trained on the documents."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(description="Benchmark family: facts (known relevant documents) or stories.")
+    model_dir: str = Field(description="Directory of the trained model and tokenizer.")
+    documents: str = Field(description="JSONL of the training documents.")
+    queries: str = Field(description="JSONL of the queries.")
+    train_kwargs: dict[str, Any] = Field(description="The model's training recipe (seed, epochs, ...).")
+    train_seconds: float = Field(description="Training wall time.")
+    train_steps: int = Field(description="Optimizer steps of the training.")
+    train_final_loss: float = Field(description="Training loss at the last step.")
+    num_documents: int = Field(description="Documents in the corpus.")
+    fact_accuracy: float | None = Field(None, description="Share of fact queries the model completes right.")
+    relevant: dict[str, list[str]] | None = Field(None, description="Query id -> documents stating its fact.")
+    expected: dict[str, str] | None = Field(None, description="Query id -> the fact's value (its completion).")
+
+    def metrics(self) -> dict[str, float]:
+        out = {"train_seconds": self.train_seconds, "train_final_loss": self.train_final_loss}
+        if self.fact_accuracy is not None:
+            out["fact_accuracy"] = self.fact_accuracy
+        return out
+
+    def index_config(
+        self, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str, tracking: TrackingConfig
+    ) -> IndexConfig:
+        """The index config of this benchmark (its documents fit the model's 128-token context)."""
+        return IndexConfig(
+            model=ModelConfig(name_or_path=self.model_dir),
+            data=DataConfig(dataset=self.documents, id_column="id", source_column="source", max_length=128),
+            logging=logging,
+            curvature=curvature,
+            index_uri=index_uri,
+            overwrite=True,
+            tracking=tracking,
+        )
+
+
 @task(name="prepare_benchmark", cache_policy=CACHE - "progress", persist_result=True)
 def prepare_benchmark(
-    workspace: str,
-    benchmark: str,
-    seed: int,
-    train_epochs: int | None,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
-    progress: bool = True,
-) -> dict:
+    workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True
+) -> PreparedBenchmark:
     """Write the generated corpus and queries as JSONL and train a tiny GPT-2 on the documents."""
     log = get_run_logger()
     preset = BENCHMARKS[benchmark]
@@ -46,41 +80,28 @@ def prepare_benchmark(
     start = time.perf_counter()
     result = train_tiny_gpt2([d["text"] for d in corpus.documents], ws / "model", progress=progress, **train_kwargs)
     seconds = time.perf_counter() - start
-    out = {
-        "kind": preset["kind"],
-        "model_dir": str(result.path),
-        "documents": str(paths["documents"]),
-        "queries": str(paths["queries"]),
-        "train_kwargs": train_kwargs,
-        "train_seconds": seconds,
-        "train_steps": result.steps,
-        "num_documents": len(corpus.documents),
-    }
-    metrics = {"train_seconds": seconds, "train_final_loss": result.final_loss}
+    facts = {}
     if preset["kind"] == "facts":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(result.path).eval()
         tokenizer = AutoTokenizer.from_pretrained(result.path)
-        out["fact_accuracy"] = metrics["fact_accuracy"] = fact_accuracy(model, tokenizer, corpus.queries)
-        out["relevant"] = {q["id"]: q["relevant_document_ids"] for q in corpus.queries}
-        out["expected"] = {q["id"]: q["completion"] for q in corpus.queries}
+        facts = {
+            "fact_accuracy": fact_accuracy(model, tokenizer, corpus.queries),
+            "relevant": {q["id"]: q["relevant_document_ids"] for q in corpus.queries},
+            "expected": {q["id"]: q["completion"] for q in corpus.queries},
+        }
     Path(result.path, "dataworth_recipe.json").write_text(json.dumps(train_kwargs, indent=2))
-    Tracker.attach(tracking_uri, run_id).metrics(metrics)
     log.info("benchmark %s: %d documents, model trained in %.0f s", benchmark, len(corpus.documents), seconds)
-    return out
-
-
-def benchmark_index_config(
-    bench: dict, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str, tracking: TrackingConfig
-) -> IndexConfig:
-    """The index config of a prepared benchmark (its documents fit the model's 128-token context)."""
-    return IndexConfig(
-        model=ModelConfig(name_or_path=bench["model_dir"]),
-        data=DataConfig(dataset=bench["documents"], id_column="id", source_column="source", max_length=128),
-        logging=logging,
-        curvature=curvature,
-        index_uri=index_uri,
-        overwrite=True,
-        tracking=tracking,
+    return PreparedBenchmark(
+        kind=preset["kind"],
+        model_dir=str(result.path),
+        documents=str(paths["documents"]),
+        queries=str(paths["queries"]),
+        train_kwargs=train_kwargs,
+        train_seconds=seconds,
+        train_steps=result.steps,
+        train_final_loss=result.final_loss,
+        num_documents=len(corpus.documents),
+        **facts,
     )

@@ -1,46 +1,130 @@
-"""Index stages: tokenize → log gradients (per shard) → fit curvature → publish."""
+"""Index stages: tokenize → fit projections → log gradients (per shard) → fit curvature → publish.
+
+Each task returns a small result that carries its metrics; the flow logs them to MLflow, so a
+stage served from the Prefect cache still reports into the run that reuses it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from prefect import get_run_logger, task
+from pydantic import Field
 
 from dataworth.attribution.curvature import FisherAccumulator
 from dataworth.attribution.gradients import log_example_gradients
 from dataworth.attribution.kfac import fit_kfac_projections, sample_indices
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
-from dataworth.config import CurvatureConfig, DataConfig, LoggingConfig, ModelConfig
+from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
+from dataworth.fingerprint import data_fingerprint, model_fingerprint
 from dataworth.model import load_tokenizer
-from storage import IndexStore
-from storage.schemas import SCHEMA_VERSION
+from storage import IndexBuildConfig, IndexManifest, IndexState, IndexStore, examples_table
 
-from .common import CACHE, IO_RETRIES, MODEL_LOCK, cached_model
-from .tracking import Tracker
+from .common import CACHE, IO_RETRIES, MODEL_LOCK, StageResult, cached_model, load_projections, peak_memory_mb
 
 
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
+class Tokenized(StageResult):
+    """The examples table written by tokenize_corpus."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    examples_version: int = Field(description="Version of the examples table written.")
+    examples: int = Field(description="Examples (≤ max_length-token chunks of documents).")
+    documents: int = Field(description="Documents read.")
+    tokens: int = Field(description="Tokens over all examples.")
+    seconds: float = Field(description="Wall time of reading, tokenizing and writing.")
+    shard_hashes: list[str] = Field(description="Content hash of each gradient shard's examples.")
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "documents": self.documents,
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "tokenize_seconds": self.seconds,
+        }
+
+
+class FittedProjectionsResult(StageResult):
+    """The KFAC-whitened projections stored by fit_projections."""
+
+    artifact: str = Field(description="Artifact key of the stored projections.")
+    digest: str = Field(description="Digest of the projections (busts the cache of every shard when refitted).")
+    seconds: float = Field(description="Fitting time; 0 when reused.")
+    reused: bool = Field(description="True when the index already stored these projections.")
+    examples: int = Field(description="Examples whose tokens fitted the KFAC factors.")
+    tokens: int = Field(description="Tokens the KFAC factors were fitted on.")
+    meta: dict[str, Any] = Field(description="Everything FittedProjections.meta records.")
+
+    def metrics(self) -> dict[str, float]:
+        if self.reused:
+            return {"precondition_reused": 1.0}
+        return {"precondition_seconds": self.seconds, "precondition_tokens": self.tokens}
+
+
+class LoggedShard(StageResult):
+    """One shard of projected gradients written by log_gradients."""
+
+    shard: int = Field(description="Shard number.")
+    examples: int = Field(description="Examples in the shard.")
+    tokens: int = Field(description="Tokens in the shard.")
+    seconds: float = Field(description="Gradient computation time (model forward/backward and projection).")
+    peak_memory_mb: float = Field(description="Peak device memory of the worker process, in MiB.")
+    layout: list[dict[str, Any]] = Field(description="Per-module blocks of the gradient vector (Layout.to_json).")
+    dim: int = Field(description="Dimension of each gradient vector.")
+    full_gradient_params: int = Field(description="Parameters of the tracked layers (the unprojected size).")
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "log_tokens_per_s": self.tokens / self.seconds,
+            "log_examples_per_s": self.examples / self.seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+
+
+class FittedCurvature(StageResult):
+    """The curvature artifact written by fit_curvature."""
+
+    artifact: str = Field(description="Artifact key of the fitted curvature.")
+    examples: int = Field(description="Gradients the Fisher was accumulated over.")
+    summary: str = Field(description="JSON summary of the fitted blocks.")
+    seconds: float = Field(description="Streaming and eigendecomposition time.")
+
+    def metrics(self) -> dict[str, float]:
+        return {"curvature_seconds": self.seconds}
+
+
+class Published(StageResult):
+    """The manifest published by publish_index, and what the index occupies."""
+
+    index_uri: str = Field(description="LanceDB URI of the index.")
+    manifest: IndexManifest = Field(description="The manifest as published.")
+    bytes_stored: int = Field(description="Bytes the index's tables occupy.")
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.manifest.full_gradient_params / max(self.manifest.dim, 1)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "bytes_stored": self.bytes_stored,
+            "gradient_dim": self.manifest.dim,
+            "compression_ratio": self.compression_ratio,
+            "indexed_examples": self.manifest.num_examples,
+        }
 
 
 @task(name="index_state", **IO_RETRIES)
-def index_state(index_uri: str) -> dict:
+def index_state(index_uri: str) -> IndexState:
     """What an index holds now: its manifest (if published), tables and gradient shards."""
     return IndexStore(index_uri).state()
 
 
 @task(name="prune_index", **IO_RETRIES)
-def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None = None) -> dict:
+def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None = None) -> IndexState:
     """Drop the whole index (overwrite), or gradient shards numbered keep_shards and above."""
     store = IndexStore(index_uri)
     if drop_all:
@@ -52,48 +136,27 @@ def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None 
 
 @task(name="tokenize_corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
 def tokenize_corpus(
-    index_uri: str,
-    model: ModelConfig,
-    data: DataConfig,
-    data_fingerprint: str,
-    shard_size: int,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
-) -> dict:
+    index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str, shard_size: int
+) -> Tokenized:
     """Read documents, split them into ≤ max_length-token examples, write the examples table."""
     start = time.perf_counter()
     docs = load_documents(data)
     tokenizer = load_tokenizer(model)
     examples = chunk_documents(docs, tokenizer, data.max_length, data.add_eos)
-    table = pa.table(
-        {
-            "example_id": pa.array([e.example_id for e in examples], pa.int64()),
-            "document_id": [e.document_id for e in examples],
-            "chunk_index": pa.array([e.chunk_index for e in examples], pa.int32()),
-            "token_start": pa.array([e.token_start for e in examples], pa.int32()),
-            "token_end": pa.array([e.token_end for e in examples], pa.int32()),
-            "num_tokens": pa.array([e.num_tokens for e in examples], pa.int32()),
-            "text": [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in examples],
-            "source": [e.source or None for e in examples],
-            "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
-        }
-    )
-    version = IndexStore(index_uri).write_examples(table)
+    texts = [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in examples]
+    version = IndexStore(index_uri).write_examples(examples_table(examples, texts))
     n_tokens = int(sum(e.num_tokens for e in examples))
-    seconds = time.perf_counter() - start
-    Tracker.attach(tracking_uri, run_id).metrics(
-        {"documents": len(docs.texts), "examples": len(examples), "tokens": n_tokens, "tokenize_seconds": seconds}
-    )
     get_run_logger().info(
         "tokenized %d documents into %d examples (%d tokens)", len(docs.texts), len(examples), n_tokens
     )
-    return {
-        "examples_version": version,
-        "examples": len(examples),
-        "documents": len(docs.texts),
-        "tokens": n_tokens,
-        "shard_hashes": shard_hashes(examples, shard_size),
-    }
+    return Tokenized(
+        examples_version=version,
+        examples=len(examples),
+        documents=len(docs.texts),
+        tokens=n_tokens,
+        seconds=time.perf_counter() - start,
+        shard_hashes=shard_hashes(examples, shard_size),
+    )
 
 
 def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
@@ -126,18 +189,6 @@ def projections_key(logging: LoggingConfig, model_fingerprint: str) -> str:
     return f"projections-{logging.fingerprint()}-{model_fingerprint}"
 
 
-def load_projections(store: IndexStore, key: str | None) -> FittedProjections | None:
-    if key is None:
-        return None
-    blob = store.read_artifact(key)
-    if blob is None:
-        raise ValueError(
-            f"index {store.uri!r} lists fitted projections {key!r} but they are missing; "
-            "rebuild the index (dataworth index ... --overwrite)"
-        )
-    return FittedProjections.from_bytes(blob)
-
-
 @task(name="fit_projections", tags=["gpu"], **IO_RETRIES)
 def fit_projections(
     index_uri: str,
@@ -146,10 +197,8 @@ def fit_projections(
     model_fingerprint: str,
     examples_version: int,
     num_examples: int,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
     progress: bool = True,
-) -> dict | None:
+) -> FittedProjectionsResult | None:
     """KFAC-whitened projections (logging.precondition='kfac'), fitted once per index and model.
 
     Every stored gradient must share one projection, so a corpus that grows keeps the
@@ -161,8 +210,7 @@ def fit_projections(
     key = projections_key(logging, model_fingerprint)
     existing = store.read_artifact(key)
     if existing is not None:
-        fitted = FittedProjections.from_bytes(existing)
-        return {"artifact": key, "digest": fitted.digest(), "seconds": 0.0, "reused": True, **fitted.meta}
+        return _projections_result(key, FittedProjections.from_bytes(existing), 0.0, reused=True)
     lm, tokenizer = cached_model(model)
     ids = sample_indices(num_examples, logging.precondition_examples)  # example ids are 0..n-1
     examples = _read_examples(store, examples_version, f"example_id IN ({', '.join(map(str, ids))})")
@@ -171,16 +219,25 @@ def fit_projections(
         fitted = fit_kfac_projections(lm, tokenizer, examples, logging, progress=progress)
         seconds = time.perf_counter() - start
     store.write_artifact(key, fitted.to_bytes())
-    Tracker.attach(tracking_uri, run_id).metrics(
-        {"precondition_seconds": seconds, "precondition_tokens": fitted.meta["tokens"]}
-    )
     get_run_logger().info(
         "fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
         fitted.meta["examples"],
         fitted.meta["tokens"],
         seconds,
     )
-    return {"artifact": key, "digest": fitted.digest(), "seconds": seconds, "reused": False, **fitted.meta}
+    return _projections_result(key, fitted, seconds, reused=False)
+
+
+def _projections_result(key: str, fitted: FittedProjections, seconds: float, reused: bool) -> FittedProjectionsResult:
+    return FittedProjectionsResult(
+        artifact=key,
+        digest=fitted.digest(),
+        seconds=seconds,
+        reused=reused,
+        examples=int(fitted.meta.get("examples", 0)),
+        tokens=int(fitted.meta.get("tokens", 0)),
+        meta=fitted.meta,
+    )
 
 
 @task(
@@ -199,12 +256,10 @@ def log_gradients(
     examples_version: int,
     shard: int,
     shard_hash: str,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
     progress: bool = True,
     projections: str | None = None,
     projections_digest: str | None = None,
-) -> dict:
+) -> LoggedShard:
     """Projected per-example gradients of one shard of examples, written to the gradients table.
 
     Cached on the shard's content (shard_hash), not on the examples table version, so a
@@ -225,29 +280,18 @@ def log_gradients(
             ids.append(batch_ids)
             rows.append(grads)
         seconds = time.perf_counter() - start
-    ids_np = torch.cat(ids).numpy()
-    vectors = torch.cat(rows).numpy()
-    store.write_gradient_shard(shard, ids_np, vectors, logging.storage_dtype)
-    tokens = sum(e.num_tokens for e in examples)
+    store.write_gradient_shard(shard, torch.cat(ids).numpy(), torch.cat(rows).numpy(), logging.storage_dtype)
     layout, full_params = describe_layout(lm, logging)
-    stats = {
-        "shard": shard,
-        "examples": len(examples),
-        "tokens": tokens,
-        "seconds": seconds,
-        "layout": layout.to_json(),
-        "dim": layout.dim,
-        "full_gradient_params": full_params,
-    }
-    Tracker.attach(tracking_uri, run_id).metrics(
-        {
-            "log_tokens_per_s": tokens / seconds,
-            "log_examples_per_s": len(examples) / seconds,
-            "peak_memory_mb": _peak_memory_mb(),
-        },
-        step=shard,
+    return LoggedShard(
+        shard=shard,
+        examples=len(examples),
+        tokens=sum(e.num_tokens for e in examples),
+        seconds=seconds,
+        peak_memory_mb=peak_memory_mb(),
+        layout=layout.to_json(),
+        dim=layout.dim,
+        full_gradient_params=full_params,
     )
-    return stats
 
 
 @task(name="fit_curvature", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
@@ -256,10 +300,8 @@ def fit_curvature(
     curvature: CurvatureConfig,
     layout: list[dict],
     gradients_version: int,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
     batch_size: int = 4096,
-) -> dict:
+) -> FittedCurvature:
     """Stream the gradients table into the block-diagonal Fisher and store its eigendecomposition."""
     store = IndexStore(index_uri)
     start = time.perf_counter()
@@ -269,36 +311,55 @@ def fit_curvature(
     curv = acc.finalize()
     key = f"curvature-{curvature.fingerprint()}-v{gradients_version}"
     store.write_artifact(key, curv.to_bytes())
-    summary = curv.summary()
-    Tracker.attach(tracking_uri, run_id).metrics({"curvature_seconds": time.perf_counter() - start})
-    return {
-        "artifact": key,
-        "examples": acc.count,
-        "summary": json.dumps(summary),
-        "seconds": time.perf_counter() - start,
-    }
+    return FittedCurvature(
+        artifact=key,
+        examples=acc.count,
+        summary=json.dumps(curv.summary()),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@task(name="assemble_manifest")
+def assemble_manifest(
+    config: IndexConfig,
+    tokenized: Tokenized,
+    shards: list[LoggedShard],
+    gradients_version: int,
+    curvature: FittedCurvature,
+    projections: FittedProjectionsResult | None = None,
+    mlflow_run_id: str | None = None,
+    previous: IndexManifest | None = None,
+) -> IndexManifest:
+    """The manifest of what the stages built; a calibration of `previous` is kept while still valid."""
+    return IndexManifest(
+        config=IndexBuildConfig.of(config),
+        model_fingerprint=model_fingerprint(config.model),
+        data_fingerprint=data_fingerprint(config.data),
+        layout=shards[0].layout,
+        dim=shards[0].dim,
+        full_gradient_params=shards[0].full_gradient_params,
+        num_examples=tokenized.examples,
+        num_documents=tokenized.documents,
+        num_tokens=tokenized.tokens,
+        examples_version=tokenized.examples_version,
+        gradients_version=gradients_version,
+        curvature_artifact=curvature.artifact,
+        projections_artifact=projections.artifact if projections else None,
+        mlflow_run_id=mlflow_run_id,
+        calibration=previous.calibration_for(config) if previous else None,
+    )
 
 
 @task(name="publish_index", **IO_RETRIES)
-def publish_index(index_uri: str, manifest: dict, run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+def publish_index(index_uri: str, manifest: IndexManifest) -> Published:
     """Write the manifest last: only then does the index exist for queries."""
     store = IndexStore(index_uri)
-    stored_rows = store.num_gradients(manifest["gradients_version"])
-    if stored_rows != manifest["num_examples"]:
+    stored_rows = store.num_gradients(manifest.gradients_version)
+    if stored_rows != manifest.num_examples:
         raise ValueError(
-            f"index {index_uri!r} holds {stored_rows} gradients for {manifest['num_examples']} examples; a shard was "
+            f"index {index_uri!r} holds {stored_rows} gradients for {manifest.num_examples} examples; a shard was "
             "lost (e.g. to a concurrent table creation). Re-run the index flow: missing shards are logged again"
         )
-    manifest = {**manifest, "schema_version": SCHEMA_VERSION, "published_at": time.time()}
-    store.publish_manifest(manifest)
-    stored = store.bytes_stored()
-    n, dim = manifest["num_examples"], manifest["dim"]
-    Tracker.attach(tracking_uri, run_id).metrics(
-        {
-            "bytes_stored": stored,
-            "gradient_dim": dim,
-            "compression_ratio": manifest["full_gradient_params"] / max(dim, 1),
-            "indexed_examples": n,
-        }
-    )
-    return {"index_uri": index_uri, "bytes_stored": stored, "gradients_version": manifest["gradients_version"]}
+    # A new publication, never a re-stamp of an earlier one: published_at tells scoring runs apart.
+    store.publish_manifest(manifest.model_copy(update={"published_at": None}))
+    return Published(index_uri=index_uri, manifest=store.read_manifest(), bytes_stored=store.bytes_stored())

@@ -1,18 +1,23 @@
-"""MLflow through an explicit client and run id, so tasks on any worker log to the flow's run."""
+"""MLflow through an explicit client and run id: a flow opens one run with `tracked_run` and logs
+what its tasks return, so a stage served from the Prefect cache still reports (marked cached)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.time import get_current_time_millis
+from prefect.futures import PrefectFuture
+from prefect.states import State
 
-from dataworth.config import TrackingConfig
+from dataworth.config import StageConfig, TrackingConfig, save_yaml
 
 DEFAULT_WORKSPACE = "dataworth-runs"
 
@@ -53,12 +58,6 @@ class Tracker:
         self.parent_run_id = cfg.parent_run_id
         self.run_id = run_id
 
-    @classmethod
-    def attach(cls, tracking_uri: str | None, run_id: str | None) -> "Tracker":
-        if not run_id or not tracking_uri:
-            return cls(TrackingConfig(enabled=False))
-        return cls(TrackingConfig(tracking_uri=tracking_uri), run_id)
-
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
         if not self.enabled:
             return None
@@ -75,22 +74,48 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
-    @property
-    def task_kwargs(self) -> dict[str, str | None]:
-        """What a task needs to log into this run from any worker."""
-        return {"run_id": self.run_id, "tracking_uri": self.uri}
-
     def child_config(self, cfg: TrackingConfig) -> TrackingConfig:
         """Tracking of a sub-flow: its run nests under this one, in the same store."""
         return cfg.model_copy(update={"parent_run_id": self.run_id, "tracking_uri": self.uri})
 
-    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+    def metrics(self, values: Mapping[str, float | None], step: int = 0) -> None:
         if not self.enabled or not self.run_id:
             return
         now = get_current_time_millis()
         ms = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in values.items() if v is not None]
         if ms:
             self.client.log_batch(self.run_id, metrics=ms)
+
+    def log(
+        self,
+        metrics: Mapping[str, float | None] | HasMetrics,
+        *,
+        stage: str | None = None,
+        cached: bool | None = None,
+        step: int = 0,
+    ) -> None:
+        """Log a task's metrics (a dict, or a result with `.metrics()`) into this run.
+
+        With `stage` and `cached` given, also logs `<stage>.cached` (1 when the Prefect cache
+        served the result: its metrics describe the run that computed it).
+        """
+        values = dict(metrics.metrics() if hasattr(metrics, "metrics") else metrics)
+        if stage is not None and cached is not None:
+            values[f"{stage}.cached"] = float(cached)
+        self.metrics(values, step=step)
+
+    def log_result(self, stage: str, outcome: State | PrefectFuture, step: int = 0) -> Any:
+        """The result of a task called with return_state=True (or submitted), logged as `stage`.
+
+        Raises the task's exception when it failed, as calling the task directly would.
+        """
+        if isinstance(outcome, PrefectFuture):
+            outcome.wait()
+            outcome = outcome.state
+        result = outcome.result()
+        if result is not None:
+            self.log(result, stage=stage, cached=outcome.name == "Cached", step=step)
+        return result
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id:
@@ -108,3 +133,37 @@ class Tracker:
         if self.enabled and self.run_id:
             status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
             self.client.set_terminated(self.run_id, status)
+
+
+class HasMetrics(Protocol):
+    def metrics(self) -> Mapping[str, float | None]: ...
+
+
+@contextlib.contextmanager
+def tracked_run(
+    tracking: TrackingConfig,
+    name: str,
+    config: StageConfig,
+    tags: Mapping[str, str] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Iterator[Tracker]:
+    """One MLflow run around a flow body: parameters from `config`, tags `dataworth.flow=<name>`
+    plus `tags`, FINISHED when the body returns and FAILED when it raises.
+
+    On success the resolved config is saved as YAML at `config_path` (when given: beside the
+    run's outputs, so `--config <that file>` replays the run) and as the run's artifact
+    `<name>_config.yaml` (or the file name of `config_path`). Disabled tracking still saves the file.
+    """
+    tracker = Tracker(tracking)
+    tracker.start(name, config.model_dump(mode="json"), {"dataworth.flow": name, **(tags or {})})
+    ok = False
+    try:
+        yield tracker
+        if config_path is not None:
+            tracker.artifact(save_yaml(config, config_path))
+        elif tracker.enabled:
+            with tempfile.TemporaryDirectory() as d:
+                tracker.artifact(save_yaml(config, Path(d, f"{name}_config.yaml")))
+        ok = True
+    finally:
+        tracker.finish(ok)

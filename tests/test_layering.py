@@ -68,6 +68,23 @@ def test_concerns_import_only_what_is_below_them(module):
             pytest.fail(f"{module} ({own}) imports {name} ({_concern(name)}); allowed: {sorted(ALLOWED[own])}")
 
 
-@pytest.mark.parametrize("module", ["storage", "storage.store", "storage.schemas"])
-def test_storage_imports_no_prefect_or_mlflow(module):
-    assert _loaded_after([module], ("prefect", "mlflow", "torch")) == []
+STORAGE = ["storage"] + [m.name for m in pkgutil.walk_packages([str(ROOT.parent / "storage")], prefix="storage.")]
+
+
+def test_storage_imports_no_prefect_mlflow_or_torch():
+    assert len(STORAGE) > 3
+    assert _loaded_after(STORAGE, ("prefect", "mlflow", "torch")) == []
+
+
+@pytest.mark.parametrize("module", STORAGE)
+def test_storage_imports_at_most_the_core_config(module):
+    path = ROOT.parent.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            assert name.split(".")[0] not in ("tasks", "flows"), f"{module} imports {name}"
+            assert not name.startswith("dataworth") or name == "dataworth.config", (
+                f"{module} imports {name}: storage may import dataworth.config only"
+            )

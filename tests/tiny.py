@@ -1,4 +1,8 @@
-"""Tiny randomly initialized causal LMs (fp64 by default) for exactness tests."""
+"""Tiny randomly initialized causal LMs (fp64 by default) for exactness tests, and a tiny corpus
+with its model on disk for the task and flow tests."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -34,3 +38,32 @@ def make_tiny_llama(dtype=torch.float64, vocab=61, seed=0):
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def write_tiny_assets(root: Path, texts: list[str]) -> Path:
+    """A BPE tokenizer and a float32 tiny GPT-2 saved under root/model, the texts as root/docs.jsonl."""
+    from dataworth.benchmarks.tiny_model import train_tokenizer
+
+    tok = train_tokenizer(texts * 4, vocab_size=300)
+    make_tiny_gpt2(dtype=torch.float32, vocab=len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    return root
+
+
+def tiny_index_config(assets: Path, out: Path, **logging):
+    """An IndexConfig over write_tiny_assets' model and corpus: 16-token examples, 4×4 projections, shards of 4."""
+    from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
+
+    return IndexConfig(
+        model=ModelConfig(name_or_path=str(assets / "model")),
+        data=DataConfig(dataset=str(assets / "docs.jsonl"), id_column="id", max_length=16),
+        logging=LoggingConfig(
+            projection="gaussian", proj_dim_in=4, proj_dim_out=4, batch_size=3, shard_size=4, **logging
+        ),
+        curvature=CurvatureConfig(kind="raw"),
+        index_uri=str(out / "index"),
+        tracking=TrackingConfig(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", experiment="test"),
+    )

@@ -13,6 +13,7 @@ import torch
 
 from dataworth.attribution.projection import Layout
 from dataworth.config import CurvatureConfig
+from dataworth.errors import ConfigError, DataError, IndexMismatchError
 
 
 class FisherAccumulator:
@@ -21,7 +22,7 @@ class FisherAccumulator:
     def __init__(self, layout: Layout, cfg: CurvatureConfig):
         for b in layout.blocks:
             if cfg.kind == "raw" and b.size > cfg.max_block_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"module {b.name!r} has a {b.size}-dim gradient block ({b.k_out}×{b.k_in}); a raw Fisher of that "
                     f"size needs {b.size**2 * 8 / 2**30:.1f} GiB. Lower proj_dim_in/proj_dim_out, or raise "
                     f"curvature.max_block_dim (now {cfg.max_block_dim})"
@@ -37,7 +38,7 @@ class FisherAccumulator:
 
     def update(self, grads: torch.Tensor) -> None:
         if grads.shape[1] != self.layout.dim:
-            raise ValueError(f"gradient batch has {grads.shape[1]} columns, the layout has {self.layout.dim}")
+            raise IndexMismatchError(f"gradient batch has {grads.shape[1]} columns, the layout has {self.layout.dim}")
         self.count += grads.shape[0]
         if self.cfg.kind != "raw":
             return
@@ -50,7 +51,7 @@ class FisherAccumulator:
         if self.cfg.kind == "identity":
             return Curvature(self.layout, "identity", {}, self.count, self.cfg.damping_factor)
         if self.count == 0:
-            raise ValueError("cannot fit a Fisher on zero examples; the gradient table is empty")
+            raise DataError("cannot fit a Fisher on zero examples; the gradient table is empty")
         blocks = {}
         for b in self.layout.blocks:
             fisher = self.sums[b.name] / self.count

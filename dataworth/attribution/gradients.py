@@ -11,7 +11,7 @@ from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import FittedProjections
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, collate, pad_token_id
-from dataworth.queries import EncodedQuery
+from dataworth.queries import EncodedQuery, collate_queries
 
 
 def log_example_gradients(
@@ -52,9 +52,7 @@ def query_gradients(
     with GradientCollector(model, cfg, fitted) as collector:
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
-            seqs = [q.prompt_ids + q.completion_ids for q in batch]
-            masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in batch]
-            input_ids, attention, labels = collate(seqs, pad_id, masks)
+            input_ids, attention, labels = collate_queries(batch, pad_id)
             grads, _ = collector.batch_gradients(input_ids, attention, labels)
             out.append(grads.detach().cpu())
     return torch.cat(out, dim=0)

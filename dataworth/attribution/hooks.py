@@ -12,28 +12,12 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dataworth.attribution.projection import FittedProjections, Layout, Projector, select_modules
 from dataworth.config import LoggingConfig
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Next-token loss per sequence; labels == -100 contribute nothing."""
-    # Shift the targets left rather than the logits right, and keep the vocabulary as the last dim:
-    # the softmax then runs over contiguous rows. A (batch, vocab, time) layout made the softmax
-    # two thirds of a GPT-2-small logging step on an H100.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-    )
-    total = nll.view(targets.shape).sum(dim=1)
-    if reduction == "mean":
-        total = total / (targets != -100).sum(dim=1).clamp(min=1)
-    return total
+from dataworth.errors import ModelError
+from dataworth.losses import per_example_loss
 
 
 class BackwardHooks(AbstractContextManager):
@@ -61,7 +45,7 @@ class BackwardHooks(AbstractContextManager):
     def __enter__(self):
         embeddings = self.model.get_input_embeddings()
         if embeddings is None:
-            raise ValueError(f"{type(self.model).__name__} has no input embeddings; cannot start the backward pass")
+            raise ModelError(f"{type(self.model).__name__} has no input embeddings; cannot start the backward pass")
         self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self._saved_flags:
             p.requires_grad_(False)
@@ -89,7 +73,7 @@ class BackwardHooks(AbstractContextManager):
                 x = x.unsqueeze(1)
             batch = self._mask.shape[0]
             if x.shape[0] != batch:
-                raise ValueError(
+                raise ModelError(
                     f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences; "
                     "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
                 )

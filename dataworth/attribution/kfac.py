@@ -27,6 +27,7 @@ from dataworth.attribution.hooks import BackwardHooks
 from dataworth.attribution.projection import FittedProjections, Projector, layer_dims, select_modules
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, collate, pad_token_id
+from dataworth.errors import ConfigError, DataError
 
 
 def check_factor_dims(modules: dict, cfg: LoggingConfig) -> None:
@@ -34,7 +35,7 @@ def check_factor_dims(modules: dict, cfg: LoggingConfig) -> None:
     too_wide = {n: max(layer_dims(m)) for n, m in modules.items() if max(layer_dims(m)) > cfg.max_factor_dim}
     if too_wide:
         name, d = next(iter(too_wide.items()))
-        raise ValueError(
+        raise ConfigError(
             f"{len(too_wide)} tracked layers are wider than max_factor_dim={cfg.max_factor_dim} (e.g. {name!r}: {d}); "
             f"a KFAC factor of that size is a {d}×{d} matrix ({d * d * 8 / 2**30:.1f} GiB). Exclude those layers, "
             "raise logging.max_factor_dim, or set logging.precondition='none'"
@@ -73,7 +74,7 @@ class CovarianceCollector(BackwardHooks):
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (A, S): token-averaged second moments of layer input and output gradient (on the model's device)."""
         if self.tokens == 0:
-            raise ValueError("no tokens were seen: fit the KFAC factors on at least one non-empty example")
+            raise DataError("no tokens were seen: fit the KFAC factors on at least one non-empty example")
         return {n: (self.a_sums[n] / self.tokens, self.s_sums[n] / self.tokens) for n in self.a_sums}
 
 
@@ -102,7 +103,7 @@ def sample_examples(examples: list[Example], n: int) -> list[Example]:
 def fit_kfac_factors(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
     """(factors per module, tokens, examples) over the given examples."""
     if not examples:
-        raise ValueError("no examples to fit the KFAC factors on; the corpus is empty")
+        raise DataError("no examples to fit the KFAC factors on; the corpus is empty")
     pad = pad_token_id(tokenizer)
     ordered = sorted(examples, key=lambda e: e.num_tokens)  # less padding
     with CovarianceCollector(model, cfg) as collector:
@@ -141,7 +142,7 @@ def whitened_projections(
 def fit_kfac_projections(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
     """Fit KFAC factors on (a sample of) the examples and return the whitened projections."""
     if cfg.precondition != "kfac":
-        raise ValueError(
+        raise ConfigError(
             f"fit_kfac_projections called with logging.precondition={cfg.precondition!r}; set it to 'kfac'"
         )
     sample = sample_examples(examples, cfg.precondition_examples)

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
 from dataworth.config import LoggingConfig
+from dataworth.errors import ConfigError, IndexMismatchError, ModelError
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -47,13 +48,13 @@ def select_modules(model: nn.Module, include: list[str], exclude: list[str]) -> 
     """
     candidates = {name: m for name, m in model.named_modules() if name and is_trackable(m)}
     if not candidates:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv1D layers to track")
+        raise ModelError(f"{type(model).__name__} has no Linear or Conv1D layers to track")
     selected: dict[str, nn.Module] = {}
     for pattern in include:
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             examples = ", ".join(list(candidates)[:6])
-            raise ValueError(
+            raise ConfigError(
                 f"module pattern {pattern!r} matches no Linear/Conv1D layer of {type(model).__name__}; "
                 f"layer names look like: {examples} (patterns are fnmatch globs, e.g. 'transformer.h.*.mlp.*')"
             )
@@ -63,7 +64,7 @@ def select_modules(model: nn.Module, include: list[str], exclude: list[str]) -> 
         n: m for n, m in candidates.items() if n in selected and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
     }
     if not selected:
-        raise ValueError(
+        raise ConfigError(
             f"every layer matched by {include} is removed by exclude_modules={exclude}; loosen one of them"
         )
     return selected
@@ -84,7 +85,7 @@ def draw_projection(kind: str, k: int, d: int, seed: int, name: str, side: str) 
     elif kind == "rademacher":
         p = torch.randint(0, 2, (k, d), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
     else:
-        raise ValueError(f"unknown projection {kind!r}; choose gaussian, rademacher or identity")
+        raise ConfigError(f"unknown projection {kind!r}; choose gaussian, rademacher or identity")
     return p / math.sqrt(k)
 
 
@@ -165,7 +166,7 @@ class Projector:
             offset += k_out * k_in
         self.layout = Layout(tuple(blocks))
         if cfg.precondition != "none" and fitted is None:
-            raise ValueError(
+            raise ConfigError(
                 f"logging.precondition={cfg.precondition!r} needs projections fitted to the data "
                 "(dataworth.attribution.kfac.fit_kfac_projections; the index flow fits and stores them): "
                 "pass them as `fitted`, "
@@ -177,7 +178,7 @@ class Projector:
     def _check_fitted(self, fitted: FittedProjections) -> None:
         missing = [n for n in self.dims if n not in fitted.matrices]
         if missing:
-            raise ValueError(
+            raise IndexMismatchError(
                 f"the fitted projections have no matrices for modules {missing[:4]}; "
                 "they were fitted for another module selection: refit them (rebuild the index)"
             )
@@ -185,7 +186,7 @@ class Projector:
             d_in, d_out = self.dims[b.name]
             p_in, p_out = fitted.matrices[b.name]
             if tuple(p_in.shape) != (b.k_in, d_in) or tuple(p_out.shape) != (b.k_out, d_out):
-                raise ValueError(
+                raise IndexMismatchError(
                     f"fitted projections of {b.name!r} are {tuple(p_out.shape)} / {tuple(p_in.shape)}, the logging "
                     f"config asks for ({b.k_out}, {d_out}) / ({b.k_in}, {d_in}): refit them (rebuild the index)"
                 )

@@ -15,6 +15,7 @@ import torch
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.config import ScoreMode
+from dataworth.errors import ConfigError
 
 # Rows with (numerically) zero gradient score 0 instead of dividing by zero.
 _EPS = 1e-30
@@ -58,7 +59,7 @@ def score_batch(
         elif mode == "cosine":
             scores[mode] = q @ _unit(whitened).T
         else:
-            raise ValueError(f"unknown score mode {mode!r}; choose dot, influence, relatif or cosine")
+            raise ConfigError(f"unknown score mode {mode!r}; choose dot, influence, relatif or cosine")
     return scores
 
 

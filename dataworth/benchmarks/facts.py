@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataworth.errors import ConfigError
+
 # Presets for demos and benchmarks; "small" equals the defaults of generate_fact_corpus.
 FACT_CORPUS_SIZES: dict[str, dict[str, int]] = {
     "small": {"n_entities": 40, "docs_per_fact": 3, "n_filler": 60},
@@ -171,13 +173,13 @@ def generate_fact_corpus(
 ) -> FactCorpus:
     """Generate the corpus; identical output for identical arguments (no global random state)."""
     if n_entities < 1:
-        raise ValueError(f"n_entities={n_entities} must be at least 1")
+        raise ConfigError(f"n_entities={n_entities} must be at least 1")
     if docs_per_fact < 1:
-        raise ValueError(f"docs_per_fact={docs_per_fact} must be at least 1")
+        raise ConfigError(f"docs_per_fact={docs_per_fact} must be at least 1")
     if n_filler < 0:
-        raise ValueError(f"n_filler={n_filler} must be 0 or more")
+        raise ConfigError(f"n_filler={n_filler} must be 0 or more")
     if not 1 <= relations_per_entity <= len(RELATIONS):
-        raise ValueError(f"relations_per_entity={relations_per_entity} must be between 1 and {len(RELATIONS)}")
+        raise ConfigError(f"relations_per_entity={relations_per_entity} must be between 1 and {len(RELATIONS)}")
     rng = random.Random(seed)
 
     entities = _entity_names(n_entities, rng)
@@ -317,7 +319,7 @@ def _entity_names(n: int, rng: random.Random) -> list[str]:
     while len(names) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct names from the syllable lists; use fewer entities")
+            raise ConfigError(f"could not draw {n} distinct names from the syllable lists; use fewer entities")
         first = rng.choice(_ONSETS) + rng.choice(_MIDDLES) + rng.choice(_ENDINGS)
         last = rng.choice(_SURNAME_HEADS) + rng.choice(_SURNAME_TAILS)
         names.setdefault(f"{first} {last}")

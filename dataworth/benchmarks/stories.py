@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataworth.errors import ConfigError
+
 # Presets for demos and benchmarks; "small" equals the defaults of generate_lm_corpus.
 LM_CORPUS_SIZES: dict[str, dict[str, int]] = {
     "small": {"n_documents": 300, "n_queries": 40, "n_topics": 6},
@@ -197,11 +199,11 @@ def generate_lm_corpus(n_documents: int = 300, n_queries: int = 40, n_topics: in
     completion (its last words, with a leading space), topic}.
     """
     if not 1 <= n_topics <= len(TOPICS):
-        raise ValueError(f"n_topics={n_topics} must be between 1 and {len(TOPICS)} (the topics defined in TOPICS)")
+        raise ConfigError(f"n_topics={n_topics} must be between 1 and {len(TOPICS)} (the topics defined in TOPICS)")
     if n_documents < n_topics:
-        raise ValueError(f"n_documents={n_documents} must be at least n_topics={n_topics}: one document per topic")
+        raise ConfigError(f"n_documents={n_documents} must be at least n_topics={n_topics}: one document per topic")
     if n_queries < 0:
-        raise ValueError(f"n_queries={n_queries} must be 0 or more")
+        raise ConfigError(f"n_queries={n_queries} must be 0 or more")
     rng = random.Random(seed)
     topics = list(TOPICS)[:n_topics]
     worlds = {t: _draw_collocations(TOPICS[t], rng) for t in topics}
@@ -235,7 +237,7 @@ def generate_lm_corpus(n_documents: int = 300, n_queries: int = 40, n_topics: in
                 break
             seen.discard(" ".join(words))
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"could not draw a query in topic {topic!r} whose completion {_MIN_SUPPORT} training stories "
                 f"state: n_documents={n_documents} is too few for n_topics={n_topics}; use about 50 per topic"
             )
@@ -283,7 +285,7 @@ def _new_story(topic: str, world: dict, character: str, rng: random.Random, seen
         if text not in seen:
             seen.add(text)
             return text
-    raise ValueError(f"could not draw a new story for {character!r}; ask for fewer documents or queries")
+    raise ConfigError(f"could not draw a new story for {character!r}; ask for fewer documents or queries")
 
 
 def _has_phrase(text: str, phrase: str) -> bool:

@@ -20,8 +20,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from dataworth.data import collate
-from dataworth.training import RetrainConfig, fit_sequences, mean_token_loss, save_staged
+from dataworth.data import collate, pad_token_id
+from dataworth.errors import ConfigError, DataError, ModelError
+from dataworth.losses import IGNORE_INDEX, mean_token_loss
+from dataworth.queries import greedy_generate
+from dataworth.training import RetrainConfig, fit_sequences, save_staged
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -48,10 +51,10 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a GPT-2 style byte-level BPE tokenizer; saved with save_pretrained when out_dir is given."""
     if not texts:
-        raise ValueError("texts is empty: the tokenizer needs at least one document to train on")
+        raise DataError("texts is empty: the tokenizer needs at least one document to train on")
     specials = [EOS_TOKEN, PAD_TOKEN]
     if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens plus specials; use at least 258")
+        raise ConfigError(f"vocab_size={vocab_size} is below the 256 byte tokens plus specials; use at least 258")
     tok = Tokenizer(models.BPE())
     # No prefix space: a prompt ending before " value" then splits exactly where training text does.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,13 +109,13 @@ def train_tiny_gpt2(
     which holds for the whole process; 1 is steadier than the default on a busy machine.
     """
     if not texts:
-        raise ValueError("texts is empty: pass the training documents")
+        raise DataError("texts is empty: pass the training documents")
     if n_embd % n_head:
-        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head dividing n_embd")
+        raise ConfigError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head dividing n_embd")
     if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps={max_steps} must be at least 1 (or None to train for `epochs`)")
+        raise ConfigError(f"max_steps={max_steps} must be at least 1 (or None to train for `epochs`)")
     if max_steps is None and epochs < 1:
-        raise ValueError(f"epochs={epochs} must be at least 1")
+        raise ConfigError(f"epochs={epochs} must be at least 1")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     out = Path(out_dir)
@@ -123,7 +126,7 @@ def train_tiny_gpt2(
     if tokenizer is None:
         tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max_length)
     elif tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise ModelError(
             "the tokenizer has no pad or eos token: set both (e.g. tokenizer.pad_token = tokenizer.eos_token)"
         )
     examples = _encode(texts, tokenizer, max_length)
@@ -193,40 +196,31 @@ def _corpus_loss(model: GPT2LMHeadModel, examples: list[list[int]], pad_id: int,
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         input_ids, attention_mask, labels = collate(examples[i : i + batch_size], pad_id)
-        n = int((labels[:, 1:] != -100).sum())
-        total += mean_token_loss(model, input_ids, attention_mask, labels).item() * n
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        total += mean_token_loss(logits, labels).item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
     """Greedy continuation text of each prompt (decoded new tokens, stopped at EOS)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    # One prompt per batch: no padding, so a prompt's continuation never depends on its neighbours.
+    generated = greedy_generate(model, prompt_ids, max_new_tokens, pad_token_id(tokenizer), batch_size=1)
     outputs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            if ids.shape[1] >= model.config.max_position_embeddings:
-                break
-            next_id = int(model(input_ids=ids).logits[0, -1].argmax())
-            if next_id == tokenizer.eos_token_id:
-                break
-            new.append(next_id)
-            ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
+    for new in generated:
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
         outputs.append(tokenizer.decode(new))
-    model.train(was_training)
     return outputs
 
 
 def fact_accuracy(model, tokenizer, queries: Sequence[dict]) -> float:
     """Fraction of queries whose greedy continuation of `prompt` begins with the `completion` as a whole word."""
     if not queries:
-        raise ValueError("queries is empty: pass the corpus queries ({'prompt', 'completion'} dicts)")
+        raise DataError("queries is empty: pass the corpus queries ({'prompt', 'completion'} dicts)")
     correct = 0
     for q in queries:
         value = q["completion"].strip()
@@ -242,7 +236,7 @@ def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_length
     for i, text in enumerate(texts):
         ids = tokenizer(text)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
         if len(ids) < 2:
-            raise ValueError(f"document {i} is empty: drop empty texts before training")
+            raise DataError(f"document {i} is empty: drop empty texts before training")
         examples.append(ids)
     return examples
 

@@ -36,6 +36,7 @@ from dataworth.attribution.curvature import FisherAccumulator
 from dataworth.attribution.projection import Projector
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import CurvatureConfig, LoggingConfig
+from dataworth.errors import ConfigError
 from dataworth.evaluation.lds import pearson, spearman
 
 _DTYPE = torch.float64
@@ -150,13 +151,13 @@ def loo_agreement(
     "predicted_fisher", "actual" as lists in the order of the removed indices. Runs single-threaded (and restores
     the thread count after)."""
     if l2 <= 0:
-        raise ValueError(f"l2={l2} must be > 0: without it the Hessian can be singular and LOO fits may diverge")
+        raise ConfigError(f"l2={l2} must be > 0: without it the Hessian can be singular and LOO fits may diverge")
     if n_classes < 2:
-        raise ValueError(f"n_classes={n_classes} must be at least 2")
+        raise ConfigError(f"n_classes={n_classes} must be at least 2")
     if n_features < 1 or n_test < 1:
-        raise ValueError(f"n_features={n_features} and n_test={n_test} must both be at least 1")
+        raise ConfigError(f"n_features={n_features} and n_test={n_test} must both be at least 1")
     if not 3 <= n_loo <= n_train:
-        raise ValueError(f"n_loo={n_loo} must lie in [3, n_train={n_train}] for a correlation to mean anything")
+        raise ConfigError(f"n_loo={n_loo} must lie in [3, n_train={n_train}] for a correlation to mean anything")
     # Every op here is on a ~33-dim problem: extra threads only add synchronization, and on a
     # busy machine their spin-waits made a 3 s run take 100 s.
     threads = torch.get_num_threads()

@@ -9,25 +9,27 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from dataworth.attribution.hooks import per_example_loss
 from dataworth.data import collate
-from dataworth.queries import EncodedQuery
-from dataworth.training import _check_sequences, _context_length
+from dataworth.errors import ConfigError, DataError, ModelError, QueryError
+from dataworth.losses import per_example_loss, sequence_log_probs
+from dataworth.model import context_length
+from dataworth.queries import EncodedQuery, collate_queries
+from dataworth.training import check_sequences
 
 
 def _check_queries(queries: list[EncodedQuery], model) -> None:
     if not queries:
-        raise ValueError("queries is empty: pass the encoded queries (dataworth.attribution.gradients.encode_queries)")
+        raise QueryError("queries is empty: pass the encoded queries (dataworth.queries.encode_queries)")
     for q in queries:
         if not q.completion_ids:
-            raise ValueError(
+            raise QueryError(
                 f"query {q.id!r} has no completion tokens; "
                 "encode it with a completion (or let encode_queries generate one)"
             )
-    _check_sequences(
-        [q.prompt_ids + q.completion_ids for q in queries],
+    check_sequences(
+        [q.input_ids for q in queries],
         model.config.vocab_size,
-        _context_length(model.config),
+        context_length(model),
         "query",
     )
 
@@ -37,16 +39,9 @@ def _log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_size: int)
     out = []
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]
-        seqs = [q.prompt_ids + q.completion_ids for q in batch]
-        masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in batch]
-        input_ids, attention, labels = collate(seqs, pad_id, masks)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
-        # float64 before the softmax: a sum of many log-probs, and after − before differences of
-        # tail patching, must not drown in rounding.
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        targets = labels[:, 1:].to(device)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((picked * (targets != -100)).sum(dim=1).cpu())
+        input_ids, attention, labels = collate_queries(batch, pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        out.append(sequence_log_probs(logits, labels.to(device)).cpu())
     return torch.cat(out)
 
 
@@ -58,7 +53,7 @@ def completion_log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_
     Dropout is off while measuring; the model's train/eval mode is restored.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
     _check_queries(queries, model)
     was_training = model.training
     model.eval()
@@ -71,16 +66,15 @@ def completion_log_probs(model, queries: list[EncodedQuery], pad_id: int, batch_
 def _trainable(model) -> list[torch.nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no parameter with requires_grad=True; unfreeze the weights to tail-patch")
+        raise ModelError("the model has no parameter with requires_grad=True; unfreeze the weights to tail-patch")
     return params
 
 
 def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, optimizer: str) -> None:
     device = params[0].device
     input_ids, attention, labels = collate([example_ids], pad_id)
-    loss = per_example_loss(
-        model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits, labels.to(device), "mean"
-    ).sum()
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    loss = per_example_loss(logits, labels.to(device), "mean").sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     if optimizer == "normalized":
         # A step of relative size lr: ‖Δθ‖ = lr · ‖θ‖ along −g. Like Adafactor's relative step (TrackStar's
@@ -120,13 +114,13 @@ def tail_patch_scores(
     restored exactly after every candidate.
     """
     if lr <= 0:
-        raise ValueError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
+        raise ConfigError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
     if optimizer not in ("sgd", "adam", "normalized"):
-        raise ValueError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized'")
+        raise ConfigError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized'")
     if not candidate_sequences:
-        raise ValueError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
+        raise DataError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
     _check_queries(queries, model)
-    _check_sequences(candidate_sequences, model.config.vocab_size, _context_length(model.config), "candidate")
+    check_sequences(candidate_sequences, model.config.vocab_size, context_length(model), "candidate")
     params = _trainable(model)
     was_training = model.training
     saved_grads = [p.grad for p in params]
@@ -175,7 +169,7 @@ def tail_patch(
     """(n_queries,) float64: change in each query's completion log-probability after one
     optimizer step on the single training sequence `example_ids`; weights restored exactly."""
     if len(example_ids) == 0 or isinstance(example_ids[0], (list, tuple)):
-        raise ValueError(
+        raise DataError(
             "example_ids must be one non-empty training sequence (a list of token ids); "
             "use tail_patch_scores for several candidates"
         )

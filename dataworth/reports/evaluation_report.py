@@ -3,45 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
+import json
 import math
-from html import escape
 from typing import Any
 
-from dataworth.reports.query_report import _CSS, _histogram_png, _metrics_html, _run_info_html
-
-
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    """A Markdown table, methods as rows (for the terminal and the README)."""
-    metrics: list[str] = []
-    for row in table.values():
-        metrics.extend(m for m in row if m not in metrics)
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for method, row in table.items():
-        cells = []
-        for m in metrics:
-            v = row.get(m)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                cells.append("–")
-            else:
-                cells.append(str(int(v)) if float(v).is_integer() and abs(v) >= 1 else f"{v:.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+from dataworth.config import LoggingConfig
+from dataworth.reports.html import CSS, escape, figure, histogram_png, metrics_html, png_bytes, run_info_html
 
 
 def lds_scatter_png(scatter: dict[str, Any]) -> bytes:
@@ -49,7 +16,7 @@ def lds_scatter_png(scatter: dict[str, Any]) -> bytes:
     methods = list(scatter["predicted"])
     ncols = min(4, len(methods))
     nrows = math.ceil(len(methods) / ncols)
-    fig = _figure(3.4 * ncols, 2.8 * nrows)
+    fig = figure(3.4 * ncols, 2.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, method in zip(axes.flat, methods):
         ax.scatter(scatter["predicted"][method], scatter["actual"], s=12, alpha=0.8)
@@ -60,12 +27,12 @@ def lds_scatter_png(scatter: dict[str, Any]) -> bytes:
     for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
     fig.suptitle(f"LDS scatter for query {scatter['query']}", fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def brittleness_png(curves: dict[str, dict[str, float]]) -> bytes:
     """Mean increase of the query loss after removing the top-k (per method) vs k random examples."""
-    fig = _figure(5.2, 3.4)
+    fig = figure(5.2, 3.4)
     ax = fig.subplots()
     for method, points in curves.items():
         ks = sorted(points, key=int)
@@ -80,7 +47,7 @@ def brittleness_png(curves: dict[str, dict[str, float]]) -> bytes:
     ax.set_ylabel("Δ query loss after retraining")
     ax.axhline(0, color="#8c959f", linewidth=0.8)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # file name -> (section title, alt text); the order is the report's
@@ -103,8 +70,48 @@ def evaluation_plots(
     if brittleness:
         plots["brittleness.png"] = brittleness_png(brittleness)
     if score_samples:
-        plots["score_histograms.png"] = _histogram_png(score_samples)
+        plots["score_histograms.png"] = histogram_png(score_samples)
     return plots
+
+
+def evaluation_notes(
+    benchmark: str,
+    sizes: tuple[int, int, int],
+    logging: LoggingConfig,
+    curvature_kind: str,
+    damping: float,
+    calibrated: bool,
+    loo: dict[str, float] | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> list[str]:
+    """What the table was measured on, as sentences under it: the benchmark's sizes (documents, examples,
+    queries), the projection, the curvature and its damping, leave-one-out agreement, the calibration."""
+    documents, examples, queries = sizes
+    kfac = ""
+    if logging.precondition == "kfac":
+        kfac = f", KFAC-whitened (λ {logging.precondition_damping:g} × mean eigenvalue)"
+    notes = [
+        f"{benchmark}: {documents} documents, {examples} examples, {queries} queries; "
+        f"projection {logging.projection} {logging.proj_dim_in}×{logging.proj_dim_out} per layer{kfac}"
+        f"; curvature {curvature_kind}, damping {damping:g}" + (" (calibrated)." if calibrated else ".")
+    ]
+    if loo:
+        notes.append(
+            f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "
+            f"{loo['pearson_fisher']:.3f} (empirical Fisher, as dataworth's raw curvature)."
+        )
+    if calibration:
+        notes.append(
+            f"Calibrated damping factor {calibration['damping_factor']} on {calibration['proxy']} "
+            f"(recorded in the index manifest): {json.dumps(calibration['sweep'])}"
+        )
+        if "proj_sweep" in calibration:
+            notes.append(
+                f"Projection size chosen on {calibration['proxy']}: {calibration['proj_dim']} per layer "
+                f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
+                f"{json.dumps(calibration['proj_sweep'])}"
+            )
+    return notes
 
 
 def render_evaluation_report(
@@ -116,9 +123,9 @@ def render_evaluation_report(
 ) -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body><main>",
-        f'<section class="card"><h1>{escape(title)}</h1>{_run_info_html(run_info)}</section>',
-        _metrics_html(table),
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>",
+        f'<section class="card"><h1>{escape(title)}</h1>{run_info_html(run_info)}</section>',
+        metrics_html(table),
     ]
     if notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in notes)

@@ -1,110 +1,20 @@
-"""Self-contained HTML report of query attributions: one file, inline CSS, PNG plots inlined.
-
-No JavaScript and no external assets, so the page opens the same from an MLflow artifact
-view, an e-mail attachment or a laptop without network. Everything that comes from a user
-(prompts, training texts, ids, run info) is escaped; the page only ever contains markup
-written here.
+"""Self-contained HTML report of query attributions: per query the prompt, the completion and each mode's
+ranked training examples, after the run info, the metrics and the score histograms (shared parts in html.py).
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import io
-import math
-import os
-import tempfile
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
+
+from dataworth.reports.html import CSS, escape, fmt_number, histogram_png, metrics_html, run_info_html
 
 # Training texts are shown cut to this many characters; the full text stays in the store.
 TEXT_LIMIT = 300
 
-# Metrics are "higher is better" (MRR, recall@k, ...) unless their name says otherwise.
-_LOWER_IS_BETTER = ("loss", "rank", "time", "second", "latency", "error", "memory", "bytes")
-
-_CSS = """
-* { box-sizing: border-box; }
-body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-  color: #1f2328; background: #f6f7f9; margin: 0; padding: 24px; line-height: 1.45; }
-main { max-width: 1500px; margin: 0 auto; }
-h1 { font-size: 24px; margin: 0 0 12px; }
-h2 { font-size: 18px; margin: 28px 0 10px; }
-h3 { font-size: 15px; margin: 0 0 6px; }
-section.card, header.card { background: #fff; border: 1px solid #d8dee4; border-radius: 8px;
-  padding: 16px 18px; margin: 0 0 18px; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { border-bottom: 1px solid #e4e7eb; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f0f2f5; font-weight: 600; }
-table.info th { background: none; color: #59636e; font-weight: 500; white-space: nowrap; }
-table.info td { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  font-size: 12px; word-break: break-all; }
-table.metrics td.num, table.metrics th.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.metrics td.best { font-weight: 700; }
-.note { color: #59636e; font-size: 12px; margin: 6px 0 0; }
-nav ol { margin: 4px 0 0; padding-left: 22px; font-size: 13px; }
-nav a { color: #0969da; text-decoration: none; }
-nav a:hover { text-decoration: underline; }
-.qid { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: #59636e;
-  font-weight: 400; font-size: 13px; }
-.label { font-size: 11px; font-weight: 600; text-transform: uppercase; letter-spacing: .04em;
-  color: #59636e; margin: 10px 0 3px; }
-.textbox { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px;
-  white-space: pre-wrap; word-break: break-word; padding: 8px 10px; border-radius: 6px;
-  max-height: 20em; overflow-y: auto; }
-.prompt { background: #f0f2f5; border-left: 4px solid #afb8c1; }
-.completion { background: #fff8c5; border-left: 4px solid #d4a72c; }
-.badge { display: inline-block; font-size: 11px; font-weight: 600; padding: 1px 8px;
-  border-radius: 10px; background: #ddf4ff; color: #0550ae; border: 1px solid #54aeff;
-  text-transform: none; letter-spacing: 0; margin-left: 6px; vertical-align: 1px; }
-.modes { display: grid; grid-template-columns: repeat(auto-fit, minmax(540px, 1fr));
-  gap: 14px; margin-top: 14px; }
-.mode { border: 1px solid #e4e7eb; border-radius: 6px; padding: 10px 12px; min-width: 0; }
-.mode .summary { color: #59636e; font-size: 12px; font-weight: 400; margin-left: 6px; }
-table.ranked { width: 100%; table-layout: fixed; }
-table.ranked col.rank { width: 4.2em; }
-table.ranked col.score { width: 6.5em; }
-table.ranked col.doc { width: 7.5em; }
-table.ranked col.ex { width: 7.5em; }
-table.ranked td.rank, table.ranked td.score { text-align: right; font-variant-numeric: tabular-nums;
-  white-space: nowrap; }
-table.ranked th.rank, table.ranked th.score { text-align: right; }
-table.ranked td.id { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  font-size: 12px; word-break: break-all; }
-table.ranked td.text div { white-space: pre-wrap; word-break: break-word; font-size: 12.5px; }
-tr.relevant td { background: #dafbe1; }
-.check { color: #1a7f37; font-weight: 700; margin-right: 3px; }
-.empty { color: #8c959f; font-style: italic; font-size: 13px; }
-a.top { float: right; font-size: 12px; font-weight: 400; color: #0969da; text-decoration: none; }
-img.plot { max-width: 100%; height: auto; display: block; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
 
 def _id(value: Any) -> str:
-    return "–" if value is None or value == "" else _e(value)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    try:
-        return f"{float(value):.{digits}g}"
-    except (TypeError, ValueError):
-        return _e(value)
-
-
-def _fmt_metric(value: Any) -> str:
-    # Rates in [0, 1] (MRR, recall@k) get fixed decimals so a column lines up.
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return _fmt(value)
-    return f"{f:.4f}" if abs(f) <= 1 else _fmt(f)
+    return "–" if value is None or value == "" else escape(value)
 
 
 def _cut(text: Any, limit: int = TEXT_LIMIT) -> str:
@@ -119,98 +29,8 @@ def _cut(text: Any, limit: int = TEXT_LIMIT) -> str:
     return head.rstrip() + " …"
 
 
-def _lower_is_better(metric: str) -> bool:
-    name = metric.lower()
-    return any(hint in name for hint in _LOWER_IS_BETTER)
-
-
-def _finite(values: Iterable[Any]) -> list[float]:
-    out = []
-    for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            out.append(f)
-    return out
-
-
-def _run_info_html(run_info: dict[str, str] | None) -> str:
-    if not run_info:
-        return ""
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in run_info.items())
-    return f'<table class="info">{rows}</table>'
-
-
-def _metrics_html(metrics: dict[str, dict[str, float]]) -> str:
-    names: list[str] = []
-    for per_mode in metrics.values():
-        names.extend(n for n in per_mode if n not in names)
-    best: dict[str, float] = {}
-    for n in names:
-        vals = _finite(m.get(n) for m in metrics.values())
-        if vals:
-            best[n] = min(vals) if _lower_is_better(n) else max(vals)
-    head = "".join(f'<th class="num">{_e(n)}</th>' for n in names)
-    body = []
-    for mode, per_mode in metrics.items():
-        cells = []
-        for n in names:
-            v = per_mode.get(n)
-            is_best = n in best and _finite([v]) == [best[n]]
-            cls = "num best" if is_best else "num"
-            cells.append(f'<td class="{cls}">{_fmt_metric(v)}</td>')
-        body.append(f"<tr><th>{_e(mode)}</th>{''.join(cells)}</tr>")
-    return (
-        '<section class="card"><h2 style="margin-top:0">Evaluation</h2>'
-        f'<table class="metrics"><thead><tr><th>mode</th>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
-        '<p class="note">Bold: best value per metric across modes.</p></section>'
-    )
-
-
-def _histogram_png(score_samples: dict[str, list[float]]) -> bytes:
-    # Figure + Agg canvas, never pyplot: no global state, no GUI backend, and the caller's
-    # own matplotlib backend (e.g. in a notebook) is left untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    modes = list(score_samples)
-    ncols = min(len(modes), 4)
-    nrows = math.ceil(len(modes) / ncols)
-    fig = Figure(figsize=(3.6 * ncols, 2.6 * nrows), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    colors = ["#0969da", "#1a7f37", "#bf3989", "#bc4c00", "#8250df", "#0a7f83", "#9a6700", "#57606a"]
-    for i, ax in enumerate(axes.flat):
-        if i >= len(modes):
-            ax.set_visible(False)
-            continue
-        mode = modes[i]
-        vals = _finite(score_samples[mode])
-        ax.set_title(f"{mode}  (n={len(vals)})", fontsize=10)
-        ax.tick_params(labelsize=8)
-        ax.set_xlabel("score", fontsize=8)
-        if i % ncols == 0:
-            ax.set_ylabel("count", fontsize=8)
-        if not vals:
-            ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes, color="#8c959f")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            continue
-        bins = int(min(40, max(5, math.sqrt(len(vals)))))
-        ax.hist(vals, bins=bins, color=colors[i % len(colors)], alpha=0.85, edgecolor="white", linewidth=0.4)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def _histogram_html(score_samples: dict[str, list[float]]) -> str:
-    png = base64.b64encode(_histogram_png(score_samples)).decode("ascii")
+    png = base64.b64encode(histogram_png(score_samples)).decode("ascii")
     return (
         '<section class="card"><h2 style="margin-top:0">Score distributions</h2>'
         f'<img class="plot" alt="Histogram of scores per mode" src="data:image/png;base64,{png}">'
@@ -228,11 +48,11 @@ def _ranked_html(rows: list[dict] | None) -> str:
         tr = '<tr class="relevant">' if relevant else "<tr>"
         body.append(
             f"{tr}"
-            f'<td class="rank">{mark}{_e(row.get("rank"))}</td>'
-            f'<td class="score">{_fmt(row.get("score"))}</td>'
+            f'<td class="rank">{mark}{escape(row.get("rank"))}</td>'
+            f'<td class="score">{fmt_number(row.get("score"))}</td>'
             f'<td class="id">{_id(row.get("document_id"))}</td>'
             f'<td class="id">{_id(row.get("example_id"))}</td>'
-            f'<td class="text"><div>{_e(_cut(row.get("text")))}</div></td></tr>'
+            f'<td class="text"><div>{escape(_cut(row.get("text")))}</div></td></tr>'
         )
     return (
         '<table class="ranked"><colgroup><col class="rank"><col class="score"><col class="doc">'
@@ -249,7 +69,7 @@ def _mode_summary(rows: list[dict] | None) -> str:
     text = f"top {len(rows)}"
     if labelled:
         text += f" · {sum(r.get('relevant') is True for r in labelled)} relevant"
-    return f'<span class="summary">{_e(text)}</span>'
+    return f'<span class="summary">{escape(text)}</span>'
 
 
 def _query_html(index: int, query: dict, results: dict[str, dict[str, list[dict]]]) -> str:
@@ -258,15 +78,15 @@ def _query_html(index: int, query: dict, results: dict[str, dict[str, list[dict]
     modes = []
     for mode, per_query in results.items():
         rows = per_query.get(str(qid), per_query.get(qid)) if per_query else None
-        modes.append(f'<div class="mode"><h3>{_e(mode)}{_mode_summary(rows)}</h3>{_ranked_html(rows)}</div>')
+        modes.append(f'<div class="mode"><h3>{escape(mode)}{_mode_summary(rows)}</h3>{_ranked_html(rows)}</div>')
     modes_html = f'<div class="modes">{"".join(modes)}</div>' if modes else '<p class="empty">No modes scored.</p>'
     return (
         f'<section class="card query" id="q{index}">'
         f'<h2 style="margin-top:0"><a class="top" href="#top">↑ top</a>'
-        f'Query {index + 1} <span class="qid">{_e(qid)}</span></h2>'
-        f'<div class="label">Prompt</div><div class="textbox prompt">{_e(query.get("prompt"))}</div>'
+        f'Query {index + 1} <span class="qid">{escape(qid)}</span></h2>'
+        f'<div class="label">Prompt</div><div class="textbox prompt">{escape(query.get("prompt"))}</div>'
         f'<div class="label">Completion{badge}</div>'
-        f'<div class="textbox completion">{_e(query.get("completion"))}</div>'
+        f'<div class="textbox completion">{escape(query.get("completion"))}</div>'
         f"{modes_html}</section>"
     )
 
@@ -275,7 +95,8 @@ def _toc_html(queries: list[dict]) -> str:
     if len(queries) < 2:
         return ""
     items = "".join(
-        f'<li><a href="#q{i}"><span class="qid">{_e(q.get("id"))}</span> {_e(_cut(q.get("prompt"), 90))}</a></li>'
+        f'<li><a href="#q{i}"><span class="qid">{escape(q.get("id"))}</span> '
+        f"{escape(_cut(q.get('prompt'), 90))}</a></li>"
         for i, q in enumerate(queries)
     )
     return f'<nav><div class="label">Queries</div><ol>{items}</ol></nav>'
@@ -299,13 +120,13 @@ def render_query_report(
     modes = list(results)
     subtitle = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} · modes: {', '.join(modes) or '–'}"
     header = (
-        f'<header class="card" id="top"><h1>{_e(title)}</h1><p class="note">{_e(subtitle)}. '
+        f'<header class="card" id="top"><h1>{escape(title)}</h1><p class="note">{escape(subtitle)}. '
         'Rows on green with <span class="check">✓</span> are labelled relevant.</p>'
-        f"{_run_info_html(run_info)}{_toc_html(queries)}</header>"
+        f"{run_info_html(run_info)}{_toc_html(queries)}</header>"
     )
     parts = [header]
     if metrics:
-        parts.append(_metrics_html(metrics))
+        parts.append(metrics_html(metrics))
     if score_samples:
         parts.append(_histogram_html(score_samples))
     if queries:
@@ -315,25 +136,6 @@ def render_query_report(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n"
         f"<body><main>\n" + "\n".join(parts) + "\n</main></body></html>\n"
     )
-
-
-def write_report(html: str, path: str | os.PathLike) -> Path:
-    """Write the page atomically: readers see the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a report is meant to be read by others, like any written file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

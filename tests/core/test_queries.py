@@ -8,7 +8,8 @@ from tiny import make_tiny_gpt2
 
 from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import GenerationConfig, QuerySpec
-from dataworth.queries import encode_queries, load_queries
+from dataworth.data import pad_token_id
+from dataworth.queries import encode_queries, greedy_generate, load_queries
 
 CONTEXT = 64  # n_positions of the tiny GPT-2
 
@@ -173,6 +174,24 @@ def test_missing_completion_is_the_greedy_continuation(model, tokenizer):
         assert expected  # the check below means something
         assert enc.completion_ids == expected
         assert enc.completion == tokenizer.decode(expected)
+
+
+def test_greedy_generate_matches_the_loop_by_hand_and_stops_at_the_context(model, tokenizer):
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer(p)["input_ids"] for p in ["the cat sat on", "a quick brown fox jumps over the", "the"]]
+    model.train()
+    try:
+        out = greedy_generate(model, prompts, 5, pad_token_id(tokenizer), batch_size=2)
+        assert model.training  # dropout is off while generating, the mode is restored after
+    finally:
+        model.eval()
+    for prompt, new in zip(prompts, out):
+        assert until_eos(new, eos) == until_eos(greedy_by_hand(model, prompt, 5), eos)
+    context = model.config.n_positions
+    near_end = (prompts[1] * context)[: context - 2]
+    full = (prompts[1] * context)[:context]
+    short, none = greedy_generate(model, [near_end, full], 5, pad_token_id(tokenizer), batch_size=1)
+    assert len(short) == 2 and none == []
 
 
 def bigram_gpt2(tokenizer, chain: dict[str, str]):

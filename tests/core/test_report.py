@@ -1,4 +1,4 @@
-"""HTML report: escaping, relevance marking, optional sections, atomic writes."""
+"""Reports: HTML escaping, relevance marking, optional sections, atomic writes; terminal tables."""
 
 import base64
 import os
@@ -8,7 +8,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dataworth.reports.query_report import TEXT_LIMIT, render_query_report, write_report
+from dataworth.reports.html import write_report
+from dataworth.reports.query_report import TEXT_LIMIT, render_query_report
+from dataworth.reports.terminal import format_evaluation, format_fact_tracing, format_table, format_top_results
 
 EVIL = '<script>alert("x")</script>'
 
@@ -218,3 +220,39 @@ def test_evaluation_plots_are_pngs_and_the_report_embeds_them():
     html = render_evaluation_report("t", {"influence": {"lds": 0.3}}, None, plots, ["a note"])
     assert html.count("data:image/png;base64,") == 3 and "Brittleness" in html and "a note" in html
     assert "data:image/png" not in render_evaluation_report("t", {"influence": {"lds": 0.3}})
+
+
+def test_format_table_is_markdown_with_missing_and_integer_cells():
+    table = {"influence": {"lds": 0.3, "seconds": 12.0}, "bm25": {"lds": float("nan")}, "random": {"brittle@1": -0.25}}
+    assert format_table(table).splitlines() == [
+        "| method | lds | seconds | brittle@1 |",
+        "|---|---|---|---|",
+        "| influence | 0.300 | 12 | – |",
+        "| bm25 | – | – | – |",
+        "| random | – | – | -0.250 |",
+    ]
+    assert format_evaluation(table, ["n1", "n2"]).endswith("|\n\n- n1\n- n2")
+
+
+def test_top_results_mark_relevant_documents_and_count_the_rest():
+    queries = [{"query_id": f"q{i}", "prompt": f"P{i}", "completion": " c", "generated": i == 0} for i in range(3)]
+    ranked = [{"rank": r, "score": r / 10, "document_id": f"d{r}", "text": "line\nbreak " * 20} for r in range(1, 8)]
+    text = format_top_results(queries, {"relatif": {"q0": ranked}}, {"q0": ["d2"]}, "relatif", show=2)
+    lines = text.splitlines()
+    assert lines[0] == "" and lines[1].startswith("Top-5 training documents per query (mode relatif;")
+    assert lines[3] == "q0: 'P0' → ' c'  (generated)"
+    assert lines[4].startswith("     1.        0.1  d1         line break")
+    assert lines[5].startswith("  ✓  2.")
+    assert sum(line.startswith("  ") for line in lines) == 5  # top-5 of q0; q1 has no results
+    assert lines[-3:] == ["q1: 'P1' → ' c'", "", "… 1 more queries in the report"]
+
+
+def test_fact_tracing_table_has_fixed_columns():
+    text = format_fact_tracing({"dot": {"mrr": 0.5, "recall@10": 0.25}}, correct=7, total=8, fact_accuracy=0.875)
+    assert text.splitlines() == [
+        "",
+        "Fact tracing over 7 queries the model completes with the fact (of 8; model fact accuracy 0.88):",
+        "",
+        "mode" + " " * 8 + "         mrr   recall@10",
+        "dot" + " " * 9 + "       0.500       0.250",
+    ]

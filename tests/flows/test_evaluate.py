@@ -52,11 +52,8 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
     assert (cal["damping_factor"], cal["tune"]) == (best["damping_factor"], best["tune"])
     # the chosen size's index carries the calibration and is the one the table was measured on
     manifest = IndexStore(out["index_uri"]).read_manifest()
-    assert manifest["calibration"]["damping_factor"] == cal["damping_factor"]
-    assert (
-        f"{manifest['config']['logging']['proj_dim_in']}x{manifest['config']['logging']['proj_dim_out']}"
-        == cal["proj_dim"]
-    )
+    assert manifest.calibration["damping_factor"] == cal["damping_factor"]
+    assert f"{manifest.config.logging.proj_dim_in}x{manifest.config.logging.proj_dim_out}" == cal["proj_dim"]
     html = open(out["report"]).read()
     assert "Linear datamodeling" in html and "Brittleness" in html
     run = MlflowClient(tracking.tracking_uri).get_run(out["mlflow_run_id"])
@@ -100,7 +97,7 @@ def test_retrained_models_are_shared_across_index_configs(harness, tmp_path):
     # The table is scored at the calibrated damping: over the tune and test halves together, the LDS of the
     # calibrated modes is what the sweep measured for the chosen factor.
     cal, table = out["calibration"], out["table"]
-    assert IndexStore(out["index_uri"]).read_manifest()["calibration"]["damping_factor"] == cal["damping_factor"]
+    assert IndexStore(out["index_uri"]).read_manifest().calibration["damping_factor"] == cal["damping_factor"]
     n_queries = cal["tune_queries"] + cal["test_queries"]
     assert all(table[m]["lds_valid_queries"] == n_queries for m in cal["modes"])
     swept = (cal["tune"] * cal["tune_queries"] + cal["test"] * cal["test_queries"]) / n_queries

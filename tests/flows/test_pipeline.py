@@ -6,21 +6,17 @@ import numpy as np
 import pytest
 import torch
 from flowstates import task_states
-from tiny import make_tiny_gpt2
+from tiny import tiny_index_config, write_tiny_assets
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.gradients import query_gradients
 from dataworth.attribution.projection import FittedProjections
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import (
-    CurvatureConfig,
-    DataConfig,
     IndexConfig,
-    LoggingConfig,
     ModelConfig,
     QueryConfig,
     ScoreConfig,
-    TrackingConfig,
 )
 from dataworth.queries import encode_queries
 from storage import IndexStore
@@ -41,15 +37,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from dataworth.benchmarks.tiny_model import train_tokenizer
-
-    root = tmp_path_factory.mktemp("pipeline")
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
-    model = make_tiny_gpt2(dtype=torch.float32, vocab=len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    root = write_tiny_assets(tmp_path_factory.mktemp("pipeline"), TEXTS)
     queries = root / "queries.jsonl"
     queries.write_text(
         json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
@@ -61,16 +49,7 @@ def assets(tmp_path_factory):
 
 
 def index_config(assets, **logging):
-    return IndexConfig(
-        model=ModelConfig(name_or_path=str(assets / "model")),
-        data=DataConfig(dataset=str(assets / "docs.jsonl"), id_column="id", max_length=16),
-        logging=LoggingConfig(
-            projection="gaussian", proj_dim_in=4, proj_dim_out=4, batch_size=3, shard_size=4, **logging
-        ),
-        curvature=CurvatureConfig(kind="raw"),
-        index_uri=str(assets / "index"),
-        tracking=TrackingConfig(tracking_uri=f"sqlite:///{assets / 'mlflow.db'}", experiment="test"),
-    )
+    return tiny_index_config(assets, assets, **logging)
 
 
 def test_index_then_query(harness, assets):
@@ -87,7 +66,7 @@ def test_index_then_query(harness, assets):
     assert out["examples"] == n and store.num_gradients() == n
     assert out["shards"] == (n + 3) // 4
     manifest = store.read_manifest()
-    assert manifest["dim"] == out["dim"] == store.gradient_dim()
+    assert manifest.dim == out["dim"] == store.gradient_dim()
 
     qcfg = QueryConfig(
         index_uri=cfg.index_uri,
@@ -115,10 +94,10 @@ def test_index_then_query(harness, assets):
     # (the query with a given completion: a generated one is kept as token ids, not re-tokenizable text)
     specs = [s for s in load_queries(qcfg.queries_path) if s.id == "cats"]
     enc = encode_queries(model, tok, specs, qcfg.generation, 64)
-    assert manifest["projections_artifact"]  # the default logging config whitens with KFAC factors
-    fitted = FittedProjections.from_bytes(store.read_artifact(manifest["projections_artifact"]))
+    assert manifest.projections_artifact  # the default logging config whitens with KFAC factors
+    fitted = FittedProjections.from_bytes(store.read_artifact(manifest.projections_artifact))
     g_q = query_gradients(model, enc, cfg.logging, tok.pad_token_id, 2, fitted)
-    curv = Curvature.from_bytes(store.read_artifact(manifest["curvature_artifact"]))
+    curv = Curvature.from_bytes(store.read_artifact(manifest.curvature_artifact))
     ids, vecs = zip(*[(i, v) for i, v, _ in store.iter_gradients(100)])
     scorer = Scorer(g_q, curv, ["influence"], top_k=3)
     scorer.update(torch.from_numpy(np.concatenate(ids)), torch.tensor(np.concatenate(vecs)))
@@ -138,6 +117,13 @@ def test_index_then_query(harness, assets):
     qrun = client.get_run(q["mlflow_run_id"])
     assert "score_pairs_per_s" in qrun.data.metrics
     assert any(a.path.endswith(".html") for a in client.list_artifacts(q["mlflow_run_id"]))
+    # Each run saves its resolved config beside its outputs, and that file replays it.
+    from dataworth.config import load_yaml
+
+    assert IndexConfig.model_validate(load_yaml(assets / "index" / "index_config.yaml")) == cfg
+    assert QueryConfig.model_validate(load_yaml(assets / "index" / "reports" / "query_config.yaml")) == qcfg
+    assert "index_config.yaml" in {a.path for a in client.list_artifacts(out["mlflow_run_id"])}
+    assert "query_config.yaml" in {a.path for a in client.list_artifacts(q["mlflow_run_id"])}
 
 
 def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
@@ -148,15 +134,23 @@ def test_rerun_hits_cache_and_config_change_needs_overwrite(harness, assets):
     store = IndexStore(cfg.index_uri)
     versions = (store.examples_version(), store.gradients_version())
     before = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
-    index_flow(cfg, progress=False)  # same inputs: every stage is served from the cache
+    rerun = index_flow(cfg, progress=False)  # same inputs: every stage is served from the cache
     assert (store.examples_version(), store.gradients_version()) == versions
+    # The flow logs what the cached stages return: the new run still has its counts, marked cached.
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(rerun["mlflow_run_id"]).data.metrics
+    assert metrics["documents"] == len(TEXTS) and metrics["examples"] == rerun["examples"] > 0
+    assert metrics["tokens"] > 0 and "log_tokens_per_s" in metrics and "curvature_seconds" in metrics
+    assert metrics["tokenize_corpus.cached"] == 1 and metrics["fit_curvature.cached"] == 1
+    assert metrics["log_gradients.cached"] == 1 and metrics["publish_index.cached"] == 0
 
     changed = index_config(assets, precondition="none")
     with pytest.raises(ValueError, match="overwrite"):
         index_flow(changed, progress=False)
     index_flow(changed.model_copy(update={"overwrite": True}), progress=False)
     manifest = store.read_manifest()
-    assert manifest["config"]["logging"]["precondition"] == "none" and manifest["projections_artifact"] is None
+    assert manifest.config.logging.precondition == "none" and manifest.projections_artifact is None
     after = {int(i): v for ids, vecs, _ in store.iter_gradients(100) for i, v in zip(ids, vecs)}
     assert after.keys() == before.keys()
     assert not any(np.allclose(after[i], before[i]) for i in before)  # other projections: re-logged
@@ -184,12 +178,3 @@ def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
     assert states[shards[-1]] == "Completed"
     by_task = {name.rsplit("-", 1)[0]: state for name, state in states.items() if not name.startswith("log_gradients")}
     assert by_task["tokenize_corpus"] == "Completed" and by_task["fit_curvature"] == "Completed"
-
-
-def test_index_logging_config_reads_old_manifests_as_plain_projections():
-    from tasks.query import index_logging_config
-
-    old = {"config": {"logging": {"projection": "gaussian", "proj_dim_in": 4, "proj_dim_out": 4}}}
-    assert index_logging_config(old).precondition == "none"
-    new = {"config": {"logging": {**old["config"]["logging"], "precondition": "kfac"}}}
-    assert index_logging_config(new).precondition == "kfac"

@@ -10,9 +10,30 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage import SCHEMA_VERSION, IndexStore, IndexStoreError
+from storage import SCHEMA_VERSION, IndexManifest, IndexState, IndexStore, IndexStoreError
 from storage.schemas import examples_schema
 from storage.store import MANIFEST_KEY
+
+
+def _manifest(**update) -> IndexManifest:
+    return IndexManifest.model_validate(
+        {
+            "config": {"model": {"name_or_path": "m"}, "data": {"dataset": "d"}, "logging": {}, "curvature": {}}
+            | {"index_uri": "idx"},
+            "model_fingerprint": "mfp",
+            "data_fingerprint": "dfp",
+            "layout": [],
+            "dim": 4,
+            "full_gradient_params": 64,
+            "num_examples": 4,
+            "num_documents": 2,
+            "num_tokens": 16,
+            "examples_version": 1,
+            "gradients_version": 3,
+            "curvature_artifact": "curvature-x",
+            **update,
+        }
+    )
 
 
 @pytest.fixture
@@ -126,7 +147,8 @@ def test_shard_rewrite_with_fewer_rows_drops_the_rest(store):
 
 def test_delete_shards_from_and_state(store):
     empty = store.state()
-    assert empty["manifest"] is None and not empty["has_examples"] and empty["shards"] == []
+    assert isinstance(empty, IndexState)
+    assert empty.manifest is None and not empty.has_examples and empty.shards == []
     assert store.delete_shards_from(1) is None
     store.write_examples(_examples(6))
     for shard in range(3):
@@ -134,8 +156,8 @@ def test_delete_shards_from_and_state(store):
     version = store.delete_shards_from(1)
     assert version == store.gradients_version() and store.shards_present() == {0}
     state = store.state()
-    assert state["has_examples"] and state["num_examples"] == 6 and state["shards"] == [0]
-    assert state["num_gradients"] == 2 and state["gradients_version"] == version
+    assert state.has_examples and state.num_examples == 6 and state.shards == [0]
+    assert state.num_gradients == 2 and state.gradients_version == version
     with pytest.raises(IndexStoreError, match="first_shard must be a non-negative int"):
         store.delete_shards_from(-1)
 
@@ -230,21 +252,31 @@ def test_manifest_round_trip_and_artifacts(store):
     store.write_artifact("curvature", b"\x00blob")
     store.write_artifact("curvature", b"\x01new")
     assert store.read_artifact("curvature") == b"\x01new"
-    store.publish_manifest({"gradients_version": 3, "config": {"a": [1, 2]}})
+    manifest = _manifest(calibration={"damping_factor": 0.5, "sweep": {"0.5": {"tune": 1.0}}})
+    store.publish_manifest(manifest)
     assert store.exists()
-    assert store.read_manifest() == {"gradients_version": 3, "config": {"a": [1, 2]}, "schema_version": SCHEMA_VERSION}
+    published = store.read_manifest()
+    assert isinstance(published, IndexManifest) and published.schema_version == SCHEMA_VERSION
+    assert published.published_at is not None  # stamped on first publication
+    assert published == manifest.model_copy(update={"published_at": published.published_at})
+    # Republishing (e.g. with a calibration) keeps the first publication time.
+    store.publish_manifest(published.model_copy(update={"calibration": None}))
+    assert store.read_manifest().published_at == published.published_at
     with pytest.raises(IndexStoreError, match="reserved"):
         store.write_artifact(MANIFEST_KEY, b"{}")
-    with pytest.raises(IndexStoreError, match="not JSON-serialisable"):
-        store.publish_manifest({"x": object()})
+    with pytest.raises(IndexStoreError, match="must be an IndexManifest"):
+        store.publish_manifest({"gradients_version": 3})
 
 
 def test_manifest_schema_version_mismatch(store):
-    with pytest.raises(IndexStoreError, match="schema_version 2"):
-        store.publish_manifest({"schema_version": 2})
+    with pytest.raises(ValueError, match="schema_version 2"):
+        _manifest(schema_version=2)
     store._put(MANIFEST_KEY, json.dumps({"schema_version": 0}).encode())  # an index from an older dataworth
     assert store.exists()
     with pytest.raises(IndexStoreError, match="schema version 0, this dataworth reads version 1.*overwrite=True"):
+        store.read_manifest()
+    store._put(MANIFEST_KEY, json.dumps({"schema_version": SCHEMA_VERSION, "dim": 4}).encode())
+    with pytest.raises(IndexStoreError, match="does not read as an index manifest"):
         store.read_manifest()
 
 
@@ -286,7 +318,7 @@ def test_drop_and_bytes_stored(store):
     store.write_examples(_examples(4))
     store.write_gradient_shard(0, np.arange(4), _vectors(range(4)), "float32")
     store.write_scores("a", _scores("a", 2))
-    store.publish_manifest({"k": 1})
+    store.publish_manifest(_manifest())
     assert store.bytes_stored() > 0
     store.drop()
     assert not store.exists() and store.shards_present() == set()
@@ -298,6 +330,6 @@ def test_drop_and_bytes_stored(store):
 def test_non_local_uri_uses_lance_stats(tmp_path):
     store = IndexStore(f"memory://{tmp_path.name}")
     store.write_gradient_shard(0, np.arange(4), _vectors(range(4), dim=8), "float16")
-    store.publish_manifest({"k": 1})
+    store.publish_manifest(_manifest())
     assert store.exists() and store.num_gradients() == 4
     assert store.bytes_stored() >= 4 * 8 * 2

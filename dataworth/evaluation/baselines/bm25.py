@@ -19,6 +19,8 @@ from collections import Counter
 
 import numpy as np
 
+from dataworth.errors import ConfigError, DataError
+
 # Unicode letters and digits; the underscore is a separator, like every other symbol.
 _WORD = re.compile(r"[^\W_]+")
 
@@ -43,11 +45,11 @@ class BM25:
 
     def __init__(self, documents: list[list[str]], k1: float = 1.5, b: float = 0.75):
         if k1 < 0:
-            raise ValueError(f"k1={k1} must be >= 0 (1.2–2.0 is usual; 0 ignores term frequency)")
+            raise ConfigError(f"k1={k1} must be >= 0 (1.2–2.0 is usual; 0 ignores term frequency)")
         if not 0.0 <= b <= 1.0:
-            raise ValueError(f"b={b} must lie in [0, 1] (0: no length normalization, 1: full)")
+            raise ConfigError(f"b={b} must lie in [0, 1] (0: no length normalization, 1: full)")
         if len(documents) == 0:
-            raise ValueError("documents is empty: BM25 needs at least one document to index")
+            raise DataError("documents is empty: BM25 needs at least one document to index")
         for i, doc in enumerate(documents):
             _check_tokens(doc, f"documents[{i}]")
         self.k1, self.b = float(k1), float(b)
@@ -91,7 +93,7 @@ class BM25:
         lower index, so the order never depends on the platform's sort. k larger than
         the corpus returns every document."""
         if k < 1:
-            raise ValueError(f"k={k} must be at least 1")
+            raise ConfigError(f"k={k} must be at least 1")
         s = self.scores(query_tokens)
         order = np.argsort(-s, kind="stable")[:k]
         return order, s[order]

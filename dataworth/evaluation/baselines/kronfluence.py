@@ -41,10 +41,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from dataworth.attribution.hooks import per_example_loss
 from dataworth.attribution.projection import select_modules
 from dataworth.config import LoggingConfig
 from dataworth.data import collate
+from dataworth.errors import ConfigError, DataError, ModelError, QueryError
+from dataworth.losses import per_example_loss
 from dataworth.queries import EncodedQuery
 
 INSTALL_COMMAND = 'pip install --no-deps "kronfluence==1.0.1" einops einconv opt-einsum'
@@ -194,25 +195,25 @@ def kronfluence_scores(
     """
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs = _require_kronfluence()
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r} is not a kronfluence strategy; choose one of {list(STRATEGIES)}")
+        raise ConfigError(f"strategy {strategy!r} is not a kronfluence strategy; choose one of {list(STRATEGIES)}")
     if not train_sequences or any(len(s) < 2 for s in train_sequences):
-        raise ValueError("train_sequences must be non-empty lists of at least 2 tokens (one next-token prediction)")
+        raise DataError("train_sequences must be non-empty lists of at least 2 tokens (one next-token prediction)")
     if not queries:
-        raise ValueError("queries is empty; give at least one EncodedQuery")
+        raise QueryError("queries is empty; give at least one EncodedQuery")
     for q in queries:
         if not q.completion_ids or not q.prompt_ids:
-            raise ValueError(
+            raise QueryError(
                 f"query {q.id!r} needs prompt and completion tokens: its loss falls on the completion only"
             )
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if damping_factor is not None and damping_factor <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"damping_factor must be positive or None (kronfluence's 0.1 × mean eigenvalue), got {damping_factor}"
         )
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
-        raise ValueError(
+        raise ModelError(
             f"kronfluence_scores runs on CPU in float32, but the model is {param.dtype} on {param.device}; "
             "pass model.float().cpu()"
         )
@@ -220,8 +221,8 @@ def kronfluence_scores(
 
     train_data = _Sequences([list(s) for s in train_sequences])
     query_data = _Sequences(
-        [q.prompt_ids + q.completion_ids for q in queries],
-        [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in queries],
+        [q.input_ids for q in queries],
+        [q.label_mask for q in queries],
     )
     loader_kwargs = DataLoaderKwargs(collate_fn=partial(_collate, pad_id=pad_id))
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher)

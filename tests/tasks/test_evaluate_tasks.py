@@ -1,0 +1,196 @@
+"""Evaluation and demo task bodies (`.fn`) against a temporary LanceDB directory and workspace."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig, TrackingConfig
+from dataworth.evaluation.config import BrittlenessConfig, EvaluateConfig
+from dataworth.evaluation.matrices import load_matrices, save_matrices
+from dataworth.evaluation.subsets import keep_key, subset_key
+from storage import IndexStore
+from tasks.demo import FactTracing, evaluate_fact_tracing, summarize_demo
+from tasks.evaluate import (
+    MethodTable,
+    bm25_scores,
+    fact_tracing_eval,
+    lds_eval,
+    plan_brittleness,
+    plan_subsets,
+    record_calibration,
+)
+from tasks.index import publish_index
+from tasks.query import score_queries
+from tasks.report import EvaluationReport, assemble_evaluation_report
+
+QUERIES = [
+    QuerySpec(id="cats", prompt="Tova keeps three", completion=" grey cats"),
+    QuerySpec(id="bread", prompt="Bread is baked", completion=" before dawn"),
+]
+
+
+@pytest.fixture
+def published(stages, index_config):
+    cfg = index_config(precondition="none")
+    *_, manifest = stages.build(cfg)
+    return cfg, publish_index.fn(cfg.index_uri, manifest).manifest
+
+
+def _documents(index_uri: str) -> list[str]:
+    rows = IndexStore(index_uri).read_examples(columns=["example_id", "document_id"]).to_pylist()
+    return [r["document_id"] for r in sorted(rows, key=lambda r: r["example_id"])]
+
+
+def test_bm25_ranks_the_document_sharing_the_words_first(published, tmp_path):
+    cfg, manifest = published
+    path = bm25_scores.fn(cfg.index_uri, manifest.examples_version, QUERIES, str(tmp_path / "eval" / "bm25.npz"))
+    matrices, query_ids = load_matrices(path)
+    assert query_ids == ["cats", "bread"] and set(matrices) == {"bm25"}
+    assert matrices["bm25"].shape == (2, manifest.num_examples)
+    docs = _documents(cfg.index_uri)
+    assert [docs[int(np.argmax(row))] for row in matrices["bm25"]] == ["d1", "d2"]
+
+
+def test_fact_tracing_eval_reads_every_matrix(published, tmp_path):
+    cfg, manifest = published
+    docs = _documents(cfg.index_uri)
+    perfect = np.array([[float(d == doc) for d in docs] for doc in ("d1", "d2")])
+    paths = [
+        save_matrices(tmp_path / "a.npz", {"perfect": perfect}, ["cats", "bread"]),
+        save_matrices(tmp_path / "b.npz", {"reversed": -perfect}, ["cats", "bread"]),
+    ]
+    result = fact_tracing_eval.fn(cfg.index_uri, paths, {"cats": ["d1"], "bread": ["d2"]}, k=2)
+    assert isinstance(result, MethodTable)
+    assert result.table["perfect"] == {"mrr": 1.0, "recall@2": 1.0}
+    assert result.table["reversed"]["mrr"] < 1.0
+    assert result.metrics()["perfect.mrr"] == 1.0
+    save_matrices(tmp_path / "c.npz", {"other": perfect}, ["bread", "cats"])
+    with pytest.raises(ValueError, match="different queries"):
+        fact_tracing_eval.fn(cfg.index_uri, [paths[0], str(tmp_path / "c.npz")], {"cats": ["d1"], "bread": ["d2"]})
+
+
+def test_plans_keep_subsets_and_removals_keyed_by_content(tmp_path):
+    plan = plan_subsets.fn(10, 4, 0.5, 0, str(tmp_path / "subsets.npy"))
+    masks = np.load(plan["path"])
+    assert masks.shape == (4, 10)
+    assert plan["keeps"] == [np.flatnonzero(m).tolist() for m in masks]
+    assert plan["keys"] == [subset_key(m) for m in masks] == [keep_key(k, 10) for k in plan["keeps"]]
+
+    scores = np.arange(20, dtype=float).reshape(2, 10)
+    path = save_matrices(tmp_path / "m.npz", {"influence": scores}, ["q0", "q1"])
+    removals = plan_brittleness.fn([path], ["influence"], 1, [1, 3], 10, 0)
+    assert [(r["method"], r["query"], r["k"]) for r in removals] == [
+        ("influence", 0, 1),
+        ("influence", 0, 3),
+        ("random", 0, 1),
+        ("random", 0, 3),
+    ]
+    assert removals[1]["keep"] == list(range(7))  # the top-3 of query 0 are its last three examples
+    assert all(r["key"] == keep_key(r["keep"], 10) and len(r["keep"]) == 10 - r["k"] for r in removals)
+
+
+def _lds_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2, 8))
+    masks = np.load(plan_subsets.fn(8, 5, 0.5, 1, str(tmp_path / "subsets.npy"))["path"])
+    actual = (masks.astype(float) @ scores.T).tolist()  # [subsets, queries]: exactly linear
+    paths = [save_matrices(tmp_path / "scores.npz", {"influence": scores, "bm25": -scores}, ["q0", "q1"])]
+    return paths, str(tmp_path / "subsets.npy"), actual
+
+
+def test_lds_eval_scores_a_linear_model_perfectly(tmp_path):
+    paths, masks_path, actual = _lds_inputs(tmp_path)
+    result = lds_eval.fn(paths, masks_path, actual, str(tmp_path / "eval"))
+    assert result.table["influence"]["lds"] == pytest.approx(1.0)
+    assert result.table["bm25"]["lds"] == pytest.approx(-1.0)
+    assert set(result.metrics()) == {"influence.lds", "bm25.lds"}
+    assert json.loads((tmp_path / "eval" / "lds_scatter.json").read_text()) == result.scatter
+    assert result.scatter["query"] == "q0" and len(result.scatter["predicted"]["influence"]) == 5
+
+
+def test_assemble_evaluation_report_writes_the_table_and_its_plots(tmp_path):
+    paths, masks_path, actual = _lds_inputs(tmp_path)
+    lds = lds_eval.fn(paths, masks_path, actual, str(tmp_path / "eval"))
+    removals = plan_brittleness.fn(paths, ["influence"], 1, [1], 8, 0)
+    config = EvaluateConfig(
+        workspace=str(tmp_path),
+        baselines=["bm25"],
+        brittleness=BrittlenessConfig(ks=[1], n_queries=1, methods=["influence"]),
+        tracking=TrackingConfig(enabled=False),
+    )
+    loo = {"pearson_hessian": 0.99, "spearman_hessian": 0.98, "pearson_fisher": 0.9, "spearman_fisher": 0.8}
+    report = assemble_evaluation_report.fn(
+        config,
+        str(tmp_path / "reports"),
+        {"index": "somewhere"},
+        paths,
+        [{"influence": {"mrr": 0.5}, "bm25": {"mrr": 0.25}}, lds.table],
+        (4, 8, 2),
+        config.logging,
+        lds_scatter=lds.scatter,
+        removals=removals,
+        removed_log_probs=[[-1.0, -2.0], [-1.5, -2.0]],
+        full_log_probs=[-0.5, -2.0],
+        attribution_seconds=12.0,
+        loo=loo,
+    )
+    assert isinstance(report, EvaluationReport)
+    assert list(report.table) == ["influence", "bm25", "random"]
+    assert report.table["influence"] == {
+        "mrr": 0.5,
+        "lds": pytest.approx(1.0),
+        "lds_valid_queries": 2,
+        "brittle@1": 0.5,
+        "seconds": 12.0,
+    }
+    assert report.table["random"] == {"brittle@1": 1.0}
+    assert sorted(p.rsplit("/", 1)[-1] for p in report.plots) == [
+        "brittleness.png",
+        "lds_scatter.png",
+        "score_histograms.png",
+    ]
+    html = open(report.report).read()
+    assert "Linear datamodeling" in html and "Brittleness" in html and "somewhere" in html
+    assert report.notes[0].startswith(f"{config.benchmark}: 4 documents, 8 examples, 2 queries; projection ")
+    assert report.notes[1].startswith("Leave-one-out on softmax regression: Pearson 0.990")
+    markdown = open(report.markdown).read()
+    assert markdown.startswith("| method | mrr | lds | lds_valid_queries | brittle@1 | seconds |")
+    assert report.summary == "\n" + markdown.rstrip("\n")
+    assert json.loads(report.record)["loo"] == loo
+
+
+def test_record_calibration_republishes_the_manifest(published):
+    cfg, manifest = published
+    calibration = {"damping_factor": 0.5, "proxy": "fact_mrr", "test": 0.7, "logging": {"proj_dim_in": 8}}
+    recorded = record_calibration.fn(cfg.index_uri, calibration)
+    after = IndexStore(cfg.index_uri).read_manifest()
+    assert after.calibration == calibration and after.published_at == manifest.published_at
+    assert recorded.metrics() == {
+        "calibrated_damping_factor": 0.5,
+        "calibration.fact_mrr.test": 0.7,
+        "calibrated_proj_dim_in": 8,
+    }
+    assert json.loads(recorded.as_json) == calibration
+
+
+def test_demo_fact_tracing_counts_only_queries_stating_the_fact(published, tmp_path):
+    cfg, manifest = published
+    score = ScoreConfig(top_k=3, modes=["dot", "relatif"])
+    scored = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig())
+    relevant = {"cats": ["d1"], "bread": ["d2"]}
+    tracing = evaluate_fact_tracing.fn(
+        cfg.index_uri, scored.score_run_id, relevant, {"cats": "grey", "bread": "after dusk"}, k=3
+    )
+    assert isinstance(tracing, FactTracing) and (tracing.correct, tracing.total) == (1, 2)
+    assert set(tracing.table) == {"dot", "relatif"} and set(tracing.table["dot"]) == {"mrr", "recall@3"}
+    assert {"dot.mrr", "relatif.recall@3", "queries_correct", "queries_total"} <= set(tracing.metrics())
+    text = summarize_demo.fn(cfg.index_uri, scored.score_run_id, relevant, 1, tracing, 0.5)
+    lines = text.splitlines()
+    assert lines[1].startswith("Top-5 training documents per query (mode relatif;")
+    assert lines[3] == "cats: 'Tova keeps three' → ' grey cats'"
+    assert sum(line.startswith("  ") for line in lines) == 3  # top_k=3 rows of the one query shown
+    assert "… 1 more queries in the report" in lines
+    assert "Fact tracing over 1 queries the model completes with the fact (of 2; model fact accuracy 0.50):" in lines

@@ -1,0 +1,103 @@
+"""Index task bodies (`.fn`) against a temporary LanceDB directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dataworth.attribution.curvature import Curvature
+from dataworth.fingerprint import model_fingerprint
+from storage import IndexStore
+from tasks.index import (
+    Published,
+    fit_projections,
+    index_state,
+    log_gradients,
+    prune_index,
+    publish_index,
+)
+
+
+def test_tokenize_corpus_writes_examples_and_reports_counts(stages, index_config, texts):
+    cfg = index_config(precondition="none")
+    tok = stages.tokenize(cfg)
+    store = IndexStore(cfg.index_uri)
+    assert tok.documents == len(texts) and tok.examples == store.num_examples() > len(texts)  # chunked
+    assert tok.examples_version == store.examples_version()
+    assert len(tok.shard_hashes) == math.ceil(tok.examples / cfg.logging.shard_size)
+    rows = store.read_examples(columns=["example_id", "num_tokens", "input_ids"]).to_pylist()
+    assert [r["example_id"] for r in rows] == list(range(tok.examples))
+    assert tok.tokens == sum(r["num_tokens"] for r in rows) == sum(len(r["input_ids"]) for r in rows)
+    metrics = tok.metrics()
+    assert (metrics["documents"], metrics["examples"], metrics["tokens"]) == (tok.documents, tok.examples, tok.tokens)
+    assert metrics["tokenize_seconds"] > 0
+    assert stages.tokenize(cfg).shard_hashes == tok.shard_hashes  # content hashes are stable
+
+
+def test_log_gradients_writes_each_shard_once(stages, index_config):
+    cfg = index_config(precondition="none")
+    tok = stages.tokenize(cfg)
+    shards = stages.log_all(cfg, tok)
+    store = IndexStore(cfg.index_uri)
+    assert store.num_gradients() == tok.examples and store.shards_present() == set(range(len(shards)))
+    assert sum(s.examples for s in shards) == tok.examples and sum(s.tokens for s in shards) == tok.tokens
+    assert shards[0].dim == store.gradient_dim() == sum(b["k_in"] * b["k_out"] for b in shards[0].layout)
+    assert shards[0].full_gradient_params > shards[0].dim
+    assert {"log_tokens_per_s", "log_examples_per_s", "peak_memory_mb"} == set(shards[0].metrics())
+    stages.log_all(cfg, tok)  # a retried shard is stored once
+    assert store.num_gradients() == tok.examples
+    with pytest.raises(ValueError, match="is empty"):
+        log_gradients.fn(
+            cfg.index_uri, cfg.model, cfg.logging, "mfp", tok.examples_version, len(shards) + 1, "h", progress=False
+        )
+
+
+def test_fit_projections_once_then_reused(stages, index_config):
+    cfg = index_config(precondition="kfac", precondition_examples=4)
+    tok = stages.tokenize(cfg)
+    mfp = model_fingerprint(cfg.model)
+    args = (cfg.index_uri, cfg.model, cfg.logging, mfp, tok.examples_version, tok.examples)
+    fitted = fit_projections.fn(*args, progress=False)
+    assert not fitted.reused and fitted.examples == 4 and fitted.tokens > 0
+    assert set(fitted.metrics()) == {"precondition_seconds", "precondition_tokens"}
+    again = fit_projections.fn(*args, progress=False)
+    assert again.reused and again.digest == fitted.digest and again.artifact == fitted.artifact
+    shards = stages.log_all(cfg, tok, projections=fitted.artifact, projections_digest=fitted.digest)
+    assert IndexStore(cfg.index_uri).num_gradients() == sum(s.examples for s in shards)
+    plain = cfg.logging.model_copy(update={"precondition": "none"})
+    assert fit_projections.fn(cfg.index_uri, cfg.model, plain, mfp, tok.examples_version, tok.examples) is None
+
+
+def test_fit_curvature_stores_the_fisher(stages, index_config):
+    cfg = index_config(precondition="none")
+    _, shards, curv, manifest = stages.build(cfg)
+    store = IndexStore(cfg.index_uri)
+    fitted = Curvature.from_bytes(store.read_artifact(curv.artifact))
+    assert curv.examples == fitted.count == manifest.num_examples
+    assert json.loads(curv.summary) == fitted.summary()
+    assert set(curv.metrics()) == {"curvature_seconds"}
+
+
+def test_publish_index_makes_the_index_visible(stages, index_config):
+    cfg = index_config(precondition="none")
+    _, _, _, manifest = stages.build(cfg)
+    store = IndexStore(cfg.index_uri)
+    assert index_state.fn(cfg.index_uri).manifest is None
+    published = publish_index.fn(cfg.index_uri, manifest)
+    assert isinstance(published, Published)
+    assert published.manifest == store.read_manifest() and published.manifest.published_at is not None
+    assert published.bytes_stored == store.bytes_stored() > 0
+    metrics = published.metrics()
+    assert metrics["gradient_dim"] == manifest.dim and metrics["indexed_examples"] == manifest.num_examples
+    assert metrics["compression_ratio"] == manifest.full_gradient_params / manifest.dim
+    state = index_state.fn(cfg.index_uri)
+    assert state.manifest == published.manifest and state.num_gradients == manifest.num_examples
+
+    prune_index.fn(cfg.index_uri, keep_shards=1)  # a shard lost: publishing now would serve a partial index
+    lost = manifest.model_copy(update={"gradients_version": store.gradients_version()})
+    with pytest.raises(ValueError, match="a shard was lost"):
+        publish_index.fn(cfg.index_uri, lost)
+    dropped = prune_index.fn(cfg.index_uri, drop_all=True)
+    assert dropped.manifest is None and not dropped.has_examples and dropped.shards == []
