@@ -15,11 +15,11 @@ from prefect import flow, get_run_logger
 from dataworth.config import QueryConfig
 from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
-from dataworth.training import RetrainConfig
 from tasks.benchmark import prepare_benchmark
 from tasks.evaluate import (
     bm25_scores,
     calibrate_damping,
+    choose_calibration,
     fact_tracing_eval,
     kronfluence_eval,
     lds_eval,
@@ -36,11 +36,6 @@ from tasks.tracking import tracked_run
 
 from .index import index_flow
 from .query import query_flow
-
-
-def recipe_from(train_kwargs: dict) -> RetrainConfig:
-    """The benchmark model's own training recipe, for retraining on subsets."""
-    return RetrainConfig(**{k: v for k, v in train_kwargs.items() if k in RetrainConfig.model_fields})
 
 
 def _build_index(config: EvaluateConfig, ws: Path, bench, sub_tracking, progress: bool, logging_cfg):
@@ -75,18 +70,11 @@ def _calibrate(config: EvaluateConfig, run, build, logging_cfg, built: tuple[str
         )
         for name, (_cfg, uri, _summary) in candidates.items()
     }
-    best = max(results, key=lambda name: results[name]["tune"])
-    cfg, uri, summary = candidates[best]
-    chosen = dict(results[best])
-    if cal.proj_dims:
-        chosen.update(
-            proj_dim=best,
-            logging={"proj_dim_in": cfg.proj_dim_in, "proj_dim_out": cfg.proj_dim_out},
-            proj_sweep={
-                name: {"damping_factor": r["damping_factor"], "tune": r["tune"], "test": r["test"]}
-                for name, r in results.items()
-            },
-        )
+    sizes = {
+        name: {"proj_dim_in": c.proj_dim_in, "proj_dim_out": c.proj_dim_out} for name, (c, *_) in candidates.items()
+    }
+    chosen = choose_calibration(results, sizes, bool(cal.proj_dims))
+    _cfg, uri, summary = candidates[chosen.pop("size")]
     recorded = run.log_result(
         "record_calibration", record_calibration(uri, {**chosen, "index_uri": uri}, return_state=True)
     )
@@ -124,7 +112,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
 
         # Retrained models depend on the corpus, the subsets and the recipe only, never on the scores: they come
         # first, so an LDS-calibrated damping is chosen before the table is scored.
-        recipe = config.retrain or recipe_from(bench.train_kwargs)
+        recipe = config.retrain or bench.recipe()
         calibrate_on_lds = config.calibrate.enabled and config.calibrate.proxy == "lds"
         plan = actual = full = None
         if config.lds.enabled or config.brittleness.enabled or calibrate_on_lds:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dataworth.benchmarks.presets import BENCHMARKS
 from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
+from dataworth.training import RetrainConfig
 
 from .common import CACHE
 
@@ -50,6 +51,10 @@ class PreparedBenchmark(BaseModel):
         if self.fact_accuracy is not None:
             out["fact_accuracy"] = self.fact_accuracy
         return out
+
+    def recipe(self) -> RetrainConfig:
+        """The benchmark model's own training recipe, for retraining it on subsets."""
+        return RetrainConfig(**{k: v for k, v in self.train_kwargs.items() if k in RetrainConfig.model_fields})
 
     def index_config(
         self, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str, tracking: TrackingConfig

@@ -357,6 +357,29 @@ def calibrate_damping(
     return result
 
 
+@task(name="choose_calibration")
+def choose_calibration(sweeps: dict[str, dict], sizes: dict[str, dict[str, int]], swept_sizes: bool) -> dict:
+    """The best (projection size, damping) on the tuning queries, from one damping sweep per projection size.
+
+    sweeps: size label ("32x32") -> calibrate_damping's result on that size's index; sizes: label ->
+    {"proj_dim_in", "proj_dim_out"}. With swept_sizes, the choice also names the size and every size's best.
+    """
+    if not sweeps:
+        raise ValueError("choose_calibration needs at least one damping sweep; enable calibrate on an index")
+    best = max(sweeps, key=lambda name: sweeps[name]["tune"])
+    chosen = {**sweeps[best], "size": best}
+    if swept_sizes:
+        chosen.update(
+            proj_dim=best,
+            logging=dict(sizes[best]),
+            proj_sweep={
+                name: {"damping_factor": r["damping_factor"], "tune": r["tune"], "test": r["test"]}
+                for name, r in sweeps.items()
+            },
+        )
+    return chosen
+
+
 @task(name="record_calibration", **IO_RETRIES)
 def record_calibration(index_uri: str, calibration: dict) -> RecordedCalibration:
     """Write the chosen calibration into the index manifest: queries then use its damping by default."""

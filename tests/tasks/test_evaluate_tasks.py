@@ -194,3 +194,37 @@ def test_demo_fact_tracing_counts_only_queries_stating_the_fact(published, tmp_p
     assert sum(line.startswith("  ") for line in lines) == 3  # top_k=3 rows of the one query shown
     assert "… 1 more queries in the report" in lines
     assert "Fact tracing over 1 queries the model completes with the fact (of 2; model fact accuracy 0.50):" in lines
+
+
+def test_choose_calibration_picks_the_best_tuning_score_and_names_the_size():
+    from tasks.evaluate import choose_calibration
+
+    sweep = lambda df, tune, test: {"damping_factor": df, "tune": tune, "test": test, "proxy": "lds"}  # noqa: E731
+    sweeps = {"8x8": sweep(0.1, 0.2, 0.25), "32x32": sweep(1.0, 0.4, 0.35)}
+    sizes = {"8x8": {"proj_dim_in": 8, "proj_dim_out": 8}, "32x32": {"proj_dim_in": 32, "proj_dim_out": 32}}
+    chosen = choose_calibration.fn(sweeps, sizes, swept_sizes=True)
+    assert chosen["size"] == chosen["proj_dim"] == "32x32" and chosen["damping_factor"] == 1.0
+    assert chosen["logging"] == {"proj_dim_in": 32, "proj_dim_out": 32}
+    assert chosen["proj_sweep"]["8x8"] == {"damping_factor": 0.1, "tune": 0.2, "test": 0.25}
+    only = choose_calibration.fn({"8x8": sweeps["8x8"]}, sizes, swept_sizes=False)
+    assert only == {**sweeps["8x8"], "size": "8x8"}
+    with pytest.raises(ValueError, match="at least one damping sweep"):
+        choose_calibration.fn({}, sizes, swept_sizes=False)
+
+
+def test_prepared_benchmark_recipe_keeps_only_retrain_fields():
+    from dataworth.training import RetrainConfig
+    from tasks.benchmark import PreparedBenchmark
+
+    bench = PreparedBenchmark(
+        kind="facts",
+        model_dir="m",
+        documents="d.jsonl",
+        queries="q.jsonl",
+        train_kwargs={"epochs": 3, "lr": 1e-3, "seed": 7, "vocab_size": 512},
+        train_seconds=1.0,
+        train_steps=10,
+        train_final_loss=0.5,
+        num_documents=4,
+    )
+    assert bench.recipe() == RetrainConfig(epochs=3, lr=1e-3, seed=7)
