@@ -215,3 +215,81 @@ class DemoConfig(StageConfig):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     show_queries: int = Field(8, ge=0, description="Queries printed with their top-5 (all are in the report).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+BenchmarkPeer = Literal["lancedb", "kronfluence", "bergson"]
+GpuModelShape = Literal["gpt2-small", "llama-1b"]
+
+
+class BenchmarkModelConfig(StageConfig):
+    """A randomly initialized GPT-2 shape whose gradient logging is timed against plain training."""
+
+    layers: int = Field(12, ge=1, description="Transformer blocks (GPT-2-small: 12).")
+    width: int = Field(768, ge=1, description="Hidden size (GPT-2-small: 768).")
+    heads: int = Field(12, ge=1, description="Attention heads; must divide width (GPT-2-small: 12).")
+    vocab: int = Field(50257, ge=2, description="Vocabulary size (GPT-2: 50257).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "BenchmarkModelConfig":
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide width={self.width}; choose a divisor")
+        return self
+
+
+class BenchmarkConfig(StageConfig):
+    preset: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="cpu: everything on the CPU in float32; gpu: scoring and logging on CUDA, plus the bfloat16 "
+        "gpu_models (refused without CUDA).",
+    )
+    workspace: str = Field("dataworth-runs/benchmark", description="Folder for the synthetic indexes and outputs.")
+    sizes: list[int] = Field(
+        default_factory=lambda: [10_000, 100_000, 1_000_000],
+        description="Rows of synthetic gradient vectors, one fresh index per size, smallest first.",
+    )
+    dim: int = Field(1024, ge=1, description="Dimension of the synthetic gradient vectors.")
+    shard_size: int = Field(512, ge=1, description="Rows per write_gradient_shard call while ingesting.")
+    num_queries: int = Field(64, ge=1, description="Query vectors scored against every size (all four modes).")
+    train_batch_size: int = Field(4096, ge=1, description="Stored gradients read per batch while scoring.")
+    top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
+    block_dim: int = Field(256, ge=1, description="Size of a block of the synthetic block-diagonal Fisher.")
+    peer_queries: int = Field(
+        8, ge=1, description="Queries each peer (LanceDB brute force, ...) answers; its pairs/s is per query."
+    )
+    peers: list[BenchmarkPeer] = Field(
+        default_factory=lambda: ["lancedb", "kronfluence", "bergson"],
+        description="Systems timed side by side on the same vectors; one not installed is skipped with a note.",
+    )
+    rss_max_size: int | None = Field(
+        None, ge=1, description="Score sizes above this in-process instead of a fresh subprocess (no peak RSS)."
+    )
+    model: BenchmarkModelConfig = Field(default_factory=BenchmarkModelConfig)
+    gpu_models: list[GpuModelShape] = Field(
+        default_factory=lambda: ["gpt2-small", "llama-1b"],
+        description="Shapes also timed in bfloat16 with --preset gpu (llama-1b: 16 layers, 2048 wide, MLP 8192).",
+    )
+    seq_length: int = Field(128, ge=2, description="Tokens per sequence of the logging measurement.")
+    batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass of the logging measurement.")
+    steps: int = Field(
+        2, ge=1, description="Timed batches per logging and per training measurement (after one warm-up)."
+    )
+    proj_dim: int = Field(16, ge=1, description="Projection size per side (k_in = k_out) of the logged gradients.")
+    startup: bool = Field(
+        True, description="Time a `dataworth index` and a `dataworth query` of a tiny corpus as subprocesses."
+    )
+    keep_indexes: bool = Field(False, description="Keep each size's synthetic index (deleted after measuring).")
+    seed: int = Field(0, description="Seed of the synthetic vectors, the queries and the model initialization.")
+    json_path: str | None = Field(None, description="Also write the summary ratios and every metric to this JSON file.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("sizes must be a non-empty list of positive row counts, e.g. [10000, 100000]")
+        return sorted(dict.fromkeys(v))
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))

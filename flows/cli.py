@@ -1,4 +1,4 @@
-"""`dataworth` command line: demo, index, query, evaluate. Each command runs the real Prefect flow
+"""`dataworth` command line: demo, index, query, evaluate, benchmark. Each command runs the real Prefect flow
 (ephemeral API unless PREFECT_API_URL points at a server)."""
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ ALIASES: tuple[Alias, ...] = (
         help="A query prompt, completed by the model (ids prompt-1, prompt-2, ... after the file's queries).",
         extend=_prompt_query,
     ),
+    Alias("--json", ("json_path",)),
     Alias("--mlflow-uri", ("tracking.tracking_uri",)),
     Alias("--experiment", ("tracking.experiment",)),
     Alias("--no-mlflow", ("tracking.enabled",)),
@@ -120,6 +121,15 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "Train the benchmark model, index it, and measure every score mode and baseline: fact tracing "
         "(MRR, recall@10), tail-patch, linear datamodeling score (retrains a model per random subset), "
         "brittleness, and leave-one-out on a convex problem.",
+    ),
+    "benchmark": (
+        "BenchmarkConfig",
+        "dataworth.config",
+        "measure ingest, scoring, logging and start-up throughput against their bounds and peers",
+        "Write synthetic gradient shards at each size (rows/s, last/first shard write time), score them in all "
+        "four modes (÷ one in-memory matmul; peak RSS per size; LanceDB brute force side by side), time gradient "
+        "logging of a random-init GPT-2-small against plain training, and the start-up of `dataworth index` and "
+        "`dataworth query`. Prints a table, logs every figure to MLflow, and writes --json PATH.",
     ),
 }
 
@@ -283,6 +293,18 @@ def _run(command: str, config, progress: bool) -> None:
             {
                 "report": out["report"],
                 "index": out["index_uri"],
+                "mlflow run": out["mlflow_run_id"],
+                "mlflow store": out["tracking_uri"],
+            },
+        )
+    elif command == "benchmark":
+        from flows.benchmark import benchmark_flow
+
+        out = benchmark_flow(config)
+        _summary(
+            "benchmark",
+            {
+                "json": out["json"],
                 "mlflow run": out["mlflow_run_id"],
                 "mlflow store": out["tracking_uri"],
             },

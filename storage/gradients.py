@@ -12,7 +12,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def _show(ids: np.ndarray, limit: int = 10) -> str:
+def show_ids(ids: np.ndarray, limit: int = 10) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:limit])
     return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
 
@@ -40,14 +40,16 @@ def gradient_table(shard: int, example_ids: np.ndarray, vectors: np.ndarray, dty
         )
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
-        raise IndexStoreError(f"shard {shard}: duplicate example_ids {_show(unique[counts > 1])}; ids must be unique")
+        raise IndexStoreError(
+            f"shard {shard}: duplicate example_ids {show_ids(unique[counts > 1])}; ids must be unique"
+        )
 
     vecs32 = np.ascontiguousarray(vecs, dtype=np.float32)
     bad_rows = ~np.isfinite(vecs32).all(axis=1)
     if bad_rows.any():
         raise IndexStoreError(
             f"shard {shard}: non-finite gradient values (NaN or inf in float32) for example_ids "
-            f"{_show(ids[bad_rows])}; check the loss of these examples and the model dtype"
+            f"{show_ids(ids[bad_rows])}; check the loss of these examples and the model dtype"
         )
     if dtype == "float16":
         # Values past float16's range would silently become inf in storage.
@@ -55,7 +57,7 @@ def gradient_table(shard: int, example_ids: np.ndarray, vectors: np.ndarray, dty
         if big_rows.any():
             raise IndexStoreError(
                 f"shard {shard}: gradient values exceed the float16 range (±{_FLOAT16_MAX:g}) for example_ids "
-                f"{_show(ids[big_rows])}; use storage_dtype='float32'"
+                f"{show_ids(ids[big_rows])}; use storage_dtype='float32'"
             )
 
     schema = gradients_schema(int(vecs32.shape[1]), dtype)

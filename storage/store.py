@@ -12,16 +12,19 @@ import fcntl
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+from lancedb.index import Bitmap
 from pydantic import ValidationError
 
 from storage.errors import REBUILD_HINT, IndexStoreError
-from storage.gradients import batch_arrays, gradient_table
+from storage.gradients import batch_arrays, gradient_table, show_ids
 from storage.manifest import IndexManifest, IndexState
 from storage.schemas import (
     SCHEMA_VERSION,
@@ -38,6 +41,10 @@ from storage.schemas import (
 EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS = "examples", "gradients", "scores", "queries", "artifacts"
 TABLES = (EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS)
 MANIFEST_KEY = "manifest.json"
+# optimize() removes versions older than its cleanup window (7 days by default); a manifest may pin one.
+_KEEP_VERSIONS = timedelta(days=365 * 100)
+# A bitmap index on the gradients' shard column, rebuilt every _INDEX_EVERY shards written.
+_SHARD_INDEX, _INDEX_EVERY = "shard_idx", 32
 
 # Schema expected of each stored table, given what is stored (gradients carry their own dim/dtype).
 _EXPECTED: dict[str, Callable[[pa.Schema], pa.Schema]] = {
@@ -234,19 +241,84 @@ class IndexStore:
     ) -> int:
         """Store one shard's gradients so that it holds exactly these rows; returns the table version.
 
-        Creates the table on first use; with parallel writers, call create_gradient_table first.
+        A new shard is one append: its own fragments, one commit, at a cost that does not grow with
+        the table (a merge on example_id would join every stored row); finding a shard's old rows
+        reads a bitmap index on shard, rebuilt every _INDEX_EVERY shards. A shard already stored (a
+        retried task, a changed corpus) is deleted first, then appended: between the two commits the
+        shard is absent, never doubled or half-written, and a retry converges (shards_present shows
+        it missing; publish checks one row per example). Creates the table on first use; with
+        parallel writers, call create_gradient_table first.
         """
         data = gradient_table(shard, example_ids, vectors, dtype)
         table = self._gradients_for(data.schema.field("vector").type.list_size, dtype, f"shard {shard} has")
-        # One commit: rows of this shard are updated, added, or (if no longer in it) deleted.
-        result = (
-            table.merge_insert("example_id")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(f"shard = {int(shard)}")
-            .execute(data)
-        )
-        return int(result.version)
+        where = f"shard = {int(shard)}"
+        if table.count_rows(where):
+            table.delete(where)
+        table.add(data)
+        self._refresh_shard_index(table, data.num_rows)
+        return int(table.version)
+
+    @staticmethod
+    def _refresh_shard_index(table: Any, shard_rows: int) -> None:
+        # The lookup of a shard's old rows reads the index plus every fragment appended since it was
+        # built; rebuilding it every _INDEX_EVERY shards keeps that lookup from growing with the table.
+        stats = table.index_stats(_SHARD_INDEX)
+        unindexed = table.count_rows() if stats is None else stats.num_unindexed_rows
+        if unindexed < _INDEX_EVERY * shard_rows:
+            return
+        with contextlib.suppress(Exception):
+            # Only a speed-up: a conflict with a concurrent writer's rebuild keeps the old index, still exact.
+            table.create_index("shard", config=Bitmap(), replace=True, name=_SHARD_INDEX)
+
+    def compact_gradients(self, min_fragments: int = 1, keep_old_versions: bool = True) -> int | None:
+        """Merge the gradients table's fragments (one or more per shard) once there are min_fragments or more.
+
+        Rows are unchanged; compacting commits a new table version, which the manifest must record.
+        Returns the latest version (None when there is no gradients table); nothing to merge commits
+        nothing. Older versions are kept, so readers pinned to them keep working, unless
+        keep_old_versions is False: then their files are removed, which is safe only when no
+        published manifest pins one (a first build) and no other process writes the table.
+        """
+        table = self._open(GRADIENTS)
+        if table is None:
+            return None
+        if self.gradient_fragments() >= min_fragments:
+            if keep_old_versions:
+                table.optimize(cleanup_older_than=_KEEP_VERSIONS)
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
+                    table.optimize(cleanup_older_than=timedelta(0))
+        return int(self._require(GRADIENTS).version)
+
+    def gradient_fragments(self) -> int:
+        """Fragments (groups of data files) of the gradients table: one or more per shard until compacted."""
+        return int(self._require(GRADIENTS).stats()["fragment_stats"]["num_fragments"])
+
+    def check_gradient_ids(self, num_examples: int, version: int | None = None) -> None:
+        """Raise unless the gradients hold exactly one row for each example id 0..num_examples-1.
+
+        Streams the example_id column only (num_examples counters in memory).
+        """
+        counts = np.zeros(num_examples, dtype=np.int32)
+        table = self._require(GRADIENTS, version)
+        outside: list[int] = []
+        for batch in table.search().select(["example_id"]).to_batches(batch_size=65536):
+            ids = batch.column("example_id").to_numpy(zero_copy_only=False)
+            inside = (ids >= 0) & (ids < num_examples)
+            outside.extend(ids[~inside][:10].tolist())
+            np.add.at(counts, ids[inside], 1)
+        problems = [
+            f"{what} {show_ids(ids)}"
+            for what, ids in (
+                ("missing example_ids", np.flatnonzero(counts == 0)),
+                ("example_ids stored more than once", np.flatnonzero(counts > 1)),
+                (f"example_ids outside 0..{num_examples - 1}", np.asarray(outside)),
+            )
+            if len(ids)
+        ]
+        if problems:
+            raise IndexStoreError(f"the gradients table does not hold one row per example: {'; '.join(problems)}")
 
     def iter_gradients(
         self, batch_size: int, version: int | None = None, shards: list[int] | None = None

@@ -3,9 +3,13 @@ an index's own model, projections and curvature (the query side of every scoring
 
 from __future__ import annotations
 
+import io
+import queue
 import threading
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, ConfigDict
@@ -157,3 +161,105 @@ def index_curvature(store: IndexStore, manifest: IndexManifest, damping_factor: 
     if damping_factor is None and manifest.calibration:
         damping_factor = manifest.calibration["damping_factor"]
     return curvature if damping_factor is None else curvature.with_damping(damping_factor)
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items`, producing up to `depth` of them ahead in a background thread, so that reading the
+    next stored batch overlaps the compute on the current one. Errors surface at the consumer."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((end, exc))
+
+    worker = threading.Thread(target=produce, name="dataworth-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early releases the producer
+        worker.join()
+
+
+def gradient_batches(
+    store: IndexStore, batch_size: int, version: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(example ids [n], vectors float32 [n, dim]) of the stored gradients, read one batch ahead of the caller."""
+    reader = store.iter_gradients(batch_size, version=version)
+    return prefetched((torch.tensor(ids), torch.tensor(vectors)) for ids, vectors, _sq in reader)
+
+
+def norms_key(curvature_artifact: str, curvature: Curvature) -> str:
+    """Artifact key of the stored ‖(F+λI)^-1/2 g_i‖: one per fitted curvature (itself per gradients
+    version) and damping factor."""
+    damping = "identity" if curvature.kind == "identity" else repr(float(curvature.damping_factor))
+    return f"norms-{curvature_artifact}-damping-{damping}"
+
+
+def compute_norms(store: IndexStore, curvature: Curvature, version: int | None, batch_size: int = 4096) -> np.ndarray:
+    """‖(F+λI)^-1/2 g_i‖ of every stored gradient in one streaming pass (float64), as a dense array
+    indexed by example id (ids are 0..N-1; an id without a row is NaN)."""
+    norms = np.full(0, np.nan)
+    for ids, vectors in gradient_batches(store, batch_size, version):
+        if not len(ids):
+            continue
+        top = int(ids.max()) + 1
+        if top > norms.size:
+            norms = np.concatenate([norms, np.full(max(top, 2 * norms.size) - norms.size, np.nan)])
+        norms[ids.numpy()] = curvature.whitened_norms(vectors.to(torch.float64)).numpy()
+    last = np.flatnonzero(~np.isnan(norms))
+    return norms[: last[-1] + 1 if last.size else 0]
+
+
+def store_norms(store: IndexStore, key: str, norms: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(norms, dtype=np.float64), allow_pickle=False)
+    store.write_artifact(key, buf.getvalue())
+
+
+def read_norms(store: IndexStore, key: str) -> np.ndarray | None:
+    blob = store.read_artifact(key)
+    return None if blob is None else np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def index_norms(
+    store: IndexStore, manifest: IndexManifest, curvature: Curvature, batch_size: int = 4096
+) -> torch.Tensor:
+    """‖(F+λI)^-1/2 g_i‖ per example id for this damping of the index's curvature: stored by fit_curvature for
+    the index's own damping; computed once (one streaming pass) and stored for any other."""
+    key = norms_key(manifest.curvature_artifact, curvature)
+    norms = read_norms(store, key)
+    if norms is None or norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
+        norms = compute_norms(store, curvature, manifest.gradients_version, batch_size)
+        if norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
+            raise ValueError(
+                f"index {store.uri!r} stores gradients for {np.count_nonzero(~np.isnan(norms))} of example ids "
+                f"0..{manifest.num_examples - 1}; {REBUILD}"
+            )
+        store_norms(store, key, norms)
+    return torch.from_numpy(norms)

@@ -8,17 +8,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
-from dataworth.attribution.scoring import Scorer
+from dataworth.attribution.scoring import Scorer, needs_norms
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
 from storage import IndexManifest, IndexStore, load_results, queries_table, scores_table, write_csv
 
-from .common import CACHE, IO_RETRIES, index_curvature, index_query_gradients, open_index_model
+from .common import (
+    CACHE,
+    IO_RETRIES,
+    gradient_batches,
+    index_curvature,
+    index_norms,
+    index_query_gradients,
+    open_index_model,
+)
 
 
 def score_run_id(*parts) -> str:
@@ -86,13 +93,16 @@ def score_queries(
     encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
     query_seconds = time.perf_counter() - start
     curvature = index_curvature(store, manifest, score.damping_factor)
+    # Stored by fit_curvature for the index's damping; another damping computes and stores its own once.
+    norms = index_norms(store, manifest, curvature, score.train_batch_size) if needs_norms(score.modes) else None
 
     version = manifest.gradients_version
     n_train = manifest.num_examples
-    scorer = Scorer(q_grads, curvature, score.modes, score.top_k, n_train if full_matrix_path else None)
+    full = n_train if full_matrix_path else None
+    scorer = Scorer(q_grads, curvature, score.modes, score.top_k, full, norms=norms)
     start = time.perf_counter()
-    for ids, vectors, _sq in store.iter_gradients(score.train_batch_size, version=version):
-        scorer.update(torch.tensor(ids), torch.tensor(vectors))
+    for ids, vectors in gradient_batches(store, score.train_batch_size, version):  # the next batch reads meanwhile
+        scorer.update(ids, vectors)
     score_seconds = time.perf_counter() - start
 
     # The whole manifest (it carries published_at): table versions alone restart after an overwrite.

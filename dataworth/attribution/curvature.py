@@ -102,6 +102,19 @@ class Curvature:
             out[:, sl] = ((vectors[:, sl] @ evecs) * scale) @ evecs.T
         return out
 
+    def whitened_norms(self, vectors: torch.Tensor) -> torch.Tensor:
+        """‖(F + λI)^-1/2 g‖ = sqrt(g^T (F + λI)^-1 g) of each row of `vectors` (n, dim), without forming the
+        whitened rows: one [n, b] @ [b, b] product per block, in the dtype of `vectors`."""
+        if self.kind == "identity":
+            return vectors.norm(dim=1)
+        sq = torch.zeros(vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
+        for b, sl in self.layout.slices():
+            evals, evecs = self.blocks[b.name]
+            evecs = evecs.to(device=vectors.device, dtype=vectors.dtype)
+            inv = (evals + self.damping[b.name]).reciprocal().to(device=vectors.device, dtype=vectors.dtype)
+            sq += (vectors[:, sl] @ evecs).square() @ inv  # [n, b] @ [b, b] → [n, b], then · [b] → [n]
+        return sq.sqrt()
+
     def matrix(self, power: float = 1.0) -> torch.Tensor:
         """The dense block-diagonal (F + λI)^power, for tests and small diagnostics only."""
         eye = torch.eye(self.layout.dim, dtype=torch.float64)

@@ -1,88 +1,166 @@
-"""Score modes as one inner product over the stored gradients, with a transform per side.
+"""Every score mode from one stacked matmul against the raw stored gradients.
 
 | mode      | query side                 | train side                           |
 | dot       | g_q                        | g_i                                  |
 | influence | (F+λI)^-1 g_q              | g_i                                  |
-| relatif   | (F+λI)^-1 g_q              | g_i / sqrt(g_i^T (F+λI)^-1 g_i)      |
-| cosine    | unit((F+λI)^-1/2 g_q)      | unit((F+λI)^-1/2 g_i)                |
+| relatif   | (F+λI)^-1 g_q              | g_i / n_i                            |
+| cosine    | (F+λI)^-1 g_q / n_q        | g_i / n_i                            |
 
-relatif's denominator is ||(F+λI)^-1/2 g_i||, so relatif and cosine share one whitening.
+with n = ‖(F+λI)^-1/2 g‖ = sqrt(g^T (F+λI)^-1 g). The modes differ only by a transform of the
+query and one scalar per stored example, so a stored batch is scored by one matmul of at most two
+vectors per query (g_q and (F+λI)^-1 g_q) followed by a per-column scale 1/n_i (and, for cosine, a
+per-row 1/n_q). The n_i are computed once per (curvature, damping) and kept with the index; given
+none, the Scorer computes them per batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dataworth.attribution.curvature import Curvature
-from dataworth.config import ScoreMode
+from dataworth.config import ALL_SCORE_MODES, ScoreMode
 from dataworth.errors import ConfigError
 
 # Rows with (numerically) zero gradient score 0 instead of dividing by zero.
 _EPS = 1e-30
+NORM_MODES = ("relatif", "cosine")
+_INVERSE_MODES = ("influence", "relatif", "cosine")
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    norm = x.norm(dim=1, keepdim=True)
-    return torch.where(norm > _EPS, x / norm.clamp(min=_EPS), torch.zeros_like(x))
+def needs_norms(modes) -> bool:
+    """Whether these modes divide by the stored examples' norms ‖(F+λI)^-1/2 g_i‖."""
+    return any(m in NORM_MODES for m in modes)
 
 
-def prepare_queries(queries: torch.Tensor, curvature: Curvature, modes: list[ScoreMode]) -> dict[str, torch.Tensor]:
-    """Query-side vectors per mode (computed once per query batch)."""
-    out: dict[str, torch.Tensor] = {}
+def _reciprocal(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > _EPS, x.clamp(min=_EPS).reciprocal(), torch.zeros_like(x))
+
+
+@dataclass(frozen=True)
+class PreparedQueries:
+    """The query side of every mode, stacked so that one stored batch costs one matmul."""
+
+    modes: tuple[ScoreMode, ...]
+    stacked: torch.Tensor  # [r·Q, dim]: g_q rows (dot), then (F+λI)^-1 g_q rows (the other modes); r ≤ 2
+    plain: slice | None  # rows of g_q in `stacked`
+    inverse: slice | None  # rows of (F+λI)^-1 g_q in `stacked`
+    query_scale: torch.Tensor | None  # [Q] 1/‖(F+λI)^-1/2 g_q‖ (0 for a zero query); cosine only
+    n_queries: int
+
+    @property
+    def needs_norms(self) -> bool:
+        return needs_norms(self.modes)
+
+
+def prepare_queries(
+    queries: torch.Tensor, curvature: Curvature, modes: list[ScoreMode], dtype: torch.dtype | None = None
+) -> PreparedQueries:
+    """Query-side vectors of every mode (once per query set): transforms in float64, stored in `dtype`."""
+    unknown = [m for m in modes if m not in ALL_SCORE_MODES] or ([] if modes else [None])
+    if unknown:
+        raise ConfigError(f"unknown score mode {unknown[0]!r}; choose {', '.join(ALL_SCORE_MODES)}")
+    dtype = dtype or queries.dtype
+    q64 = queries.to(torch.float64)
+    n = queries.shape[0]
+    parts, plain, inverse, query_scale = [], None, None, None
     if "dot" in modes:
-        out["dot"] = queries
-    if "influence" in modes or "relatif" in modes:
-        inv = curvature.apply(queries, -1.0)
-        for m in ("influence", "relatif"):
-            if m in modes:
-                out[m] = inv
+        parts.append(q64)
+        plain = slice(0, n)
+    if any(m in _INVERSE_MODES for m in modes):
+        parts.append(curvature.apply(q64, -1.0))
+        inverse = slice(len(parts) * n - n, len(parts) * n)
     if "cosine" in modes:
-        out["cosine"] = _unit(curvature.apply(queries, -0.5))
-    return out
+        query_scale = _reciprocal(curvature.whitened_norms(q64)).to(dtype)
+    stacked = torch.cat(parts).to(dtype).contiguous()
+    return PreparedQueries(tuple(dict.fromkeys(modes)), stacked, plain, inverse, query_scale, n)
 
 
 def score_batch(
-    prepared: dict[str, torch.Tensor], train: torch.Tensor, curvature: Curvature
+    prepared: PreparedQueries, train: torch.Tensor, norms: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """(n_queries, n_train) scores per mode for one batch of stored gradients."""
+    """(n_queries, n_train) scores per mode for one batch of stored gradients [n_train, dim].
+
+    `norms` [n_train] are the rows' ‖(F+λI)^-1/2 g_i‖, needed by relatif and cosine.
+    """
+    if prepared.needs_norms and norms is None:
+        raise ValueError("relatif and cosine need the stored rows' norms ‖(F+λI)^-1/2 g_i‖; pass norms")
+    raw = prepared.stacked @ train.T  # [r·Q, dim] @ [dim, B] → [r·Q, B]
     scores: dict[str, torch.Tensor] = {}
-    whitened = None
-    if "relatif" in prepared or "cosine" in prepared:
-        whitened = curvature.apply(train, -0.5)
-    for mode, q in prepared.items():
-        if mode in ("dot", "influence"):
-            scores[mode] = q @ train.T
+    relatif = None
+    if prepared.needs_norms:
+        relatif = raw[prepared.inverse] * _reciprocal(norms.to(raw))[None, :]  # per-column scale 1/n_i
+    for mode in prepared.modes:
+        if mode == "dot":
+            scores[mode] = raw[prepared.plain]
+        elif mode == "influence":
+            scores[mode] = raw[prepared.inverse]
         elif mode == "relatif":
-            norm = whitened.norm(dim=1)
-            raw = q @ train.T
-            scores[mode] = torch.where(norm > _EPS, raw / norm.clamp(min=_EPS), torch.zeros_like(raw))
-        elif mode == "cosine":
-            scores[mode] = q @ _unit(whitened).T
+            scores[mode] = relatif
         else:
-            raise ConfigError(f"unknown score mode {mode!r}; choose dot, influence, relatif or cosine")
+            scores[mode] = relatif * prepared.query_scale[:, None]  # per-row scale 1/n_q
     return scores
+
+
+def _batch_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, id) per row of one batch, ties at the k-th score resolved by the smaller id."""
+    n, b = scores.shape
+    if b <= k:
+        return scores, ids.expand(n, b)
+    vals, cols = scores.topk(k + 1, dim=1)  # one extra: a tie across the cut shows as vals[k-1] == vals[k]
+    tied = (vals[:, k - 1] == vals[:, k]).nonzero().squeeze(1)
+    vals, top_ids = vals[:, :k], ids[cols[:, :k]]
+    if tied.numel():  # rare (duplicate or zero gradients): order those rows exactly by (score desc, id asc)
+        by_id = torch.argsort(ids)
+        sub = scores[tied][:, by_id]
+        pick = torch.sort(sub, dim=1, descending=True, stable=True).indices[:, :k]
+        vals[tied], top_ids[tied] = sub.gather(1, pick), ids[by_id][pick]
+    return vals, top_ids
 
 
 class TopK:
     """Streaming top-k per query; ties broken by the smaller example id so results
-    do not depend on batch size or read order."""
+    do not depend on batch size or read order.
+
+    Each batch costs one `torch.topk` over its scores and a merge of 2k candidates per query.
+    """
 
     def __init__(self, n_queries: int, k: int):
         self.k = k
-        self.scores = torch.empty(n_queries, 0, dtype=torch.float64)
-        self.ids = torch.empty(n_queries, 0, dtype=torch.long)
+        self._scores = torch.empty(n_queries, 0, dtype=torch.float64)
+        self._ids = torch.empty(n_queries, 0, dtype=torch.long)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """[n_queries, ≤k] best scores, best first (float64, on the CPU)."""
+        return self._scores.to(torch.float64).cpu()
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """[n_queries, ≤k] example ids of `scores`."""
+        return self._ids.cpu()
 
     def update(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
-        scores = torch.cat([self.scores, scores.to(torch.float64).cpu()], dim=1)
-        ids = torch.cat([self.ids, ids.to(torch.long).cpu().expand(scores.shape[0], -1)], dim=1)
-        order = torch.argsort(ids, dim=1, stable=True)
-        scores, ids = scores.gather(1, order), ids.gather(1, order)
-        order = torch.argsort(-scores, dim=1, stable=True)[:, : self.k]
-        self.scores, self.ids = scores.gather(1, order), ids.gather(1, order)
+        """Merge one batch: `scores` [n_queries, B] of the examples `ids` [B]."""
+        ids = ids.to(device=scores.device, dtype=torch.long)
+        vals, top_ids = _batch_topk(scores, ids, self.k)
+        if self._scores.shape[1]:
+            vals = torch.cat([self._scores.to(vals), vals], dim=1)  # [Q, ≤2k]
+            top_ids = torch.cat([self._ids.to(top_ids.device), top_ids], dim=1)
+        order = torch.argsort(top_ids, dim=1, stable=True)
+        vals, top_ids = vals.gather(1, order), top_ids.gather(1, order)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self._scores, self._ids = vals.gather(1, order), top_ids.gather(1, order)
 
 
 class Scorer:
-    """Scores query gradients against batches of stored gradients, for several modes at once."""
+    """Scores query gradients against batches of stored gradients, for several modes at once.
+
+    `norms` (optional) are ‖(F+λI)^-1/2 g_i‖ indexed by example id, for this curvature and damping
+    (the index keeps them); without them relatif and cosine compute them per batch.
+    Scores are computed in `dtype` on `device` (default: the queries' device).
+    """
 
     def __init__(
         self,
@@ -92,22 +170,45 @@ class Scorer:
         top_k: int,
         full_matrix_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        norms: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ):
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else queries.device
         self.curvature = curvature
-        self.prepared = prepare_queries(queries.to(dtype), curvature, modes)
+        self.prepared = prepare_queries(queries.to(self.device), curvature, modes, dtype)
+        self.norms = norms.to(self.device, dtype) if norms is not None and self.prepared.needs_norms else None
         n = queries.shape[0]
-        self.topk = {m: TopK(n, top_k) for m in modes}
+        self.topk = {m: TopK(n, top_k) for m in self.prepared.modes}
         self.full = (
-            {m: torch.zeros(n, full_matrix_size, dtype=torch.float64) for m in modes} if full_matrix_size else None
+            {m: torch.zeros(n, full_matrix_size, dtype=torch.float64) for m in self.prepared.modes}
+            if full_matrix_size
+            else None
         )
         self.pairs = 0
 
-    def update(self, ids: torch.Tensor, train: torch.Tensor) -> None:
-        """`ids` are example ids; with a full matrix they index its columns (ids in [0, N))."""
-        scores = score_batch(self.prepared, train.to(self.dtype), self.curvature)
+    @property
+    def needs_norms(self) -> bool:
+        return self.prepared.needs_norms
+
+    def update(self, ids: torch.Tensor, train: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """`ids` are example ids; with a full matrix they index its columns (ids in [0, N)).
+
+        `norms` [B] (optional) are the rows' ‖(F+λI)^-1/2 g_i‖, else taken from the Scorer's or computed.
+        """
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        dev_ids = ids.to(self.device)
+        train = train.to(self.device, self.dtype)
+        if self.prepared.needs_norms:
+            if norms is not None:
+                norms = norms.to(self.device, self.dtype)
+            elif self.norms is not None:
+                norms = self.norms[dev_ids]
+            else:
+                norms = self.curvature.whitened_norms(train)
+        scores = score_batch(self.prepared, train, norms)
         for mode, s in scores.items():
-            self.topk[mode].update(s, ids)
+            self.topk[mode].update(s, dev_ids)
             if self.full is not None:
-                self.full[mode][:, ids.long()] = s.to(torch.float64).cpu()
-        self.pairs += train.shape[0] * next(iter(self.prepared.values())).shape[0]
+                self.full[mode][:, ids] = s.to(torch.float64).cpu()
+        self.pairs += train.shape[0] * self.prepared.n_queries

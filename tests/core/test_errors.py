@@ -68,7 +68,7 @@ def test_attribution_core_raises_named_errors():
 
     from dataworth.attribution.curvature import Curvature, FisherAccumulator
     from dataworth.attribution.projection import FittedProjections, Projector, select_modules
-    from dataworth.attribution.scoring import score_batch
+    from dataworth.attribution.scoring import prepare_queries
     from dataworth.config import CurvatureConfig, LoggingConfig
 
     model = make_tiny_gpt2()
@@ -89,7 +89,7 @@ def test_attribution_core_raises_named_errors():
     with pytest.raises(DataError, match="zero examples"):
         FisherAccumulator(layout, CurvatureConfig()).finalize()
     with pytest.raises(ConfigError, match="unknown score mode"):
-        score_batch({"nope": torch.zeros(1, layout.dim)}, torch.zeros(2, layout.dim), Curvature.identity(layout))
+        prepare_queries(torch.zeros(1, layout.dim), Curvature.identity(layout), ["nope"])
 
 
 def test_training_and_benchmarks_raise_named_errors():

@@ -5,7 +5,7 @@ import torch
 
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
 from dataworth.attribution.projection import Block, Layout
-from dataworth.attribution.scoring import Scorer, TopK
+from dataworth.attribution.scoring import Scorer, TopK, prepare_queries, score_batch
 from dataworth.config import CurvatureConfig
 
 LAYOUT = Layout((Block("a", 2, 3, 0), Block("b", 2, 2, 6)))
@@ -69,15 +69,56 @@ def explicit_scores(G, Q, Minv, mode):
     raise AssertionError(mode)
 
 
+def explicit_norms(G, Minv):
+    """sqrt(g_i^T (F+λI)^-1 g_i) with the dense inverse."""
+    return torch.sqrt(torch.einsum("nd,de,ne->n", G, Minv, G))
+
+
+def curvature_and_inverse(G, kind, factor=0.2):
+    if kind == "identity":
+        return Curvature.identity(LAYOUT), torch.eye(LAYOUT.dim, dtype=torch.float64)
+    return fit(G, factor), torch.linalg.inv(explicit_fisher(G, factor))
+
+
+@pytest.mark.parametrize("kind", ["raw", "identity"])
+def test_whitened_norms_match_explicit(data, kind):
+    G, Q = data
+    curv, Minv = curvature_and_inverse(G, kind)
+    assert torch.allclose(curv.whitened_norms(G), explicit_norms(G, Minv), atol=1e-10)
+    assert torch.allclose(curv.whitened_norms(G), curv.apply(G, -0.5).norm(dim=1), atol=1e-10)
+    assert torch.allclose(curv.whitened_norms(Q.float()), explicit_norms(Q, Minv).float(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["raw", "identity"])
+def test_stacked_matmul_is_every_mode(data, kind):
+    """One matmul of at most two vectors per query, then per-column (1/n_i) and per-row (1/n_q) scales."""
+    G, Q = data
+    curv, Minv = curvature_and_inverse(G, kind)
+    modes = ["dot", "influence", "relatif", "cosine"]
+    prepared = prepare_queries(Q, curv, modes)
+    assert prepared.stacked.shape == (2 * Q.shape[0], LAYOUT.dim)
+    assert torch.allclose(prepared.stacked[prepared.plain], Q, atol=1e-12)
+    assert torch.allclose(prepared.stacked[prepared.inverse], Q @ Minv, atol=1e-10)
+    assert torch.allclose(prepared.query_scale, 1 / explicit_norms(Q, Minv), atol=1e-10)
+    scores = score_batch(prepared, G, explicit_norms(G, Minv))
+    assert list(scores) == modes
+    for m in modes:
+        assert torch.allclose(scores[m], explicit_scores(G, Q, Minv, m), atol=1e-9), m
+    assert prepare_queries(Q, curv, ["influence", "cosine"]).stacked.shape == Q.shape  # no g_q rows without dot
+    with pytest.raises(ValueError, match="norms"):
+        score_batch(prepared, G)
+
+
+@pytest.mark.parametrize("norms", ["stored", "per-batch"])
 @pytest.mark.parametrize("kind", ["raw", "identity"])
 @pytest.mark.parametrize("mode", ["dot", "influence", "relatif", "cosine"])
-def test_score_modes_match_explicit(data, kind, mode):
+def test_score_modes_match_explicit(data, kind, mode, norms):
     G, Q = data
-    curv = fit(G, 0.2) if kind == "raw" else Curvature.identity(LAYOUT)
-    Minv = torch.linalg.inv(explicit_fisher(G, 0.2)) if kind == "raw" else torch.eye(LAYOUT.dim, dtype=torch.float64)
+    curv, Minv = curvature_and_inverse(G, kind)
     expected = explicit_scores(G, Q, Minv, mode)
     ids = torch.arange(G.shape[0])
-    scorer = Scorer(Q, curv, [mode], top_k=5, full_matrix_size=G.shape[0], dtype=torch.float64)
+    stored = curv.whitened_norms(G) if norms == "stored" else None
+    scorer = Scorer(Q, curv, [mode], top_k=5, full_matrix_size=G.shape[0], dtype=torch.float64, norms=stored)
     for s in range(0, 40, 9):
         scorer.update(ids[s : s + 9], G[s : s + 9])
     assert torch.allclose(scorer.full[mode], expected, atol=1e-9)
@@ -87,14 +128,16 @@ def test_score_modes_match_explicit(data, kind, mode):
     assert scorer.pairs == 40 * 5
 
 
-def test_query_batching_and_train_batching_invariance(data):
+@pytest.mark.parametrize("with_norms", [True, False])
+def test_query_batching_and_train_batching_invariance(data, with_norms):
     G, Q = data
     curv = fit(G)
     ids = torch.arange(G.shape[0])
     modes = ["dot", "influence", "relatif", "cosine"]
+    norms = curv.whitened_norms(G) if with_norms else None
 
     def run(q, batch):
-        sc = Scorer(q, curv, modes, top_k=7, dtype=torch.float64)
+        sc = Scorer(q, curv, modes, top_k=7, dtype=torch.float64, norms=norms)
         perm = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(batch))
         for s in range(0, 40, batch):  # any read order, any batch size
             sc.update(ids[perm[s : s + batch]], G[perm[s : s + batch]])
@@ -115,14 +158,74 @@ def test_topk_breaks_ties_by_example_id():
     assert t.ids.tolist() == [[1, 4, 7]]
 
 
-def test_zero_gradient_rows_score_zero(data):
+def full_sort_topk(scores, ids, k):
+    """The reference: sort every (score, id) by score descending, then id ascending."""
+    by_id = torch.argsort(ids)
+    s, i = scores[:, by_id], ids[by_id].expand(scores.shape[0], -1)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return s.gather(1, order), i.gather(1, order)
+
+
+@pytest.mark.parametrize("k", [1, 4, 30])
+def test_topk_equals_a_full_sort_with_the_tie_rule(k):
+    torch.manual_seed(k)
+    scores = torch.randint(0, 5, (6, 200)).to(torch.float32)  # many ties, also across every cut
+    scores[1] = 0.0  # a row of nothing but ties
+    scores[2] = torch.randn(200)
+    ids = torch.randperm(1000)[:200]
+    ref_scores, ref_ids = full_sort_topk(scores, ids, k)
+    for batch in (1, 7, 64, 200):
+        perm = torch.randperm(200, generator=torch.Generator().manual_seed(batch))
+        t = TopK(6, k)
+        for s in range(0, 200, batch):
+            t.update(scores[:, perm[s : s + batch]], ids[perm[s : s + batch]])
+        assert torch.equal(t.ids, ref_ids) and torch.equal(t.scores, ref_scores.double()), batch
+
+
+def old_whitening_scores(Q, G, curv, mode):
+    """The scores as computed before the stored norms: every stored batch whitened again per query run."""
+    whitened = curv.apply(G, -0.5)
+    norm = whitened.norm(dim=1)
+    inv = curv.apply(Q, -1.0)
+    if mode == "relatif":
+        raw = inv @ G.T
+        return torch.where(norm > 1e-30, raw / norm.clamp(min=1e-30), torch.zeros_like(raw))
+
+    def unit(x):
+        n = x.norm(dim=1, keepdim=True)
+        return torch.where(n > 1e-30, x / n.clamp(min=1e-30), torch.zeros_like(x))
+
+    return unit(curv.apply(Q, -0.5)) @ unit(whitened).T
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_norm_path_equals_old_whitening_path(data, dtype, tol):
+    G, Q = data
+    G = G.clone()
+    G[5] = 0
+    curv = fit(G)
+    sc = Scorer(Q, curv, ["relatif", "cosine"], top_k=3, full_matrix_size=40, dtype=dtype, norms=curv.whitened_norms(G))
+    for s in range(0, 40, 16):
+        sc.update(torch.arange(s, min(s + 16, 40)), G[s : s + 16].to(dtype))
+    for m in ("relatif", "cosine"):
+        old = old_whitening_scores(Q.to(dtype), G.to(dtype), curv, m).double()
+        assert torch.allclose(sc.full[m], old, atol=tol, rtol=tol), m
+
+
+@pytest.mark.parametrize("with_norms", [True, False])
+def test_zero_gradient_rows_score_zero(data, with_norms):
     G, Q = data
     G = G.clone()
     G[3] = 0
-    sc = Scorer(Q, fit(G), ["relatif", "cosine"], top_k=3, full_matrix_size=40, dtype=torch.float64)
+    Q = Q.clone()
+    Q[1] = 0
+    curv = fit(G)
+    norms = curv.whitened_norms(G) if with_norms else None
+    sc = Scorer(Q, curv, ["relatif", "cosine"], top_k=3, full_matrix_size=40, dtype=torch.float64, norms=norms)
     sc.update(torch.arange(40), G)
     for m in ("relatif", "cosine"):
-        assert torch.isfinite(sc.full[m]).all() and (sc.full[m][:, 3] == 0).all()
+        assert torch.isfinite(sc.full[m]).all() and (sc.full[m][:, 3] == 0).all() and (sc.full[m][1] == 0).all()
+        assert sc.topk[m].ids[1].tolist() == [0, 1, 2]  # a zero query: all ties, smallest ids first
 
 
 def test_oversized_block_is_refused():

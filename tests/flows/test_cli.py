@@ -36,7 +36,8 @@ def test_console_script_installed():
 @pytest.mark.parametrize(
     "args, flags",
     [
-        ([], ["demo", "index", "query", "evaluate"]),
+        ([], ["demo", "index", "query", "evaluate", "benchmark"]),
+        (["benchmark"], ["--preset", "--sizes", "--dim", "--peers", "--model.layers", "--json", "--no-mlflow"]),
         (["demo"], ["--workspace", "--size", "--seed", "--epochs", "--modes", "--top-k", "--no-mlflow", "--config"]),
         (
             ["index"],
@@ -233,6 +234,11 @@ def test_evaluate_config_yaml_then_flags(tmp_path):
     [
         (["demo"], {}),
         (["evaluate"], {}),
+        (["benchmark"], {}),
+        (
+            ["benchmark", "--preset", "gpu", "--json", "b.json", "--sizes", "64", "8"],
+            {"preset": "gpu", "json_path": "b.json", "sizes": [8, 64]},
+        ),
         (
             ["index", "--model", "m", "--dataset", "d", "--index", "i"],
             {"model": {"name_or_path": "m"}, "data": {"dataset": "d"}, "index_uri": "i"},

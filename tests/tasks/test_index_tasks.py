@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.fingerprint import model_fingerprint
 from storage import IndexStore
+from tasks.common import norms_key, read_norms
 from tasks.index import (
     Published,
     fit_projections,
@@ -78,6 +81,22 @@ def test_fit_curvature_stores_the_fisher(stages, index_config):
     assert curv.examples == fitted.count == manifest.num_examples
     assert json.loads(curv.summary) == fitted.summary()
     assert set(curv.metrics()) == {"curvature_seconds"}
+
+
+def test_fit_curvature_stores_every_examples_whitened_norm(stages, index_config):
+    """n_i = sqrt(g_i^T (F+λI)^-1 g_i) per example id, for the index's damping, next to the curvature."""
+    cfg = index_config(precondition="none")
+    _, _, curv, manifest = stages.build(cfg)
+    store = IndexStore(cfg.index_uri)
+    fitted = Curvature.from_bytes(store.read_artifact(curv.artifact))
+    norms = read_norms(store, norms_key(curv.artifact, fitted))
+    assert norms.shape == (manifest.num_examples,) and norms.dtype == np.float64
+    ids, vectors, _ = zip(*store.iter_gradients(5))
+    G = torch.tensor(np.concatenate(vectors), dtype=torch.float64)
+    inverse = torch.linalg.inv(fitted.matrix(1.0))
+    explicit = torch.sqrt(torch.einsum("nd,de,ne->n", G, inverse, G)).numpy()
+    assert np.allclose(norms[np.concatenate(ids)], explicit, rtol=1e-6)
+    assert norms_key(curv.artifact, fitted.with_damping(0.5)) != norms_key(curv.artifact, fitted)
 
 
 def test_publish_index_makes_the_index_visible(stages, index_config):

@@ -9,7 +9,15 @@ import torch
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from storage import IndexStore
-from tasks.common import index_curvature, index_query_gradients, open_index_model
+from tasks.common import (
+    index_curvature,
+    index_query_gradients,
+    norms_key,
+    open_index_model,
+    prefetched,
+    read_norms,
+    store_norms,
+)
 from tasks.index import publish_index
 from tasks.query import Report, Scored, render_report, score_queries
 
@@ -75,6 +83,61 @@ def test_score_queries_stores_top_k_of_every_mode(published, tmp_path):
     again = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig())
     assert again.score_run_id == scored.score_run_id  # the same run is rewritten, not duplicated
     assert store.read_scores(scored.score_run_id).num_rows == len(scores)
+
+
+def _all_gradients(store):
+    ids, vectors, _ = zip(*store.iter_gradients(5))
+    return torch.tensor(np.concatenate(ids)), torch.tensor(np.concatenate(vectors), dtype=torch.float64)
+
+
+def test_damping_override_computes_and_stores_its_own_norms(published, tmp_path):
+    cfg, manifest = published
+    store = IndexStore(cfg.index_uri)
+    own = index_curvature(store, manifest, None)
+    assert read_norms(store, norms_key(manifest.curvature_artifact, own)) is not None  # stored by fit_curvature
+    other = index_curvature(store, manifest, 0.7)
+    key = norms_key(manifest.curvature_artifact, other)
+    assert read_norms(store, key) is None
+    score = ScoreConfig(top_k=3, damping_factor=0.7, modes=["influence", "relatif", "cosine"], train_batch_size=3)
+    first = tmp_path / "first.npz"
+    score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(first))
+
+    ids, G = _all_gradients(store)
+    stored = read_norms(store, key)
+    inverse = torch.linalg.inv(other.matrix(1.0))
+    assert np.allclose(stored[ids.numpy()], torch.sqrt(torch.einsum("nd,de,ne->n", G, inverse, G)).numpy(), rtol=1e-6)
+    # The stored-norm path scores as the per-batch one (norms computed again from every stored batch).
+    _, grads = index_query_gradients(open_index_model(store), QUERIES, GenerationConfig(), 1)
+    old = Scorer(grads, other, score.modes, 3, full_matrix_size=manifest.num_examples, dtype=torch.float64)
+    old.update(ids, G)
+    full = np.load(first)
+    for mode in score.modes:
+        expected = old.full[mode].numpy()  # float32 matmuls against a float64 reference
+        assert np.abs(full[mode] - expected).max() <= 1e-5 * np.abs(expected).max(), mode
+
+    # The next run with that damping reads the stored norms instead of computing them: with norms of 1
+    # relatif is influence.
+    store_norms(store, key, np.ones(manifest.num_examples))
+    second = tmp_path / "second.npz"
+    score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(second))
+    full = np.load(second)
+    assert np.array_equal(full["relatif"], full["influence"])
+
+
+def test_prefetched_keeps_order_and_raises_the_readers_error():
+    assert list(prefetched(iter(range(10)), depth=1)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    batches = prefetched(broken())
+    assert next(batches) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(batches)
+    early = prefetched(iter(range(1000)), depth=1)
+    assert next(early) == 0
+    early.close()  # a consumer that stops early releases the reader thread
 
 
 def test_render_report_writes_html_and_csv(published, tmp_path):

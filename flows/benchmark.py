@@ -1,0 +1,238 @@
+"""The `benchmark` flow: ingest, scoring, logging and start-up throughput of the real code paths, on
+synthetic vectors at several sizes and on randomly initialized models of real shapes, beside the bounds
+(in-memory matmul, plain training) and peers (LanceDB brute force, ...) measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger
+
+from dataworth.benchmarks.throughput import GPU_MODEL_SHAPES
+from dataworth.config import BenchmarkConfig
+from dataworth.reports.terminal import format_table
+from tasks.throughput import measure_ingest, measure_logging, measure_peer, measure_scoring, measure_startup
+from tasks.tracking import tracked_run
+
+
+def _device(config: BenchmarkConfig) -> str:
+    if config.preset == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError("--preset gpu needs a CUDA device and torch sees none; run `dataworth benchmark --preset cpu`")
+    return "cuda"
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup) -> dict[str, float]:
+    """The headline ratios: ingest and scoring at the largest size, RSS largest ÷ smallest, logging of the
+    primary model, one speedup per peer that ran (our scores/s ÷ theirs, at the largest size it ran)."""
+    sizes = sorted(per_size)
+    largest, smallest = per_size[sizes[-1]], per_size[sizes[0]]
+    out = {
+        "write_ratio_last_first": largest["ingest"].write_ratio_last_first,
+        "ingest_rows_per_s": largest["ingest"].rows_per_s,
+        "scoring_vs_matmul": largest["score"].scoring_vs_matmul,
+        "pairs_per_s": largest["score"].pairs_per_s,
+    }
+    if _positive(largest["score"].peak_rss_mb) and _positive(smallest["score"].peak_rss_mb):
+        out["peak_rss_ratio"] = largest["score"].peak_rss_mb / smallest["score"].peak_rss_mb
+    if logging:
+        out["logging_vs_training"] = logging[0].logging_vs_training
+        for result in logging[1:]:
+            out[f"logging_vs_training.{result.name}"] = result.logging_vs_training
+    for peer in config.peers:
+        ran = [n for n in sizes if _positive(per_size[n]["peers"][peer].pairs_per_s)]
+        if ran:
+            n = ran[-1]
+            out[f"speedup_vs_{peer}"] = per_size[n]["score"].pairs_per_s / per_size[n]["peers"][peer].pairs_per_s
+    if startup is not None:
+        out["startup_index_seconds"] = startup.index_seconds
+        out["startup_query_seconds"] = startup.query_seconds
+    return out
+
+
+def _round(value: float | None) -> float | None:
+    """Three significant digits: throughputs span six orders of magnitude."""
+    if not _positive(value):
+        return value
+    return round(value, 2 - math.floor(math.log10(value)))
+
+
+def render(config: BenchmarkConfig, per_size: dict, logging: list, startup, summary: dict, device: str) -> str:
+    """The plain-text report: one row per size, one per logging model, the summary and the notes."""
+    rows = {}
+    for n, r in per_size.items():
+        score = r["score"]
+        row = {
+            "ingest rows/s": r["ingest"].rows_per_s,
+            "write last/first": r["ingest"].write_ratio_last_first,
+            "pairs/s (4 modes)": score.pairs_per_s,
+            "matmul pairs/s": score.matmul_scores_per_s / score.modes,
+            "vs matmul": score.scoring_vs_matmul,
+            "peak RSS MB": score.peak_rss_mb,
+        }
+        for peer, p in r["peers"].items():
+            if p.pairs_per_s is not None:
+                row[f"{peer} pairs/s"] = p.pairs_per_s
+                row[f"speedup vs {peer}"] = score.pairs_per_s / p.pairs_per_s
+        rows[f"{n:,} rows"] = {k: _round(v) for k, v in row.items()}
+    models = {
+        m.name: {
+            "logging tokens/s": _round(m.logging_tokens_per_s),
+            "training tokens/s": _round(m.training_tokens_per_s),
+            "logging ÷ training": _round(m.logging_vs_training),
+        }
+        for m in logging
+    }
+    lines = [
+        f"\ndataworth benchmark --preset {config.preset} (device {device}, dim {config.dim}, shards of "
+        f"{config.shard_size}, {config.num_queries} queries)\n",
+        format_table(rows),
+    ]
+    if models:
+        lines += ["", format_table(models)]
+    lines += ["", "summary:"] + [f"  {k:<36} {v:.4g}" for k, v in summary.items()]
+    notes = [f"{p.peer}: {p.note}" for p in next(iter(per_size.values()))["peers"].values() if p.pairs_per_s is None]
+    if startup is not None:
+        notes.append(
+            f"start-up: `dataworth index` {startup.index_seconds:.1f} s, `dataworth query` "
+            f"{startup.query_seconds:.1f} s on a tiny corpus (target ≤ 5 s)"
+        )
+    unisolated = [n for n, r in per_size.items() if r["score"].peak_rss_mb is None]
+    if unisolated:
+        notes.append(f"peak RSS not measured at {unisolated} rows (scored in-process: rss_max_size)")
+    notes.append(
+        "a pair is one query × stored row: dataworth computes its four mode scores, a peer its one dot score; "
+        "a score is one pair × mode, the unit of the matmul bound"
+    )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark_flow(config: BenchmarkConfig) -> dict:
+    """Time ingest, scoring, logging and start-up on synthetic data; log every figure to MLflow."""
+    log = get_run_logger()
+    device = _device(config)
+    workspace = Path(config.workspace).absolute()
+    workspace.mkdir(parents=True, exist_ok=True)
+    config_path = workspace / "benchmark_config.yaml"
+    with tracked_run(
+        config.tracking, "benchmark", config, tags={"dataworth.preset": config.preset}, config_path=config_path
+    ) as run:
+        per_size: dict[int, dict] = {}
+        for n in config.sizes:
+            index_uri = str(workspace / f"index-{n}")
+            ingest = run.log_result(
+                f"ingest_{n}",
+                measure_ingest(index_uri, n, config.dim, config.shard_size, config.seed, return_state=True),
+            )
+            isolated = config.rss_max_size is None or n <= config.rss_max_size
+            score = run.log_result(
+                f"score_{n}",
+                measure_scoring(
+                    index_uri,
+                    n,
+                    config.num_queries,
+                    config.dim,
+                    config.block_dim,
+                    config.top_k,
+                    config.train_batch_size,
+                    config.seed,
+                    device,
+                    isolated,
+                    return_state=True,
+                ),
+            )
+            peers = {
+                peer: run.log_result(
+                    f"{peer}_{n}",
+                    measure_peer(
+                        peer,
+                        index_uri,
+                        n,
+                        config.peer_queries,
+                        config.dim,
+                        config.top_k,
+                        config.seed,
+                        return_state=True,
+                    ),
+                )
+                for peer in config.peers
+            }
+            per_size[n] = {"ingest": ingest, "score": score, "peers": peers}
+            if not config.keep_indexes:
+                shutil.rmtree(index_uri, ignore_errors=True)
+        shapes = [
+            (
+                f"gpt2-{config.model.layers}x{config.model.width}-float32",
+                {"family": "gpt2", **config.model.model_dump()},
+                "float32",
+            )
+        ]
+        if device == "cuda":
+            shapes += [(f"{name}-bfloat16", GPU_MODEL_SHAPES[name], "bfloat16") for name in config.gpu_models]
+        logging = [
+            run.log_result(
+                f"logging_{name}",
+                measure_logging(
+                    name,
+                    shape,
+                    config.seq_length,
+                    config.batch_size,
+                    config.steps,
+                    config.proj_dim,
+                    dtype,
+                    device,
+                    config.seed,
+                    return_state=True,
+                ),
+            )
+            for name, shape, dtype in shapes
+        ]
+        startup = None
+        if config.startup:
+            tracking = (
+                ["--mlflow-uri", run.uri, "--experiment", f"{config.tracking.experiment}-startup"]
+                if run.enabled
+                else ["--no-mlflow"]
+            )
+            startup = run.log_result(
+                "startup", measure_startup(str(workspace), tracking, config.seed, return_state=True)
+            )
+        summary = summarize(config, per_size, logging, startup)
+        run.metrics(summary)
+        text = render(config, per_size, logging, startup, summary, device)
+        run.artifact_text("benchmark.md", text)
+        print(text)
+        payload = {
+            **summary,
+            "preset": config.preset,
+            "device": device if device == "cpu" else torch.cuda.get_device_name(),
+            "cpus": os.cpu_count(),
+            "sizes": {
+                str(n): {
+                    **r["ingest"].model_dump(),
+                    **{f"score_{k}": v for k, v in r["score"].model_dump().items()},
+                    "peers": {p: v.model_dump() for p, v in r["peers"].items()},
+                }
+                for n, r in per_size.items()
+            },
+            "logging": [m.model_dump() for m in logging],
+            "startup": None if startup is None else startup.model_dump(),
+        }
+        if config.json_path:
+            path = Path(config.json_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(payload, indent=2))
+            run.artifact(path)
+            log.info("benchmark summary written to %s", path)
+    return {**payload, "table": text, "mlflow_run_id": run.run_id, "tracking_uri": run.uri, "json": config.json_path}

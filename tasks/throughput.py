@@ -1,0 +1,439 @@
+"""Throughput stages of `dataworth benchmark`: each times one real code path of the pipeline through its
+public API (IndexStore writes and reads, the Scorer, gradient logging, the command line) on synthetic
+data, next to the bound or peer it is compared with, and returns the figures as metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from dataworth.attribution.curvature import Curvature, FisherAccumulator
+from dataworth.attribution.gradients import log_example_gradients
+from dataworth.attribution.projection import Block, Layout
+from dataworth.attribution.scoring import Scorer
+from dataworth.benchmarks.throughput import (
+    matmul_seconds,
+    max_rss_mb,
+    random_causal_lm,
+    random_examples,
+    synchronize,
+    synthetic_queries,
+    synthetic_vectors,
+    training_step_seconds,
+)
+from dataworth.config import ALL_SCORE_MODES, CurvatureConfig, LoggingConfig
+from storage import IndexStore
+
+from .common import StageResult, compute_norms, gradient_batches
+
+# Rows of the synthetic corpus the block-diagonal Fisher is fitted on (a real fit, as the index flow does).
+FIT_ROWS = 4096
+# Shards averaged at each end of the ingest for the last/first write-time ratio (one shard is noisy).
+ENDS = 5
+PEER_INSTALL = {
+    "kronfluence": 'pip install --no-deps "kronfluence==1.0.1" einops einconv opt-einsum',
+    "bergson": "pip install --no-deps bergson",
+}
+
+
+def _local_dir(uri: str) -> str | None:
+    return IndexStore(uri).local_path
+
+
+class Ingested(StageResult):
+    """Synthetic gradient shards written into a fresh index with IndexStore.write_gradient_shard."""
+
+    size: int = Field(description="Rows written.")
+    shards: int = Field(description="write_gradient_shard calls.")
+    seconds: float = Field(description="Time of the shard writes and the compaction (vector generation excluded).")
+    compact_seconds: float = Field(description="Time of compact_gradients after the last shard.")
+    rows_per_s: float = Field(description="Rows written per second of write time.")
+    first_shard_s: float = Field(description="Mean write time of the first shards.")
+    last_shard_s: float = Field(description="Mean write time of the last shards.")
+    write_ratio_last_first: float = Field(description="last_shard_s ÷ first_shard_s (1 = constant cost per shard).")
+    bytes_stored: int = Field(description="Bytes the index occupies.")
+
+    def metrics(self) -> dict[str, float]:
+        p = f"n{self.size}."
+        return {
+            p + "ingest_rows_per_s": self.rows_per_s,
+            p + "ingest_seconds": self.seconds,
+            p + "compact_seconds": self.compact_seconds,
+            p + "first_shard_s": self.first_shard_s,
+            p + "last_shard_s": self.last_shard_s,
+            p + "write_ratio_last_first": self.write_ratio_last_first,
+            p + "bytes_stored": self.bytes_stored,
+        }
+
+
+@task(name="measure_ingest", cache_policy=NO_CACHE)
+def measure_ingest(index_uri: str, size: int, dim: int, shard_size: int, seed: int) -> Ingested:
+    """Write `size` synthetic rows as shards of `shard_size` into a fresh index, timing every write, then
+    compact and check the table as publishing an index does."""
+    local = _local_dir(index_uri)
+    if local is not None and os.path.exists(local):
+        shutil.rmtree(local)
+    store = IndexStore(index_uri)
+    store.create_gradient_table(dim)
+    times = []
+    for shard, start in enumerate(range(0, size, shard_size)):
+        rows = min(shard_size, size - start)
+        vectors = synthetic_vectors(seed, shard, rows, dim).numpy()
+        ids = np.arange(start, start + rows, dtype=np.int64)
+        begin = time.perf_counter()
+        store.write_gradient_shard(shard, ids, vectors)
+        times.append(time.perf_counter() - begin)
+    # What publishing an index does after its shards: merge the fragments, check one row per example.
+    begin = time.perf_counter()
+    store.compact_gradients(keep_old_versions=False)
+    compact = time.perf_counter() - begin
+    store.check_gradient_ids(size)
+    ends = min(ENDS, max(1, len(times) // 2))
+    first, last = float(np.mean(times[:ends])), float(np.mean(times[-ends:]))
+    seconds = float(sum(times)) + compact
+    get_run_logger().info("ingest %d rows: %.0f rows/s, last/first shard %.2f", size, size / seconds, last / first)
+    return Ingested(
+        size=size,
+        shards=len(times),
+        seconds=seconds,
+        compact_seconds=compact,
+        rows_per_s=size / seconds,
+        first_shard_s=first,
+        last_shard_s=last,
+        write_ratio_last_first=last / first,
+        bytes_stored=store.bytes_stored(),
+    )
+
+
+class Scored(StageResult):
+    """The Scorer's streaming pass over a stored synthetic index, all four modes, beside the matmul bound."""
+
+    size: int = Field(description="Stored rows scored.")
+    queries: int = Field(description="Query vectors.")
+    modes: int = Field(description="Score modes computed together.")
+    norms_seconds: float = Field(
+        description="One pass computing the stored rows' norms (an indexing cost: once per curvature and damping)."
+    )
+    seconds: float = Field(description="The scoring pass: read, score every mode, keep the top-k.")
+    pairs_per_s: float = Field(description="queries × rows ÷ seconds (every mode of a pair computed).")
+    scores_per_s: float = Field(description="queries × rows × modes ÷ seconds.")
+    matmul_seconds: float = Field(description="In-memory matmul [modes·queries, dim] × [dim, rows].")
+    matmul_scores_per_s: float = Field(description="queries × rows × modes ÷ matmul_seconds.")
+    scoring_vs_matmul: float = Field(description="scores_per_s ÷ matmul_scores_per_s (1 = at the matmul bound).")
+    peak_rss_mb: float | None = Field(description="Peak resident memory of the scoring process (None: not isolated).")
+    rss_growth_mb: float | None = Field(description="Peak RSS during scoring minus the peak before it.")
+    peak_gpu_mb: float | None = Field(None, description="Peak CUDA memory of the scoring (gpu preset).")
+
+    def metrics(self) -> dict[str, float]:
+        p = f"n{self.size}."
+        out = {
+            p + "score_seconds": self.seconds,
+            p + "norms_seconds": self.norms_seconds,
+            p + "pairs_per_s": self.pairs_per_s,
+            p + "scores_per_s": self.scores_per_s,
+            p + "matmul_scores_per_s": self.matmul_scores_per_s,
+            p + "scoring_vs_matmul": self.scoring_vs_matmul,
+            p + "peak_rss_mb": self.peak_rss_mb,
+            p + "rss_growth_mb": self.rss_growth_mb,
+            p + "peak_gpu_mb": self.peak_gpu_mb,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def synthetic_layout(dim: int, block_dim: int) -> Layout:
+    """Blocks of block_dim columns (the last one what is left), standing for the modules of a model."""
+    starts = range(0, dim, block_dim)
+    return Layout(tuple(Block(f"block{i}", 1, min(block_dim, dim - s), s) for i, s in enumerate(starts)))
+
+
+def fit_synthetic_curvature(size: int, dim: int, block_dim: int, seed: int) -> Curvature:
+    """A raw block-diagonal Fisher fitted on the first stored rows (regenerated: the same stream as shard 0)."""
+    fisher = FisherAccumulator(synthetic_layout(dim, block_dim), CurvatureConfig(kind="raw", max_block_dim=block_dim))
+    fisher.update(synthetic_vectors(seed, 0, min(size, FIT_ROWS), dim))
+    return fisher.finalize()
+
+
+def score_synthetic(
+    index_uri: str, size: int, queries: int, dim: int, top_k: int, batch: int, seed: int, device: str, prepared: str
+) -> dict:
+    """The scoring measurement itself: a query run over an index whose curvature and norms are stored
+    (`prepared`: the .pt file measure_scoring wrote); run in a fresh process so its peak RSS is its own."""
+    saved = torch.load(prepared, weights_only=True)
+    curvature, norms = Curvature.from_bytes(saved["curvature"]), saved["norms"]
+    store = IndexStore(index_uri)
+    modes = list(ALL_SCORE_MODES)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = max_rss_mb()
+    scorer = Scorer(synthetic_queries(seed, queries, dim), curvature, modes, top_k, norms=norms, device=device)
+    rows = 0
+    start = time.perf_counter()
+    for ids, vectors in gradient_batches(store, batch):
+        scorer.update(ids, vectors.to(device, non_blocking=True))
+        rows += len(ids)
+    for top in scorer.topk.values():
+        top.scores  # noqa: B018 - the results on the host, as a query run writes them
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = max_rss_mb()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    if rows != size:
+        raise RuntimeError(f"the scoring pass read {rows} rows of a {size}-row index")
+    bound = matmul_seconds(len(modes) * queries, dim, size, device)
+    return {
+        "seconds": seconds,
+        "matmul_seconds": bound,
+        "peak_rss_mb": peak,
+        "rss_growth_mb": peak - rss_before,
+        "peak_gpu_mb": peak_gpu,
+    }
+
+
+@task(name="measure_scoring", cache_policy=NO_CACHE)
+def measure_scoring(
+    index_uri: str,
+    size: int,
+    queries: int,
+    dim: int,
+    block_dim: int,
+    top_k: int,
+    batch: int,
+    seed: int,
+    device: str = "cpu",
+    isolated: bool = True,
+) -> Scored:
+    """Score `queries` synthetic queries in all four modes against the stored index with the Scorer (a fitted
+    block-diagonal Fisher, the rows' norms computed first, as indexing stores them), in a fresh process when
+    `isolated` so its peak RSS is the query run's own."""
+    # What indexing leaves for a query run: the fitted curvature and the norms ‖(F+λI)^-1/2 g_i‖ (one pass).
+    curvature = fit_synthetic_curvature(size, dim, block_dim, seed)
+    start = time.perf_counter()
+    norms = torch.from_numpy(compute_norms(IndexStore(index_uri), curvature, None, batch))
+    norms_seconds = time.perf_counter() - start
+    prepared = os.path.join(_local_dir(index_uri) or tempfile.gettempdir(), f"benchmark-prepared-{size}.pt")
+    torch.save({"curvature": curvature.to_bytes(), "norms": norms}, prepared)
+    args = (index_uri, size, queries, dim, top_k, batch, seed, device, prepared)
+    if isolated:
+        # spawn, not fork: a fresh interpreter whose memory holds nothing of this one's.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = pool.submit(score_synthetic, *args).result()
+    else:
+        out = score_synthetic(*args)
+        out["peak_rss_mb"] = out["rss_growth_mb"] = None  # this process's peak is not the scoring's
+    modes = len(ALL_SCORE_MODES)
+    scores = modes * queries * size
+    get_run_logger().info(
+        "score %d rows × %d queries × %d modes: %.3g scores/s, %.2f× the matmul",
+        size,
+        queries,
+        modes,
+        scores / out["seconds"],
+        out["matmul_seconds"] / out["seconds"],
+    )
+    return Scored(
+        size=size,
+        queries=queries,
+        modes=modes,
+        seconds=out["seconds"],
+        norms_seconds=norms_seconds,
+        pairs_per_s=queries * size / out["seconds"],
+        scores_per_s=scores / out["seconds"],
+        matmul_seconds=out["matmul_seconds"],
+        matmul_scores_per_s=scores / out["matmul_seconds"],
+        scoring_vs_matmul=out["matmul_seconds"] / out["seconds"],
+        peak_rss_mb=out["peak_rss_mb"],
+        rss_growth_mb=out["rss_growth_mb"],
+        peak_gpu_mb=out["peak_gpu_mb"],
+    )
+
+
+class PeerMeasured(StageResult):
+    """A peer system scoring the same stored vectors, or why it was skipped."""
+
+    peer: str = Field(description="lancedb, kronfluence or bergson.")
+    size: int = Field(description="Stored rows searched.")
+    queries: int = Field(0, description="Queries the peer answered.")
+    seconds: float | None = Field(None, description="Time of those queries; None when skipped.")
+    pairs_per_s: float | None = Field(None, description="queries × rows ÷ seconds (one dot score per pair).")
+    note: str | None = Field(None, description="Why the peer was skipped, or how it was run.")
+
+    def metrics(self) -> dict[str, float]:
+        if self.pairs_per_s is None:
+            return {}
+        return {f"n{self.size}.{self.peer}_pairs_per_s": self.pairs_per_s}
+
+
+@task(name="measure_peer", cache_policy=NO_CACHE)
+def measure_peer(peer: str, index_uri: str, size: int, queries: int, dim: int, top_k: int, seed: int) -> PeerMeasured:
+    """LanceDB's own brute-force `search(q).distance_type("dot").limit(k)` over the stored gradients table;
+    kronfluence and bergson are reported as skipped (with the install command) when not importable."""
+    if peer != "lancedb":
+        if importlib.util.find_spec(peer) is None:
+            note = f"not installed ({PEER_INSTALL[peer]})"
+        else:
+            note = "installed, but no comparison on stored vectors is wired up for it yet"
+        return PeerMeasured(peer=peer, size=size, note=note)
+    import lancedb
+
+    from storage.store import GRADIENTS
+
+    table = lancedb.connect(index_uri).open_table(GRADIENTS)
+    vectors = synthetic_queries(seed, queries, dim).numpy()
+    table.search(vectors[0]).distance_type("dot").limit(top_k).to_arrow()  # warm-up
+    start = time.perf_counter()
+    for q in vectors:  # one brute-force scan per query, as a LanceDB user runs them
+        table.search(q).distance_type("dot").limit(top_k).to_arrow()
+    seconds = time.perf_counter() - start
+    return PeerMeasured(
+        peer=peer,
+        size=size,
+        queries=queries,
+        seconds=seconds,
+        pairs_per_s=queries * size / seconds,
+        note=f'search(q).distance_type("dot").limit({top_k}), no vector index, {queries} queries',
+    )
+
+
+class LoggingMeasured(StageResult):
+    """Gradient logging (log_example_gradients) beside plain training forward+backward of the same model."""
+
+    name: str = Field(description="Model shape and dtype.")
+    device: str = Field(description="cpu or cuda.")
+    tokens_per_batch: int = Field(description="batch_size × seq_length.")
+    gradient_dim: int = Field(description="Dimension of one logged gradient.")
+    logging_tokens_per_s: float = Field(description="Tokens per second of log_example_gradients.")
+    training_tokens_per_s: float = Field(description="Tokens per second of plain training forward+backward.")
+    logging_vs_training: float = Field(description="logging_tokens_per_s ÷ training_tokens_per_s.")
+    peak_gpu_mb: float | None = Field(None, description="Peak CUDA memory (gpu preset).")
+
+    def metrics(self) -> dict[str, float]:
+        p = f"{self.name}."
+        out = {
+            p + "logging_tokens_per_s": self.logging_tokens_per_s,
+            p + "training_tokens_per_s": self.training_tokens_per_s,
+            p + "logging_vs_training": self.logging_vs_training,
+            p + "peak_gpu_mb": self.peak_gpu_mb,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@task(name="measure_logging", cache_policy=NO_CACHE)
+def measure_logging(
+    name: str,
+    shape: dict,
+    seq_length: int,
+    batch_size: int,
+    steps: int,
+    proj_dim: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+) -> LoggingMeasured:
+    """Tokens/s of log_example_gradients (random projections, every linear layer but the head) on a randomly
+    initialized model of `shape`, and of plain training forward+backward of the same model, batch and length."""
+    torch_dtype = getattr(torch, dtype)
+    model = random_causal_lm(**shape, seq_length=seq_length, dtype=torch_dtype, device=device, seed=seed)
+    examples = random_examples(shape["vocab"], batch_size * (steps + 1), seq_length, seed)
+    cfg = LoggingConfig(
+        projection="gaussian", proj_dim_in=proj_dim, proj_dim_out=proj_dim, precondition="none", batch_size=batch_size
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # The model's config stands in for a tokenizer: logging reads only its pad id.
+    batches = log_example_gradients(model, model.config, examples, cfg)
+    _, grads = next(batches)  # warm-up batch: draws the projections, starts the thread pool
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in batches:
+        pass
+    synchronize(device)
+    logging_s = (time.perf_counter() - start) / steps
+    training_s = training_step_seconds(model, examples, batch_size, steps, device)
+    tokens = batch_size * seq_length
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    get_run_logger().info("logging %s: %.2f× plain training", name, training_s / logging_s)
+    return LoggingMeasured(
+        name=name,
+        device=device,
+        tokens_per_batch=tokens,
+        gradient_dim=int(grads.shape[1]),
+        logging_tokens_per_s=tokens / logging_s,
+        training_tokens_per_s=tokens / training_s,
+        logging_vs_training=training_s / logging_s,
+        peak_gpu_mb=peak_gpu,
+    )
+
+
+class StartupMeasured(StageResult):
+    """Wall time of the `dataworth index` and `dataworth query` commands on a tiny corpus: their fixed cost."""
+
+    index_seconds: float = Field(description="`dataworth index` of 8 short documents with a 2-layer model.")
+    query_seconds: float = Field(description="`dataworth query` of one prompt against that index.")
+
+    def metrics(self) -> dict[str, float]:
+        return {"startup.index_seconds": self.index_seconds, "startup.query_seconds": self.query_seconds}
+
+
+def _dataworth_command() -> list[str]:
+    script = shutil.which("dataworth", path=os.path.dirname(sys.executable)) or shutil.which("dataworth")
+    return [script] if script else [sys.executable, "-m", "flows.cli"]
+
+
+def _write_tiny_corpus(root: Path, seed: int) -> tuple[Path, Path]:
+    from dataworth.benchmarks.tiny_model import train_tokenizer
+
+    texts = [f"document {i}: the value of key {i} is {i * 7 % 11}." for i in range(8)]
+    tokenizer = train_tokenizer(texts * 4, vocab_size=300)
+    model = random_causal_lm("gpt2", 2, 16, 2, len(tokenizer), 64, seed=seed)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return root / "model", docs
+
+
+@task(name="measure_startup", cache_policy=NO_CACHE)
+def measure_startup(workspace: str, tracking: list[str], seed: int = 0) -> StartupMeasured:
+    """Run `dataworth index` and `dataworth query` on a tiny corpus as subprocesses and time them whole:
+    with so little work, their wall time is the start-up (imports, the Prefect API, MLflow)."""
+    root = Path(workspace, "startup").absolute()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    model, docs = _write_tiny_corpus(root, seed)
+    index = root / "index"
+    runs = {
+        "index": [
+            "index",
+            *("--model", str(model), "--dataset", str(docs), "--id-column", "id", "--index", str(index)),
+            *("--max-length", "16", "--proj-dim", "4", "--precondition", "none", "--batch-size", "4"),
+            *("--shard-size", "4", "--overwrite"),
+        ],
+        "query": ["query", "--index", str(index), "--prompt", "document 3: the value", "--max-new-tokens", "2"],
+    }
+    seconds = {}
+    for name, args in runs.items():
+        start = time.perf_counter()
+        out = subprocess.run(
+            [*_dataworth_command(), *args, *tracking, "--no-progress"], capture_output=True, text=True, cwd=root
+        )
+        seconds[name] = time.perf_counter() - start
+        if out.returncode != 0:
+            raise RuntimeError(f"`dataworth {name}` failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    return StartupMeasured(index_seconds=seconds["index"], query_seconds=seconds["query"])
