@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -245,85 +246,63 @@ def describe_validation_error(err, command: str, flags: dict[str, list[str]]) ->
     return "invalid configuration: " + "; ".join(_one_line(p) for p in parts)
 
 
-def _summary(title: str, rows: dict) -> None:
-    print(f"\n== {title} ==")
-    for k, v in rows.items():
-        if v is not None:
-            print(f"  {k:<18} {v}")
+# command -> (flow module, flow function, whether it takes `progress`, the closing summary's rows).
+_RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]] = {
+    "index": (
+        "flows.index",
+        "index_flow",
+        True,
+        [
+            ("index", lambda o: o["index_uri"]),
+            ("examples", lambda o: o["examples"]),
+            ("gradient dim", lambda o: o["dim"]),
+            ("compression", lambda o: f"{o['compression_ratio']:.0f}×"),
+            ("bytes stored", lambda o: o["bytes_stored"]),
+        ],
+    ),
+    "query": (
+        "flows.query",
+        "query_flow",
+        False,
+        [
+            ("queries", lambda o: o["queries"]),
+            ("report", lambda o: o["report"]),
+            ("top-k table", lambda o: o["topk_csv"]),
+            ("scores table", lambda o: f"{o['index_uri']} (scores, run_id={o['score_run_id']})"),
+        ],
+    ),
+    "evaluate": (
+        "flows.evaluate",
+        "evaluate_flow",
+        True,
+        [("report", lambda o: o["report"]), ("index", lambda o: o["index_uri"])],
+    ),
+    "benchmark": ("flows.benchmark", "benchmark_flow", False, [("json", lambda o: o["json"])]),
+    "demo": (
+        "flows.demo",
+        "demo_flow",
+        True,
+        [
+            ("workspace", lambda o: o["workspace"]),
+            ("index", lambda o: o["index_uri"]),
+            ("report", lambda o: o["report"]),
+        ],
+    ),
+}
+_TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store", lambda o: o["tracking_uri"])]
 
 
 def _run(command: str, config, progress: bool) -> None:
-    if command == "index":
-        from flows.index import index_flow
-
-        out = index_flow(config, progress=progress)
-        _summary(
-            "index",
-            {
-                "index": out["index_uri"],
-                "examples": out["examples"],
-                "gradient dim": out["dim"],
-                "compression": f"{out['compression_ratio']:.0f}×",
-                "bytes stored": out["bytes_stored"],
-                "mlflow run": out["mlflow_run_id"],
-                "mlflow store": out["tracking_uri"],
-            },
-        )
-    elif command == "query":
-        from flows.query import query_flow
-
-        out = query_flow(config)
-        _summary(
-            "query",
-            {
-                "queries": out["queries"],
-                "report": out["report"],
-                "top-k table": out["topk_csv"],
-                "scores table": f"{out['index_uri']} (scores, run_id={out['score_run_id']})",
-                "mlflow run": out["mlflow_run_id"],
-                "mlflow store": out["tracking_uri"],
-            },
-        )
-    elif command == "evaluate":
-        from flows.evaluate import evaluate_flow
-
-        out = evaluate_flow(config, progress=progress)
-        _summary(
-            "evaluate",
-            {
-                "report": out["report"],
-                "index": out["index_uri"],
-                "mlflow run": out["mlflow_run_id"],
-                "mlflow store": out["tracking_uri"],
-            },
-        )
-    elif command == "benchmark":
-        from flows.benchmark import benchmark_flow
-
-        out = benchmark_flow(config)
-        _summary(
-            "benchmark",
-            {
-                "json": out["json"],
-                "mlflow run": out["mlflow_run_id"],
-                "mlflow store": out["tracking_uri"],
-            },
-        )
-    else:
-        from flows.demo import demo_flow
-
-        out = demo_flow(config, progress=progress)
-        _summary(
-            "demo",
-            {
-                "workspace": out["workspace"],
-                "index": out["index_uri"],
-                "report": out["report"],
-                "mlflow run": out["mlflow_run_id"],
-                "mlflow store": out["tracking_uri"],
-                "see runs": f"mlflow ui --backend-store-uri {out['tracking_uri']}",
-            },
-        )
+    module, name, takes_progress, rows = _RUNS[command]
+    flow_fn = getattr(importlib.import_module(module), name)
+    out = flow_fn(config, progress=progress) if takes_progress else flow_fn(config)
+    summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
+    if command == "demo":
+        summary["see runs"] = f"mlflow ui --backend-store-uri {out['tracking_uri']}"
+    print(f"\n== {command} ==")
+    for k, v in summary.items():
+        if v is not None:
+            print(f"  {k:<18} {v}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -614,3 +614,15 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_every_command_runs_a_flow_that_exists():
+    import importlib
+
+    from prefect import Flow
+
+    from flows.cli import _RUNS, COMMANDS
+
+    assert set(_RUNS) == set(COMMANDS)
+    for module, name, _progress, _rows in _RUNS.values():
+        assert isinstance(getattr(importlib.import_module(module), name), Flow)
