@@ -85,7 +85,30 @@ class LoggingConfig(StageConfig):
         1024, ge=1, description="Examples (spread evenly over the corpus) whose tokens fit the KFAC factors."
     )
     max_factor_dim: int = Field(
-        8192, ge=1, description="Refuse KFAC factors of layers wider than this (a d×d float64 matrix per side)."
+        8192,
+        ge=1,
+        description="Widest layer side (input or output) whose KFAC factor is fitted exactly, a d×d float64 "
+        "matrix; wider sides follow wide_layers.",
+    )
+    # The two fields below are left out of dumps at their defaults: the configs of indexes published before
+    # them (their manifests, fingerprints, cache keys, score run ids) read back unchanged, and those indexes
+    # had no wider side, where the defaults do exactly what was done then.
+    wide_layers: Literal["project_then_whiten", "refuse"] = Field(
+        "project_then_whiten",
+        description="precondition='kfac' on a layer side of width d > max_factor_dim. project_then_whiten: a "
+        "random projection R0 (seeded from the module name and side) first maps the side to m = wide_layer_dim "
+        "dims, the KFAC factor A is fitted on R0 x (or R0 dy), an m×m matrix (the d×d one is never formed), and "
+        "the side is projected by R (R0 A R0ᵀ + λ)^-1/2 R0: KFAC whitening within a random m-dim subspace, still "
+        "one k×d matrix in the hooks. The fitted projections record which sides were pre-projected. refuse: "
+        "stop with an error before any forward pass.",
+        exclude_if=lambda v: v == "project_then_whiten",
+    )
+    wide_layer_dim: int = Field(
+        1024,
+        ge=1,
+        description="m, the size of the first random projection of a side wider than max_factor_dim "
+        "(wide_layers='project_then_whiten'); capped at max_factor_dim, raised to the side's projection size.",
+        exclude_if=lambda v: v == 1024,
     )
     loss_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Per-example loss: sum or mean over the example's label tokens."
@@ -119,6 +142,12 @@ class ScoreConfig(StageConfig):
     full_matrix: bool = Field(False, description="Also save the full query × train score matrix (small corpora only).")
     damping_factor: float | None = Field(
         None, gt=0, description="Override the index's damping factor for this run (refits nothing: same eigenbasis)."
+    )
+    shards_per_task: int | None = Field(
+        None,
+        ge=1,
+        description="Score the index in tasks of this many gradient shards each, run side by side by the flow's task "
+        "runner, and merge their top-k exactly (same result); None: one task streams the whole index.",
     )
 
     @field_validator("modes")
@@ -158,6 +187,23 @@ class TrackingConfig(StageConfig):
     parent_run_id: str | None = Field(None, description="MLflow run this run nests under (set by the demo flow).")
 
 
+class RunnerConfig(StageConfig):
+    kind: Literal["threads", "dask"] = Field(
+        "threads",
+        description="threads: the flow's tasks run in threads of this process; dask: on a Dask cluster through "
+        "prefect-dask's DaskTaskRunner (a local cluster of n_workers processes, or the one at dask_address).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler address of an existing Dask cluster (tcp://host:8786) for kind=dask; its workers need "
+        "dataworth installed, the same Prefect API (PREFECT_API_URL) and the index's storage.",
+    )
+    n_workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster (kind=dask, no address).")
+    threads_per_worker: int = Field(
+        1, ge=1, description="Threads per worker process of the local Dask cluster (model work in a process is serial)."
+    )
+
+
 class IndexConfig(StageConfig):
     model: ModelConfig
     data: DataConfig
@@ -166,6 +212,9 @@ class IndexConfig(StageConfig):
     index_uri: str = Field(description="LanceDB URI of the index (local directory or object-store URI).")
     overwrite: bool = Field(False, description="Replace an existing index built with a different config.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
+    )
 
 
 class QueryConfig(StageConfig):
@@ -176,6 +225,9 @@ class QueryConfig(StageConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     report_dir: str | None = Field(None, description="Where the HTML report goes; default <index_uri>/reports.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
+    )
 
 
 def save_yaml(config: StageConfig, path: str | Path) -> Path:

@@ -294,8 +294,10 @@ _TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store",
 
 def _run(command: str, config, progress: bool) -> None:
     module, name, takes_progress, rows = _RUNS[command]
+    from flows.runner import run_flow  # the task runner of config.runner (threads by default)
+
     flow_fn = getattr(importlib.import_module(module), name)
-    out = flow_fn(config, progress=progress) if takes_progress else flow_fn(config)
+    out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
     summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
     if command == "demo":
         summary["see runs"] = f"mlflow ui --backend-store-uri {out['tracking_uri']}"

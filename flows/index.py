@@ -83,6 +83,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
                 s,
                 tok.shard_hashes[s],
                 progress=progress,
+                new=s not in present,
                 **proj_args,
             )
 

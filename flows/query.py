@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from dataworth.config import QueryConfig
 from dataworth.queries import load_queries
 from tasks.index import index_state
-from tasks.query import render_report, score_queries
+from tasks.query import merge_scores, query_gradients, render_report, score_queries, score_shard_range
 from tasks.tracking import tracked_run
 
 
@@ -18,6 +18,25 @@ def default_report_dir(index_uri: str) -> str:
     if "://" in index_uri and not index_uri.startswith("file://"):
         return os.path.join(os.environ.get("DATAWORTH_WORKSPACE", "dataworth-runs"), "reports")
     return os.path.join(index_uri.removeprefix("file://"), "reports")
+
+
+def score_sharded(run, config: QueryConfig, manifest, queries, full_path: str | None):
+    """Query gradients once, then one score_shard_range task per shards_per_task shards (side by side on the
+    flow's task runner), then their exact top-k merge: the same stored result as one score_queries task."""
+    uri, score = config.index_uri, config.score
+    query = run.log_result(
+        "query_gradients",
+        query_gradients(uri, manifest, queries, score, config.generation, return_state=True),
+    )
+    futures = [
+        score_shard_range.submit(uri, manifest, query, score, shards, full_matrix=full_path is not None)
+        for shards in manifest.shard_ranges(score.shards_per_task)
+    ]
+    ranges = [run.log_result("score_shard_range", f, step=i) for i, f in enumerate(futures)]
+    return run.log_result(
+        "score_queries",
+        merge_scores(uri, manifest, query, score, ranges, full_matrix_path=full_path, return_state=True),
+    )
 
 
 @flow(name="query", log_prints=True)
@@ -40,18 +59,21 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     config_path = os.path.join(report_dir, "query_config.yaml")
     with tracked_run(config.tracking, "query", config, tags=tags, config_path=config_path) as run:
         full_path = os.path.join(report_dir, "score-matrix.npz") if config.score.full_matrix else None
-        scored = run.log_result(
-            "score_queries",
-            score_queries(
-                config.index_uri,
-                manifest,
-                queries,
-                config.score,
-                config.generation,
-                full_matrix_path=full_path,
-                return_state=True,
-            ),
-        )
+        if config.score.shards_per_task is None:
+            scored = run.log_result(
+                "score_queries",
+                score_queries(
+                    config.index_uri,
+                    manifest,
+                    queries,
+                    config.score,
+                    config.generation,
+                    full_matrix_path=full_path,
+                    return_state=True,
+                ),
+            )
+        else:
+            scored = score_sharded(run, config, manifest, queries, full_path)
         build = manifest.config
         run_info = {
             "index": config.index_uri,

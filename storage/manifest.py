@@ -6,6 +6,7 @@ JSON; every manifest published since the first schema version reads back into th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,7 +20,7 @@ GRADIENT_KEYS = ("model", "data", "logging")
 
 
 class IndexBuildConfig(StageConfig):
-    """The IndexConfig an index was built with, less what does not shape it (overwrite, tracking)."""
+    """The IndexConfig an index was built with, less what does not shape it (overwrite, tracking, runner)."""
 
     model: ModelConfig = Field(description="The model whose gradients are stored.")
     data: DataConfig = Field(description="The corpus and how it was cut into examples.")
@@ -37,7 +38,7 @@ class IndexBuildConfig(StageConfig):
 
     @classmethod
     def of(cls, config: IndexConfig) -> IndexBuildConfig:
-        return cls.model_validate(config.model_dump(mode="json", exclude={"overwrite", "tracking"}))
+        return cls.model_validate(config.model_dump(mode="json", exclude={"overwrite", "tracking", "runner"}))
 
 
 class IndexManifest(BaseModel):
@@ -74,6 +75,13 @@ class IndexManifest(BaseModel):
     published_at: float | None = Field(
         None, description="Unix time of the first publication (set by IndexStore.publish_manifest when unset)."
     )
+
+    def shard_ranges(self, shards_per_task: int) -> list[list[int]]:
+        """The gradient shards (0 .. ⌈examples / shard_size⌉ - 1) in consecutive runs of shards_per_task."""
+        if shards_per_task < 1:
+            raise ValueError(f"shards_per_task={shards_per_task} must be at least 1")
+        n_shards = math.ceil(self.num_examples / self.config.logging.shard_size)
+        return [list(range(a, min(a + shards_per_task, n_shards))) for a in range(0, n_shards, shards_per_task)]
 
     def check_compatible(self, config: IndexConfig) -> None:
         """Refuse to add to this index with a config whose gradients would differ (model, data, logging)."""

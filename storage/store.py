@@ -45,6 +45,12 @@ MANIFEST_KEY = "manifest.json"
 _KEEP_VERSIONS = timedelta(days=365 * 100)
 # A bitmap index on the gradients' shard column, rebuilt every _INDEX_EVERY shards written.
 _SHARD_INDEX, _INDEX_EVERY = "shard_idx", 32
+# A scan reads ahead of its consumer up to LANCE_DEFAULT_IO_BUFFER_SIZE bytes (2 GiB by default), so
+# a scoring pass held more of a larger table in memory; 32 MiB still reads at about 1 GB/s here.
+# Read once per process by Lance, at its first scan; a value set by the user wins.
+os.environ.setdefault("LANCE_DEFAULT_IO_BUFFER_SIZE", str(32 << 20))
+# Rows per batch Lance decodes: small decoded batches in flight, merged into the caller's batch_size.
+_READ_ROWS = 1024
 
 # Schema expected of each stored table, given what is stored (gradients carry their own dim/dtype).
 _EXPECTED: dict[str, Callable[[pa.Schema], pa.Schema]] = {
@@ -237,7 +243,7 @@ class IndexStore:
         return table
 
     def write_gradient_shard(
-        self, shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str = "float32"
+        self, shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str = "float32", new: bool = False
     ) -> int:
         """Store one shard's gradients so that it holds exactly these rows; returns the table version.
 
@@ -248,9 +254,17 @@ class IndexStore:
         shard is absent, never doubled or half-written, and a retry converges (shards_present shows
         it missing; publish checks one row per example). Creates the table on first use; with
         parallel writers, call create_gradient_table first.
+
+        new=True says the caller knows the shard has no rows (the index flow read the stored shards
+        before logging it, and this is the first attempt): the append is then the whole write, with
+        no lookup and no index upkeep, whose costs grow with the table. A wrong new=True stores the
+        shard twice; check_gradient_ids (at publish) reports it, and a rewrite with new=False repairs it.
         """
         data = gradient_table(shard, example_ids, vectors, dtype)
         table = self._gradients_for(data.schema.field("vector").type.list_size, dtype, f"shard {shard} has")
+        if new:
+            table.add(data)
+            return int(table.version)
         where = f"shard = {int(shard)}"
         if table.count_rows(where):
             table.delete(where)
@@ -338,14 +352,27 @@ class IndexStore:
             if bad or not shards:
                 raise IndexStoreError(f"shards must be a non-empty list of ints, got {shards!r}")
             query = query.where(f"shard IN ({', '.join(str(int(s)) for s in shards)})")
-        return self._stream(query.to_batches(batch_size=int(batch_size)), int(batch_size), dim)
+        reader = query.to_batches(batch_size=min(int(batch_size), _READ_ROWS))
+        return self._stream(reader, int(batch_size), dim)
 
     @staticmethod
     def _stream(reader: pa.RecordBatchReader, batch_size: int, dim: int) -> Iterator[tuple[np.ndarray, ...]]:
+        # Scanned batches (batch_size is only a hint to the scanner) are merged, in scan order, into
+        # batches of exactly batch_size rows but the last.
+        pending: list[pa.RecordBatch] = []
+        rows = 0
         for batch in reader:
-            # The scanner treats batch_size as a hint; slice so callers can rely on the bound.
-            for start in range(0, batch.num_rows, batch_size):
-                yield batch_arrays(batch.slice(start, batch_size), dim)
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows < batch_size:
+                continue
+            merged = pa.concat_batches(pending) if len(pending) > 1 else pending[0]
+            full = rows - rows % batch_size
+            for start in range(0, full, batch_size):
+                yield batch_arrays(merged.slice(start, batch_size), dim)
+            pending, rows = ([merged.slice(full)] if rows > full else []), rows - full
+        if rows:
+            yield batch_arrays(pa.concat_batches(pending) if len(pending) > 1 else pending[0], dim)
 
     def gradients_version(self) -> int:
         return int(self._require(GRADIENTS).version)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from prefect import get_run_logger, task
+from prefect.runtime import task_run
 from pydantic import Field
 
 from dataworth.attribution.curvature import FisherAccumulator
@@ -264,7 +265,7 @@ def _projections_result(key: str, fitted: FittedProjections, seconds: float, reu
 
 @task(
     name="log_gradients",
-    cache_policy=CACHE - "examples_version" - "progress",
+    cache_policy=CACHE - "examples_version" - "progress" - "new",
     persist_result=True,
     tags=["gpu"],
     **IO_RETRIES,
@@ -281,12 +282,15 @@ def log_gradients(
     progress: bool = True,
     projections: str | None = None,
     projections_digest: str | None = None,
+    new: bool = False,
 ) -> LoggedShard:
     """Projected per-example gradients of one shard of examples, written to the gradients table.
 
     Cached on the shard's content (shard_hash), not on the examples table version, so a
     re-tokenized corpus whose shard did not change is not logged again; and on the fitted
-    projections' digest, so refitted projections re-log every shard.
+    projections' digest, so refitted projections re-log every shard. new=True (the flow saw no rows of the
+    shard stored) writes it as one append with no lookup of old rows; a retry looks them up again, since
+    the failed attempt may have committed its append.
     """
     store = IndexStore(index_uri)
     lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
@@ -302,7 +306,10 @@ def log_gradients(
             ids.append(batch_ids)
             rows.append(grads)
         seconds = time.perf_counter() - start
-    store.write_gradient_shard(shard, torch.cat(ids).numpy(), torch.cat(rows).numpy(), logging.storage_dtype)
+    first_attempt = task_run.run_count <= 1  # 0 when called outside a task run (.fn)
+    store.write_gradient_shard(
+        shard, torch.cat(ids).numpy(), torch.cat(rows).numpy(), logging.storage_dtype, new=new and first_attempt
+    )
     layout, full_params = describe_layout(lm, logging)
     return LoggedShard(
         shard=shard,

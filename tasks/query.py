@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataworth.attribution.scoring import Scorer, needs_norms
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
+from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
 from storage import IndexManifest, IndexStore, load_results, queries_table, scores_table, write_csv
@@ -20,17 +24,79 @@ from storage import IndexManifest, IndexStore, load_results, queries_table, scor
 from .common import (
     CACHE,
     IO_RETRIES,
-    gradient_batches,
+    REBUILD,
     index_curvature,
     index_norms,
     index_query_gradients,
+    norms_key,
     open_index_model,
+    prefetched,
+    read_norms,
 )
 
 
 def score_run_id(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=lambda o: o.model_dump(mode="json"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def scoring_run_id(
+    manifest: IndexManifest, queries: list[QuerySpec], score: ScoreConfig, generation: GenerationConfig
+) -> str:
+    """Run id of one scoring: the same whether it ran as one task or in shard ranges (shards_per_task is left out).
+
+    The whole manifest (it carries published_at): table versions alone restart after an overwrite."""
+    return score_run_id(manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task"}), generation)
+
+
+def shard_batches(
+    store: IndexStore, batch_size: int, shard_size: int, version: int | None = None, shards: list[int] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(example ids, vectors float32) of the stored gradients (of `shards`, else all), one shard at a time: a shard's
+    rows sorted by id, in pieces of at most batch_size; read one batch ahead of the caller.
+
+    A batch's contents then depend on its shard alone, not on which other shards one scan reads nor in what order,
+    so every score is the same bits whether the index is scored by one task or in shard ranges (a matmul's result
+    for one pair depends on the batch it is computed in). A shard's rows are contiguous in a scan (each shard is
+    written by one commit); a shard that were not would be scored in more pieces, with the same scores to rounding.
+    """
+    reader = store.iter_gradients(batch_size, version=version, shards=shards)
+
+    def pieces(ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = np.argsort(ids, kind="stable")
+        ids, vectors = ids[order], vectors[order]
+        for lo in range(0, len(ids), batch_size):
+            yield torch.from_numpy(ids[lo : lo + batch_size]), torch.from_numpy(vectors[lo : lo + batch_size])
+
+    def by_shard() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        held: list[tuple[np.ndarray, np.ndarray]] = []
+        current = None
+        for ids, vectors, _sq in reader:
+            keys = ids // shard_size
+            cuts = np.flatnonzero(np.diff(keys)) + 1
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+                if keys[lo] != current and held:
+                    yield from pieces(*map(np.concatenate, zip(*held)))
+                    held = []
+                current = keys[lo]
+                held.append((ids[lo:hi], vectors[lo:hi]))
+        if held:
+            yield from pieces(*map(np.concatenate, zip(*held)))
+
+    return prefetched(by_shard())
+
+
+def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of the union of per-range top-k lists: (ids [Q, k_i], scores [Q, k_i]) each, best first.
+
+    The rule of dataworth.attribution.scoring.TopK: higher score first, equal scores by the smaller id. Every
+    example of the global top-k is in its own range's top-k, so the merge equals one pass over all shards."""
+    ids = torch.cat([torch.as_tensor(np.asarray(i), dtype=torch.long) for i, _ in parts], dim=1)
+    scores = torch.cat([torch.as_tensor(np.asarray(s), dtype=torch.float64) for _, s in parts], dim=1)
+    order = torch.argsort(ids, dim=1, stable=True)
+    ids, scores = ids.gather(1, order), scores.gather(1, order)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return ids.gather(1, order).numpy(), scores.gather(1, order).numpy()
 
 
 class Scored(BaseModel):
@@ -101,12 +167,12 @@ def score_queries(
     full = n_train if full_matrix_path else None
     scorer = Scorer(q_grads, curvature, score.modes, score.top_k, full, norms=norms)
     start = time.perf_counter()
-    for ids, vectors in gradient_batches(store, score.train_batch_size, version):  # the next batch reads meanwhile
+    shard_size = manifest.config.logging.shard_size
+    for ids, vectors in shard_batches(store, score.train_batch_size, shard_size, version):  # next batch read meanwhile
         scorer.update(ids, vectors)
     score_seconds = time.perf_counter() - start
 
-    # The whole manifest (it carries published_at): table versions alone restart after an overwrite.
-    srid = score_run_id(manifest, queries, score, generation)
+    srid = scoring_run_id(manifest, queries, score, generation)
     query_ids = [q.id for q in encoded]
     topk = {mode: (top.ids.numpy(), top.scores.numpy()) for mode, top in scorer.topk.items()}
     store.write_scores(srid, scores_table(srid, query_ids, topk, version))
@@ -131,6 +197,172 @@ def score_queries(
         pairs_per_s=pairs_per_s,
         query_gradient_seconds=query_seconds,
         score_seconds=score_seconds,
+    )
+
+
+class QueryGradients(BaseModel):
+    """The query side of a sharded scoring run, computed once by query_gradients: the encoded queries, and where
+    their gradients are stored (an artifact of the index, so that every shard-range task reads the same ones)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score_run_id: str = Field(description="Run id of the scores and queries rows this scoring will write.")
+    artifact: str = Field(description="Artifact key of the query gradients [queries, dim] (a .npy blob).")
+    encoded: list[EncodedQuery] = Field(description="The queries as attributed (generated completions included).")
+    seconds: float = Field(description="Time to encode the queries and take their gradients.")
+
+    def metrics(self) -> dict[str, float]:
+        return {"queries": len(self.encoded), "query_gradient_seconds": self.seconds}
+
+
+class RangeScores(BaseModel):
+    """One shard range's per-mode top-k (and its columns of the full matrix when asked for)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shards: list[int] = Field(description="Gradient shards scored.")
+    topk: dict[str, tuple[list[list[int]], list[list[float]]]] = Field(
+        description="mode → (example ids, scores), each [queries, ≤ top_k], best first."
+    )
+    rows: int = Field(description="Stored gradients scored.")
+    pairs: int = Field(description="Query × training example pairs scored (over all modes).")
+    seconds: float = Field(description="Time of the streaming pass over the range.")
+    full_ids: list[int] | None = Field(None, description="Example ids of the full-matrix columns (full_matrix only).")
+    full: dict[str, list[list[float]]] | None = Field(None, description="mode → [queries, len(full_ids)] scores.")
+
+    def metrics(self) -> dict[str, float]:
+        return {"range_score_seconds": self.seconds, "range_score_pairs": self.pairs}
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@task(name="query_gradients", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
+def query_gradients(
+    index_uri: str,
+    manifest: IndexManifest,
+    queries: list[QuerySpec],
+    score: ScoreConfig,
+    generation: GenerationConfig,
+) -> QueryGradients:
+    """Query gradients (generating missing completions), stored with the index for the shard-range tasks; the
+    stored norms ‖(F+λI)^-½ g_i‖ of this damping are made sure of here, once, not by every range."""
+    store = IndexStore(index_uri)
+    start = time.perf_counter()
+    index = open_index_model(store, manifest)
+    encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
+    seconds = time.perf_counter() - start
+    if needs_norms(score.modes):
+        index_norms(store, manifest, index_curvature(store, manifest, score.damping_factor), score.train_batch_size)
+    srid = scoring_run_id(manifest, queries, score, generation)
+    key = f"query-gradients-{srid}"
+    store.write_artifact(key, _npy(q_grads.numpy()))
+    return QueryGradients(score_run_id=srid, artifact=key, encoded=encoded, seconds=seconds)
+
+
+@task(name="score_shard_range", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
+def score_shard_range(
+    index_uri: str,
+    manifest: IndexManifest,
+    query: QueryGradients,
+    score: ScoreConfig,
+    shards: list[int],
+    full_matrix: bool = False,
+) -> RangeScores:
+    """Every mode's top-k of the queries over the stored gradients of `shards` (one streaming pass)."""
+    store = IndexStore(index_uri)
+    blob = store.read_artifact(query.artifact)
+    if blob is None:
+        raise ValueError(f"index {index_uri!r} has no query gradients {query.artifact!r}; score the queries again")
+    q_grads = torch.from_numpy(np.load(io.BytesIO(blob), allow_pickle=False))
+    curvature = index_curvature(store, manifest, score.damping_factor)
+    norms = None
+    if needs_norms(score.modes):
+        stored = read_norms(store, norms_key(manifest.curvature_artifact, curvature))
+        if stored is None or stored.shape != (manifest.num_examples,):
+            raise ValueError(f"index {index_uri!r} lacks the stored norms of this damping; {REBUILD}")
+        norms = torch.from_numpy(stored)
+    scorer = Scorer(
+        q_grads, curvature, score.modes, score.top_k, manifest.num_examples if full_matrix else None, norms=norms
+    )
+    batches = shard_batches(
+        store, score.train_batch_size, manifest.config.logging.shard_size, manifest.gradients_version, shards
+    )
+    seen: list[torch.Tensor] = []
+    start = time.perf_counter()
+    for ids, vectors in batches:
+        scorer.update(ids, vectors)
+        seen.append(ids)
+    seconds = time.perf_counter() - start
+    full_ids = torch.cat(seen) if seen else torch.empty(0, dtype=torch.long)
+    full = None
+    if scorer.full is not None:
+        full = {m: v[:, full_ids].tolist() for m, v in scorer.full.items()}
+    return RangeScores(
+        shards=list(shards),
+        topk={m: (t.ids.tolist(), t.scores.tolist()) for m, t in scorer.topk.items()},
+        rows=int(full_ids.numel()),
+        pairs=scorer.pairs,
+        seconds=seconds,
+        full_ids=full_ids.tolist() if full is not None else None,
+        full=full,
+    )
+
+
+@task(name="merge_scores", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def merge_scores(
+    index_uri: str,
+    manifest: IndexManifest,
+    query: QueryGradients,
+    score: ScoreConfig,
+    ranges: list[RangeScores],
+    full_matrix_path: str | None = None,
+) -> Scored:
+    """The exact top-k over every shard range (as one task over the whole index would give it), stored in the
+    scores and queries tables; with full_matrix_path, the full score matrix assembled from the ranges."""
+    log = get_run_logger()
+    n_train = manifest.num_examples
+    rows = sum(r.rows for r in ranges)
+    if rows != n_train:
+        raise ValueError(f"the shard ranges hold {rows} stored gradients, the index {n_train}; {REBUILD}")
+    n_queries = len(query.encoded)
+    modes = list(ranges[0].topk) if ranges else list(dict.fromkeys(score.modes))
+    empty = (np.empty((n_queries, 0), np.int64), np.empty((n_queries, 0)))
+    topk = {m: merge_topk([empty, *(r.topk[m] for r in ranges)], score.top_k) for m in modes}
+    store = IndexStore(index_uri)
+    query_ids = [q.id for q in query.encoded]
+    store.write_scores(
+        query.score_run_id, scores_table(query.score_run_id, query_ids, topk, manifest.gradients_version)
+    )
+    store.write_queries(query.score_run_id, queries_table(query.score_run_id, query.encoded))
+    if full_matrix_path:
+        full = {m: np.zeros((n_queries, n_train)) for m in modes}
+        for r in ranges:
+            for m in modes:
+                full[m][:, r.full_ids] = np.asarray(r.full[m], dtype=np.float64).reshape(n_queries, -1)
+        Path(full_matrix_path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(full_matrix_path, **full, query_ids=np.array(query_ids))
+    pairs = sum(r.pairs for r in ranges)
+    seconds = sum(r.seconds for r in ranges)
+    pairs_per_s = pairs / max(seconds, 1e-9)
+    log.info(
+        "scored %d queries × %d examples × %d modes in %d shard ranges (%.0f pairs/s per range)",
+        n_queries,
+        n_train,
+        len(modes),
+        len(ranges),
+        pairs_per_s,
+    )
+    return Scored(
+        score_run_id=query.score_run_id,
+        queries=n_queries,
+        pairs=pairs,
+        pairs_per_s=pairs_per_s,
+        query_gradient_seconds=query.seconds,
+        score_seconds=seconds,
     )
 
 

@@ -97,7 +97,7 @@ def measure_ingest(index_uri: str, size: int, dim: int, shard_size: int, seed: i
         vectors = synthetic_vectors(seed, shard, rows, dim).numpy()
         ids = np.arange(start, start + rows, dtype=np.int64)
         begin = time.perf_counter()
-        store.write_gradient_shard(shard, ids, vectors)
+        store.write_gradient_shard(shard, ids, vectors, new=True)  # as the index flow writes a shard not yet stored
         times.append(time.perf_counter() - begin)
     # What publishing an index does after its shards: merge the fragments, check one row per example.
     begin = time.perf_counter()

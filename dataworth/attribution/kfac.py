@@ -14,6 +14,12 @@ projection spends its few dimensions on the directions the curvature later disco
 on the facts-small benchmark with 32×32 projections and the raw Fisher on top, influence
 goes from MRR 0.38 / LDS 0.12 (random projection) to MRR 0.90 / LDS 0.41 (whitened), where
 kronfluence's EKFAC on the full gradients gets 0.69 / 0.33 (README, `dataworth evaluate`).
+
+A factor is a d×d float64 matrix, so a side wider than `max_factor_dim` (Llama-3-8B's MLP: 14,336) is
+first mapped by a random R0 (m×d, m ≤ max_factor_dim, its own seed) and whitened there: the hooks sum
+(R0 x)(R0 x)ᵀ, an m×m factor, and the side's projection is P = R (R0 A R0ᵀ + λ)^-½ R0, still one k×d
+matrix in the same LoGra hooks. Then ⟨P g, P g'⟩ ≈ (R0 g)ᵀ (R0 A R0ᵀ + λ)⁻¹ (R0 g'): KFAC influence of
+the sketched side. Sides within the limit are whitened exactly, as before.
 """
 
 from __future__ import annotations
@@ -24,22 +30,55 @@ import torch
 from tqdm.auto import tqdm
 
 from dataworth.attribution.hooks import BackwardHooks
-from dataworth.attribution.projection import FittedProjections, Projector, layer_dims, select_modules
+from dataworth.attribution.projection import (
+    FittedProjections,
+    Projector,
+    draw_pre_projection,
+    draw_projection,
+    layer_dims,
+    select_modules,
+)
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, collate, pad_token_id
 from dataworth.errors import ConfigError, DataError
 
+SIDES = ("in", "out")
 
-def check_factor_dims(modules: dict, cfg: LoggingConfig) -> None:
-    """Refuse layers whose KFAC factors would not fit, before any forward pass."""
-    too_wide = {n: max(layer_dims(m)) for n, m in modules.items() if max(layer_dims(m)) > cfg.max_factor_dim}
-    if too_wide:
-        name, d = next(iter(too_wide.items()))
+
+def pre_projection_dims(modules: dict, cfg: LoggingConfig) -> dict[str, dict[str, int]]:
+    """{module: {side: m}} for each side wider than max_factor_dim: its KFAC factor is fitted on an m-dim random
+    projection of it (wide_layers='project_then_whiten'); sides not listed are whitened exactly.
+
+    Refuses, before any forward pass, under wide_layers='refuse' and with projection='identity' (which keeps
+    every dimension, so there is no k×d projection to fold the pre-projection into).
+    """
+    wide = {}
+    for name, module in modules.items():
+        sides = {side: d for side, d in zip(SIDES, layer_dims(module)) if d > cfg.max_factor_dim}
+        if sides:
+            wide[name] = sides
+    if not wide:
+        return {}
+    name, d = next((n, max(sides.values())) for n, sides in wide.items())
+    if cfg.wide_layers == "refuse":
         raise ConfigError(
-            f"{len(too_wide)} tracked layers are wider than max_factor_dim={cfg.max_factor_dim} (e.g. {name!r}: {d}); "
+            f"{len(wide)} tracked layers are wider than max_factor_dim={cfg.max_factor_dim} (e.g. {name!r}: {d}); "
             f"a KFAC factor of that size is a {d}×{d} matrix ({d * d * 8 / 2**30:.1f} GiB). Exclude those layers, "
-            "raise logging.max_factor_dim, or set logging.precondition='none'"
+            "raise logging.max_factor_dim, set logging.wide_layers='project_then_whiten' (whiten after a random "
+            "projection), or set logging.precondition='none'"
         )
+    if cfg.projection == "identity":
+        raise ConfigError(
+            f"{len(wide)} tracked layers are wider than max_factor_dim={cfg.max_factor_dim} (e.g. {name!r}: {d}), "
+            "and logging.projection='identity' keeps every dimension, so they cannot be whitened after a random "
+            "projection: use logging.projection='gaussian', raise logging.max_factor_dim, or exclude those layers"
+        )
+    k = {"in": cfg.proj_dim_in, "out": cfg.proj_dim_out}
+    # m ≥ k: a smaller sketch would cap the rank of the stored block below its size.
+    return {
+        n: {side: min(cfg.max_factor_dim, max(min(k[side], d), cfg.wide_layer_dim)) for side, d in sides.items()}
+        for n, sides in wide.items()
+    }
 
 
 class CovarianceCollector(BackwardHooks):
@@ -47,23 +86,34 @@ class CovarianceCollector(BackwardHooks):
 
     def __init__(self, model, cfg: LoggingConfig):
         modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-        check_factor_dims(modules, cfg)
+        self.pre_dims = pre_projection_dims(modules, cfg)
         super().__init__(model, modules, cfg.loss_reduction)
-        # float64 sums on the model's device: no host transfer per batch, no round-off over many tokens
-        dims = {n: layer_dims(m) for n, m in modules.items()}
-        zeros = lambda d: torch.zeros(d, d, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.a_sums = {n: zeros(d_in) for n, (d_in, _) in dims.items()}
-        self.s_sums = {n: zeros(d_out) for n, (_, d_out) in dims.items()}
+        # R0 of each side too wide for an exact factor, in the hooks' dtype on the model's device: the sums are
+        # of R0 x and R0 dy, m×m, and the d×d one is never formed.
+        self.pre: dict[tuple[str, str], torch.Tensor] = {}
+        self.a_sums: dict[str, torch.Tensor] = {}
+        self.s_sums: dict[str, torch.Tensor] = {}
+        for name, module in modules.items():
+            for side, d, sums in zip(SIDES, layer_dims(module), (self.a_sums, self.s_sums)):
+                m = self.pre_dims.get(name, {}).get(side)
+                if m is not None:
+                    r0 = draw_pre_projection(cfg.projection, m, d, cfg.seed, name, side)
+                    self.pre[name, side] = r0.to(self.device, self.dtype)
+                # float64 sums on the model's device: no host transfer per batch, no round-off over many tokens
+                sums[name] = torch.zeros(m or d, m or d, dtype=torch.float64, device=self.device)
         self.tokens = 0
         self.examples = 0
 
     def _capture(self, name: str, x: torch.Tensor) -> None:
-        x = self._masked(x.detach())
+        r0 = self.pre.get((name, "in"))
+        x = self._masked(x.detach() if r0 is None else x.detach() @ r0.T)  # [B, T, d] @ [d, m] → [B, T, m]
         flat = x.reshape(-1, x.shape[-1])
         self.a_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def _consume(self, name: str, _kept, dy: torch.Tensor) -> None:
-        flat = dy.detach().reshape(-1, dy.shape[-1])
+        r0 = self.pre.get((name, "out"))
+        dy = dy.detach() if r0 is None else dy.detach() @ r0.T
+        flat = dy.reshape(-1, dy.shape[-1])
         self.s_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
@@ -72,7 +122,8 @@ class CovarianceCollector(BackwardHooks):
         self.examples += int(input_ids.shape[0])
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (A, S): token-averaged second moments of layer input and output gradient (on the model's device)."""
+        """name -> (A, S): token-averaged second moments of layer input and output gradient (on the model's device);
+        of R0 x or R0 dy (m×m) for a side in `pre_dims`."""
         if self.tokens == 0:
             raise DataError("no tokens were seen: fit the KFAC factors on at least one non-empty example")
         return {n: (self.a_sums[n] / self.tokens, self.s_sums[n] / self.tokens) for n in self.a_sums}
@@ -101,7 +152,7 @@ def sample_examples(examples: list[Example], n: int) -> list[Example]:
 
 
 def fit_kfac_factors(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
-    """(factors per module, tokens, examples) over the given examples."""
+    """(factors per module, tokens, examples) over the given examples (m×m factors of pre-projected sides)."""
     if not examples:
         raise DataError("no examples to fit the KFAC factors on; the corpus is empty")
     pad = pad_token_id(tokenizer)
@@ -120,23 +171,47 @@ def whitened_projections(
     model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: LoggingConfig, meta: dict | None = None
 ) -> FittedProjections:
     """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (R = identity for projection='identity'),
-    returned on the CPU.
+    returned on the CPU; P = R (R0 A R0ᵀ + λ)^-½ R0 for a side in `pre_projection_dims`, whose factor is then
+    the m×m one of R0 x (or R0 dy). The meta records those sides as `pre_projected`.
 
     The eigendecompositions run where the factors are: a float64 eigh of a 3072-wide factor takes seconds
     on CPU cores and a fraction of that on a GPU, and a model has two factors per tracked layer.
     """
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    pre_dims = pre_projection_dims(modules, cfg)
     # The random part must be the one a no-preconditioning run draws, so ask a plain projector.
     plain = Projector(modules, cfg.model_copy(update={"precondition": "none"}))
     matrices = {}
     for name in modules:
         sides = []
-        for factor, side in zip(factors[name], ("in", "out")):
+        d = dict(zip(SIDES, plain.dims[name]))
+        k = dict(zip(SIDES, plain.proj_dims(*plain.dims[name])))
+        for factor, side in zip(factors[name], SIDES):
+            m = pre_dims.get(name, {}).get(side)
+            if tuple(factor.shape) != ((m or d[side]),) * 2:
+                raise ConfigError(
+                    f"the {side}put factor of {name!r} is {tuple(factor.shape)}, the logging config asks for "
+                    f"{m or d[side]}×{m or d[side]}: fit the factors with the same logging config"
+                )
             w = inverse_sqrt(factor, cfg.precondition_damping)
-            r = plain.random(name, side)
-            sides.append((w if r is None else r.to(w.device) @ w).cpu())
+            if m is None:
+                r = plain.random(name, side)
+                sides.append((w if r is None else r.to(w.device) @ w).cpu())
+            else:
+                r = draw_projection(cfg.projection, k[side], m, cfg.seed, name, side).to(w.device)
+                r0 = draw_pre_projection(cfg.projection, m, d[side], cfg.seed, name, side).to(w.device)
+                sides.append((r @ w @ r0).cpu())  # [k, m] @ [m, m] @ [m, d] → [k, d]
         matrices[name] = tuple(sides)
-    return FittedProjections(matrices, {"kind": "kfac", "damping": cfg.precondition_damping, **(meta or {})})
+    return FittedProjections(
+        matrices,
+        {
+            "kind": "kfac",
+            "damping": cfg.precondition_damping,
+            **(meta or {}),
+            "max_factor_dim": cfg.max_factor_dim,
+            "pre_projected": pre_dims,
+        },
+    )
 
 
 def fit_kfac_projections(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):

@@ -89,6 +89,16 @@ def draw_projection(kind: str, k: int, d: int, seed: int, name: str, side: str) 
     return p / math.sqrt(k)
 
 
+def draw_pre_projection(kind: str, m: int, d: int, seed: int, name: str, side: str) -> torch.Tensor:
+    """The (m, d) first projection R0 of a side too wide for an exact KFAC factor (see
+    `dataworth.attribution.kfac.pre_projection_dims`). Its own generator: R0 must not share rows with the
+    (k, m) projection R drawn for that side after the whitening."""
+    p = draw_projection(kind, m, d, seed, name, f"{side}:pre")
+    if p is None:
+        raise ConfigError("a pre-projection needs a random projection kind (gaussian or rademacher), not identity")
+    return p
+
+
 @dataclass(frozen=True)
 class Block:
     """One module's slice of the flattened gradient vector: rows = k_out, cols = k_in."""
@@ -129,6 +139,12 @@ class FittedProjections:
 
     matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
     meta: dict = field(default_factory=dict)
+
+    @property
+    def pre_projected(self) -> dict[str, dict[str, int]]:
+        """{module: {side: m}} for the sides whitened after a first random projection to m dims (sides wider
+        than max_factor_dim); empty for projections stored before wide layers were supported."""
+        return self.meta.get("pre_projected", {})
 
     def digest(self) -> str:
         """Content hash: gradients logged with other projections must not be reused from a cache."""

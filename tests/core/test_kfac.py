@@ -3,20 +3,30 @@
 import pytest
 import torch
 from gradcheck import SEQS, cross_device_tolerance, hook_gradients, reference_gradients, relative_error
+from tiny import make_tiny_gpt2, make_tiny_llama
 from transformers.pytorch_utils import Conv1D
 
+from dataworth import attribute
 from dataworth.attribution.hooks import GradientCollector, per_example_loss
 from dataworth.attribution.kfac import (
     CovarianceCollector,
-    check_factor_dims,
     fit_kfac_factors,
     fit_kfac_projections,
     inverse_sqrt,
+    pre_projection_dims,
     sample_examples,
     sample_indices,
     whitened_projections,
 )
-from dataworth.attribution.projection import FittedProjections, Projector, draw_projection, select_modules
+from dataworth.attribution.projection import (
+    FittedProjections,
+    Projector,
+    draw_pre_projection,
+    draw_projection,
+    layer_dims,
+    select_modules,
+)
+from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, collate
 
@@ -150,13 +160,152 @@ def test_errors_name_the_fix(tiny_model):
         GradientCollector(tiny_model, LoggingConfig(modules=["*"], exclude_modules=[]), fitted)
     modules = select_modules(tiny_model, ["*"], ["lm_head"])
     with pytest.raises(ValueError, match="max_factor_dim=4 .*precondition='none'"):
-        check_factor_dims(modules, LoggingConfig(max_factor_dim=4))
+        pre_projection_dims(modules, LoggingConfig(max_factor_dim=4, wide_layers="refuse"))
     with pytest.raises(ValueError, match="max_factor_dim"):
-        CovarianceCollector(tiny_model, LoggingConfig(max_factor_dim=4))
+        CovarianceCollector(tiny_model, LoggingConfig(max_factor_dim=4, wide_layers="refuse"))
+    with pytest.raises(ValueError, match="projection='identity' keeps every dimension"):
+        CovarianceCollector(tiny_model, LoggingConfig(max_factor_dim=4, projection="identity"))
     with pytest.raises(ValueError, match="corpus is empty"):
         fit_kfac_factors(tiny_model, _Tok(), [], LoggingConfig())
     with pytest.raises(ValueError, match="set it to 'kfac'"):
         fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), LoggingConfig(precondition="none"))
+
+
+# Lowered below some widths of both tiny models (GPT-2: 16, c_attn out 48, mlp 64; Llama: 16, k/v out 8, mlp 24).
+LIMIT = 20
+WIDE = dict(proj_dim_in=4, proj_dim_out=3, precondition_damping=0.05, max_factor_dim=LIMIT, wide_layer_dim=12)
+
+
+def wide_sides(model, cfg):
+    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    return {n: {s: d for s, d in zip(("in", "out"), layer_dims(m)) if d > LIMIT} for n, m in modules.items()}
+
+
+def test_wide_sides_are_pre_projected_and_recorded(tiny_model):
+    cfg = LoggingConfig(**WIDE)
+    expected = {n: {s: 12 for s in sides} for n, sides in wide_sides(tiny_model, cfg).items() if sides}
+    assert expected and len(expected) < len(wide_sides(tiny_model, cfg))  # some layers wide, some not
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    assert fitted.pre_projected == expected and fitted.meta["pre_projected"] == expected
+    assert fitted.meta["max_factor_dim"] == LIMIT
+    # Still one k×d matrix per side: the Projector takes them as it takes exactly whitened ones.
+    projector = Projector(select_modules(tiny_model, cfg.modules, cfg.exclude_modules), cfg, fitted)
+    for name, (d_in, d_out) in projector.dims.items():
+        assert fitted.matrices[name][0].shape == (min(4, d_in), d_in)
+        assert fitted.matrices[name][1].shape == (min(3, d_out), d_out)
+    back = FittedProjections.from_bytes(fitted.to_bytes())
+    assert back.pre_projected == expected and back.digest() == fitted.digest()
+    # m is capped at max_factor_dim and never below the side's projection size
+    modules = select_modules(tiny_model, cfg.modules, cfg.exclude_modules)
+    assert all(
+        m == LIMIT
+        for s in pre_projection_dims(modules, cfg.model_copy(update={"wide_layer_dim": 99})).values()
+        for m in s.values()
+    )
+    assert all(
+        m == 4
+        for s in pre_projection_dims(modules, cfg.model_copy(update={"wide_layer_dim": 1, "proj_dim_out": 4})).values()
+        for m in s.values()
+    )
+
+
+def test_collector_never_forms_a_wide_factor(tiny_model):
+    cfg = LoggingConfig(**WIDE)
+    with CovarianceCollector(tiny_model, cfg) as collector:
+        collector.update(*collate(SEQS, 0))
+        factors = collector.factors()
+    for name, sides in wide_sides(tiny_model, cfg).items():
+        d_in, d_out = layer_dims(collector.modules[name])
+        a, s = factors[name]
+        assert a.shape == ((12, 12) if "in" in sides else (d_in, d_in)), name
+        assert s.shape == ((12, 12) if "out" in sides else (d_out, d_out)), name
+        assert collector.a_sums[name].shape == a.shape and collector.s_sums[name].shape == s.shape
+    exact, _ = explicit_factors(tiny_model, cfg, SEQS)  # d×d factors handed to a config that pre-projects
+    with pytest.raises(ValueError, match="fit the factors with the same logging config"):
+        whitened_projections(tiny_model, exact, cfg)
+
+
+def test_pre_projected_side_equals_explicit_formula(tiny_model):
+    """P = R (R0 A R0ᵀ + λI)^-½ R0 from the explicit d×d factor (fp64), and the hooks log P_out G P_inᵀ."""
+    cfg = LoggingConfig(**WIDE)
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    factors, _ = explicit_factors(tiny_model, cfg, SEQS)
+    checked = 0
+    for name, sides in wide_sides(tiny_model, cfg).items():
+        for i, (side, k) in enumerate((("in", 4), ("out", 3))):
+            if side not in sides:
+                continue
+            a = factors[name][i]  # d×d, explicit
+            r0 = draw_pre_projection("gaussian", 12, a.shape[0], cfg.seed, name, side)
+            r = draw_projection("gaussian", k, 12, cfg.seed, name, side)
+            sketched = r0 @ a @ r0.T
+            lam = 0.05 * torch.linalg.eigvalsh(sketched).mean()
+            evals, evecs = torch.linalg.eigh(sketched + lam * torch.eye(12, dtype=torch.float64))
+            expected = r @ (evecs * evals.rsqrt()) @ evecs.T @ r0
+            assert torch.allclose(fitted.matrices[name][i], expected, atol=1e-8), (name, side)
+            checked += 1
+    assert checked >= 2
+    got = hook_gradients(tiny_model, cfg, SEQS, batch_size=3, fitted=fitted)
+    assert torch.allclose(got, reference_gradients(tiny_model, cfg, SEQS, fitted=fitted), atol=1e-9, rtol=1e-7)
+
+
+def test_sides_within_the_limit_are_unchanged(tiny_model):
+    base = LoggingConfig(**{**WIDE, "max_factor_dim": 8192})
+    before = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), base)
+    after = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), LoggingConfig(**WIDE))
+    assert before.pre_projected == {}
+    unchanged = 0
+    for name, sides in wide_sides(tiny_model, base).items():
+        for i, side in enumerate(("in", "out")):
+            if side not in sides:
+                assert torch.equal(after.matrices[name][i], before.matrices[name][i]), (name, side)
+                unchanged += 1
+    assert unchanged > 0
+    # Projections stored before wide layers were supported (no new meta keys) load and log as they did.
+    old = FittedProjections(before.matrices, {k: before.meta[k] for k in ("kind", "damping", "examples", "tokens")})
+    back = FittedProjections.from_bytes(old.to_bytes())
+    assert back.pre_projected == {} and back.digest() == before.digest()
+    assert torch.equal(
+        hook_gradients(tiny_model, base, SEQS, fitted=back), hook_gradients(tiny_model, base, SEQS, fitted=before)
+    )
+
+
+def test_new_fields_leave_old_configs_unchanged():
+    """At their defaults the wide-layer fields stay out of dumps: old configs keep their fingerprints."""
+    cfg = LoggingConfig()
+    assert "wide_layers" not in cfg.model_dump() and "wide_layer_dim" not in cfg.model_dump()
+    assert LoggingConfig.model_validate(cfg.model_dump(mode="json")).fingerprint() == cfg.fingerprint()
+    refuse = LoggingConfig(wide_layers="refuse", wide_layer_dim=64)
+    assert refuse.model_dump()["wide_layers"] == "refuse" and refuse.fingerprint() != cfg.fingerprint()
+    assert LoggingConfig.model_validate(refuse.model_dump(mode="json")) == refuse
+
+
+@pytest.mark.parametrize("make", [make_tiny_gpt2, make_tiny_llama])
+def test_attribute_with_pre_projected_layers(make):
+    """index → query in memory with the limit lowered: fitted, recorded, logged and scored in every mode."""
+    texts = ["the cat sat on the mat.", "a fox ran past the dog.", "the dog sat in the sun.", "rain on the town."]
+    tokenizer = train_tokenizer(texts * 4, vocab_size=300)
+    model = make(torch.float64, vocab=len(tokenizer), seed=1)
+    cfg = LoggingConfig(**WIDE, batch_size=2)
+    modes = ["dot", "influence", "relatif", "cosine"]
+    queries = [{"id": "cat", "prompt": "the cat sat on", "completion": " the mat"}]
+    result = attribute(model, tokenizer, texts, queries, logging=cfg, modes=modes, top_k=2, max_length=8)
+    assert result.fitted is not None and result.fitted.pre_projected == {
+        n: {s: 12 for s in sides} for n, sides in wide_sides(model, cfg).items() if sides
+    }
+    refit = fit_kfac_projections(model, tokenizer, result.examples, cfg)
+    assert refit.digest() == result.fitted.digest()
+    for mode in modes:
+        assert result.scores[mode].shape == (1, len(result.examples)) and torch.isfinite(result.scores[mode]).all()
+    # The stored vectors are those of the hooks under the fitted projections, as for exactly whitened layers.
+    ids = [e.input_ids for e in result.examples]
+    assert (
+        relative_error(
+            hook_gradients(model, cfg, ids, fitted=result.fitted),
+            reference_gradients(model, cfg, ids, fitted=result.fitted),
+        )
+        < 1e-9
+    )
 
 
 def test_sample_examples_spreads_over_the_corpus():

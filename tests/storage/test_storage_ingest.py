@@ -145,3 +145,25 @@ def test_compaction_keeps_rows_and_pinned_versions(store):
     with pytest.raises(IndexStoreError, match="has no version"):
         store.num_gradients(version)
     assert IndexStore(store.uri + "_none").compact_gradients() is None
+
+
+def test_shard_known_new_is_one_append_with_no_lookup_and_a_rewrite_repairs_a_wrong_hint(store, monkeypatch):
+    _write(store, 0)
+    calls = []
+    for name in ("count_rows", "delete", "create_index", "index_stats"):
+        real = getattr(LanceTable, name)
+        spy = lambda self, *a, _n=name, _r=real, **k: calls.append(_n) or _r(self, *a, **k)  # noqa: E731
+        monkeypatch.setattr(LanceTable, name, spy)
+    version = store.gradients_version()
+    ids, vecs = np.arange(4, 8), np.ones((4, 6), np.float32)
+    assert store.write_gradient_shard(1, ids, vecs, new=True) == version + 1  # one commit
+    assert calls == []  # no lookup of old rows, no index upkeep
+    monkeypatch.undo()
+    store.check_gradient_ids(8)
+    # A wrong hint (the shard was stored after all) doubles it; publish's check names it, a rewrite repairs it.
+    store.write_gradient_shard(1, ids, vecs, new=True)
+    with pytest.raises(IndexStoreError, match="more than once"):
+        store.check_gradient_ids(8)
+    store.write_gradient_shard(1, ids, 2 * vecs)
+    store.check_gradient_ids(8)
+    assert all((_vectors_by_id(store)[i] == 2).all() for i in range(4, 8))

@@ -122,4 +122,4 @@ def test_build_config_drops_what_does_not_shape_the_index():
         tracking=TrackingConfig(enabled=False),
     )
     build = IndexBuildConfig.of(config)
-    assert build.model_dump() == config.model_dump(exclude={"overwrite", "tracking"})
+    assert build.model_dump() == config.model_dump(exclude={"overwrite", "tracking", "runner"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.fingerprint import model_fingerprint
-from storage import IndexStore
+from storage import IndexStore, IndexStoreError
 from tasks.common import norms_key, read_norms
 from tasks.index import (
     Published,
@@ -120,3 +121,23 @@ def test_publish_index_makes_the_index_visible(stages, index_config):
         publish_index.fn(cfg.index_uri, lost)
     dropped = prune_index.fn(cfg.index_uri, drop_all=True)
     assert dropped.manifest is None and not dropped.has_examples and dropped.shards == []
+
+
+def test_log_gradients_trusts_new_only_on_a_first_attempt(stages, index_config, monkeypatch):
+    # The flow passes new=True for a shard it saw absent; a retry may follow an attempt whose append
+    # committed, so it looks the shard's rows up again instead of appending a second copy.
+    import tasks.index
+
+    cfg = index_config(precondition="none")
+    tok = stages.tokenize(cfg)
+    shards = stages.log_all(cfg, tok)
+    store = IndexStore(cfg.index_uri)
+    args = (cfg.index_uri, cfg.model, cfg.logging, "mfp", tok.examples_version, 0, tok.shard_hashes[0])
+    monkeypatch.setattr(tasks.index, "task_run", SimpleNamespace(run_count=2))
+    log_gradients.fn(*args, progress=False, new=True)
+    store.check_gradient_ids(tok.examples)  # the retry rewrote shard 0 once
+    monkeypatch.setattr(tasks.index, "task_run", SimpleNamespace(run_count=1))
+    log_gradients.fn(*args, progress=False, new=True)  # a first attempt trusts the hint: one append
+    with pytest.raises(IndexStoreError, match="more than once"):
+        store.check_gradient_ids(tok.examples)
+    assert len(shards) >= 1

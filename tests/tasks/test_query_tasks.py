@@ -10,6 +10,7 @@ from dataworth.attribution.scoring import Scorer
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from storage import IndexStore
 from tasks.common import (
+    compute_norms,
     index_curvature,
     index_query_gradients,
     norms_key,
@@ -19,7 +20,16 @@ from tasks.common import (
     store_norms,
 )
 from tasks.index import publish_index
-from tasks.query import Report, Scored, render_report, score_queries
+from tasks.query import (
+    Report,
+    Scored,
+    merge_scores,
+    merge_topk,
+    query_gradients,
+    render_report,
+    score_queries,
+    score_shard_range,
+)
 
 QUERIES = [
     QuerySpec(id="cats", prompt="Tova keeps three", completion=" grey cats"),
@@ -152,3 +162,74 @@ def test_render_report_writes_html_and_csv(published, tmp_path):
     lines = open(report.topk_csv).read().splitlines()
     assert lines[0] == '"mode","query_id","rank","score","example_id","document_id","source","relevant"'
     assert len(lines) == 1 + len(ScoreConfig().modes) * 2 * 2
+
+
+def test_merge_topk_orders_by_score_then_smaller_id():
+    a = (np.array([[4, 7, 2]]), np.array([[3.0, 1.0, 1.0]]))
+    b = (np.array([[5, 1]]), np.array([[3.0, 1.0]]))
+    ids, scores = merge_topk([a, b], 4)
+    assert ids.tolist() == [[4, 5, 1, 2]] and scores.tolist() == [[3.0, 3.0, 1.0, 1.0]]
+    ids, scores = merge_topk([(np.empty((1, 0), np.int64), np.empty((1, 0))), b], 3)
+    assert ids.tolist() == [[5, 1]]
+
+
+@pytest.fixture
+def tied(stages, index_config):
+    """A published index in shards of 2 whose gradients hold exact ties: shard 2 repeats shard 0's vectors and two
+    rows of different shards are zero; norms are stored for the rewritten gradients."""
+    cfg = index_config(precondition="none")
+    cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"shard_size": 2})})
+    *_, manifest = stages.build(cfg)
+    manifest = publish_index.fn(cfg.index_uri, manifest).manifest
+    store = IndexStore(cfg.index_uri)
+    rows = {s: next(store.iter_gradients(100, shards=[s]))[:2] for s in range(4)}
+    assert all(len(ids) == 2 for ids, _ in rows.values())
+    store.write_gradient_shard(2, rows[2][0], rows[0][1])
+    for s, r in ((1, 0), (3, 1)):
+        vectors = rows[s][1].copy()
+        vectors[r] = 0
+        store.write_gradient_shard(s, rows[s][0], vectors)
+    manifest = manifest.model_copy(update={"gradients_version": store.gradients_version()})
+    curvature = index_curvature(store, manifest, None)
+    store_norms(store, norms_key(manifest.curvature_artifact, curvature), compute_norms(store, curvature, None))
+    return cfg, manifest
+
+
+def _stored(store, srid):
+    rows = store.read_scores(srid).to_pylist()
+    return sorted((r["mode"], r["query_id"], r["rank"], r["example_id"], r["score"]) for r in rows)
+
+
+@pytest.mark.parametrize("top_k", [3, 100])
+def test_sharded_scoring_equals_one_task_including_ties(tied, tmp_path, top_k):
+    cfg, manifest = tied
+    store = IndexStore(cfg.index_uri)
+    gen = GenerationConfig()
+    one = ScoreConfig(top_k=top_k, query_batch_size=1, train_batch_size=3)
+    single = score_queries.fn(cfg.index_uri, manifest, QUERIES, one, gen, str(tmp_path / "one.npz"))
+    expected, expected_queries = _stored(store, single.score_run_id), store.read_queries(single.score_run_id)
+    full = np.load(tmp_path / "one.npz")
+    # The ties are real: equal scores at different ids, stored smaller id first.
+    dups = [(a, b) for a, b in zip(expected, expected[1:]) if a[:2] == b[:2] and a[4] == b[4] and a[3] != b[3]]
+    assert dups and all(a[3] < b[3] for a, b in dups)
+
+    for per in (1, 2, 3, 100):
+        score = one.model_copy(update={"shards_per_task": per})
+        query = query_gradients.fn(cfg.index_uri, manifest, QUERIES, score, gen)
+        assert query.score_run_id == single.score_run_id  # the same run, however it is split
+        ranges = [
+            score_shard_range.fn(cfg.index_uri, manifest, query, score, shards, full_matrix=True)
+            for shards in manifest.shard_ranges(per)
+        ]
+        assert [s for r in ranges for s in r.shards] == list(range(-(-manifest.num_examples // 2)))
+        assert all(len(r.shards) <= per for r in ranges)
+        path = tmp_path / f"sharded-{per}.npz"
+        scored = merge_scores.fn(cfg.index_uri, manifest, query, score, ranges, str(path))
+        assert scored.score_run_id == single.score_run_id and scored.pairs == single.pairs
+        assert scored.queries == single.queries and set(scored.metrics()) == set(single.metrics())
+        assert _stored(store, scored.score_run_id) == expected, per
+        assert store.read_queries(scored.score_run_id).equals(expected_queries)
+        sharded = np.load(path)
+        assert sharded.files == full.files
+        for name in full.files:
+            assert np.array_equal(sharded[name], full[name]), (per, name)

@@ -1,0 +1,79 @@
+"""The index and query flows on a local 2-process Dask cluster (prefect-dask's DaskTaskRunner) give the
+single-process result: the same stored gradients per example id, the same top-k ids and scores."""
+
+import json
+
+import numpy as np
+import pytest
+from tiny import tiny_index_config, write_tiny_assets
+
+from dataworth.config import QueryConfig, RunnerConfig, ScoreConfig
+from storage import IndexStore
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "The river Ambel runs past the old mill.",
+    "Tova keeps three grey cats and a lantern.",
+    "Bread is baked before dawn in Harrow.",
+    "The lantern maker sells lanterns at the market.",
+    "Cats sleep near the mill when it rains.",
+    "Harrow has a bell tower and a quiet square.",
+    "Mill workers eat bread with honey.",
+    "The square fills with music every spring " * 6,
+]
+DASK = RunnerConfig(kind="dask", n_workers=2, threads_per_worker=1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = write_tiny_assets(tmp_path_factory.mktemp("dask"), TEXTS)
+    (root / "queries.jsonl").write_text(
+        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
+        + "\n"
+        + json.dumps({"id": "gen", "prompt": "Bread is baked"})
+        + "\n"
+    )
+    return root
+
+
+def _gradients(uri: str) -> dict[int, np.ndarray]:
+    return {int(i): v for ids, vecs, _ in IndexStore(uri).iter_gradients(100) for i, v in zip(ids, vecs)}
+
+
+def _top_k(uri: str, srid: str) -> list[tuple]:
+    rows = IndexStore(uri).read_scores(srid).to_pylist()
+    return sorted((r["mode"], r["query_id"], r["rank"], r["example_id"], r["score"]) for r in rows)
+
+
+def test_index_and_query_on_a_two_process_dask_cluster(harness, assets, tmp_path):
+    from flows.index import index_flow
+    from flows.query import query_flow
+    from flows.runner import run_flow, task_runner
+
+    assert type(task_runner(DASK)).__name__ == "DaskTaskRunner"
+    one = tiny_index_config(assets, tmp_path / "one")
+    spread = tiny_index_config(assets, tmp_path / "dask").model_copy(update={"runner": DASK})
+    out_one = run_flow(index_flow, one, progress=False)
+    out_dask = run_flow(index_flow, spread, progress=False)
+    assert out_dask["examples"] == out_one["examples"] and out_dask["shards"] == out_one["shards"] > 2
+    a, b = _gradients(one.index_uri), _gradients(spread.index_uri)
+    assert sorted(a) == sorted(b) == list(range(out_one["examples"]))
+    for i in a:
+        assert np.array_equal(a[i], b[i]), i
+
+    def query(cfg, **kw):
+        return QueryConfig(
+            index_uri=cfg.index_uri,
+            queries_path=str(assets / "queries.jsonl"),
+            score=ScoreConfig(top_k=3, query_batch_size=1, **kw),
+            tracking=cfg.tracking,
+            runner=cfg.runner,
+        )
+
+    q_one = run_flow(query_flow, query(one))
+    q_dask = run_flow(query_flow, query(spread, shards_per_task=1))
+    assert q_dask["pairs"] == q_one["pairs"] and q_dask["queries"] == q_one["queries"] == 2
+    expected = _top_k(one.index_uri, q_one["score_run_id"])
+    assert len(expected) == 4 * 2 * 3
+    assert _top_k(spread.index_uri, q_dask["score_run_id"]) == expected
