@@ -40,6 +40,19 @@ def make_tiny_llama(dtype=torch.float64, vocab=61, seed=0):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+# A small corpus of the task and flow tests; the last document is longer than 16 tokens, so it is chunked.
+TINY_CORPUS = [
+    "The river Ambel runs past the old mill.",
+    "Tova keeps three grey cats and a lantern.",
+    "Bread is baked before dawn in Harrow.",
+    "The lantern maker sells lanterns at the market.",
+    "Cats sleep near the mill when it rains.",
+    "Harrow has a bell tower and a quiet square.",
+    "Mill workers eat bread with honey.",
+    "The square fills with music every spring " * 6,  # longer than max_length: chunked
+]
+
+
 def write_tiny_assets(root: Path, texts: list[str]) -> Path:
     """A BPE tokenizer and a float32 tiny GPT-2 saved under root/model, the texts as root/docs.jsonl."""
     from dataworth.benchmarks.tiny_model import train_tokenizer

@@ -5,23 +5,14 @@ import json
 
 import numpy as np
 import pytest
-from tiny import tiny_index_config, write_tiny_assets
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
 
 from dataworth.config import QueryConfig, RunnerConfig, ScoreConfig
 from storage import IndexStore
 
 pytestmark = pytest.mark.slow
 
-TEXTS = [
-    "The river Ambel runs past the old mill.",
-    "Tova keeps three grey cats and a lantern.",
-    "Bread is baked before dawn in Harrow.",
-    "The lantern maker sells lanterns at the market.",
-    "Cats sleep near the mill when it rains.",
-    "Harrow has a bell tower and a quiet square.",
-    "Mill workers eat bread with honey.",
-    "The square fills with music every spring " * 6,
-]
+TEXTS = TINY_CORPUS
 DASK = RunnerConfig(kind="dask", n_workers=2, threads_per_worker=1)
 
 

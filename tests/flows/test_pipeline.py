@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flowstates import task_states
-from tiny import tiny_index_config, write_tiny_assets
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.gradients import query_gradients
@@ -23,16 +23,7 @@ from storage import IndexStore
 
 pytestmark = pytest.mark.slow
 
-TEXTS = [
-    "The river Ambel runs past the old mill.",
-    "Tova keeps three grey cats and a lantern.",
-    "Bread is baked before dawn in Harrow.",
-    "The lantern maker sells lanterns at the market.",
-    "Cats sleep near the mill when it rains.",
-    "Harrow has a bell tower and a quiet square.",
-    "Mill workers eat bread with honey.",
-    "The square fills with music every spring " * 6,  # longer than max_length: chunked
-]
+TEXTS = TINY_CORPUS
 
 
 @pytest.fixture(scope="module")
