@@ -8,10 +8,6 @@ API server and points the run's settings, which prefect-dask sends with every ta
 
 from __future__ import annotations
 
-import copyreg
-import importlib
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,39 +18,12 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dataworth.config import RunnerConfig
 
-# Process-wide locks that task functions use as globals. Prefect ships a task to a Dask worker by pickling its
-# function by value (the module attribute is the Task, not the function), globals included; a lock cannot be
-# pickled, and a copy would not lock anything. These pickle as a reference: the worker uses its own process's lock.
-PROCESS_LOCKS: dict[str, tuple[str, ...]] = {"tasks.common": ("MODEL_LOCK",)}
-_LOCK_TYPE = type(threading.Lock())
-
-
-def process_lock(module: str, name: str) -> Any:
-    """The lock `module.name` of this process."""
-    return getattr(importlib.import_module(module), name)
-
-
-def _reduce_lock(lock: Any) -> tuple:
-    for module, names in PROCESS_LOCKS.items():
-        loaded = sys.modules.get(module)
-        for name in names:
-            if loaded is not None and getattr(loaded, name, None) is lock:
-                return process_lock, (module, name)
-    raise TypeError(f"cannot pickle {type(lock).__name__!r} object")  # any other lock, as pickle says
-
-
-def ship_locks_by_reference() -> None:
-    """Let tasks that use PROCESS_LOCKS go to other processes (registered with copyreg, which cloudpickle reads)."""
-    copyreg.pickle(_LOCK_TYPE, _reduce_lock)
-
 
 def task_runner(config: RunnerConfig) -> TaskRunner:
     """The task runner a RunnerConfig names."""
     if config.kind == "threads":
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner
-
-    ship_locks_by_reference()
 
     if config.dask_address:
         return DaskTaskRunner(address=config.dask_address)

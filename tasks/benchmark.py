@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from dataworth.benchmarks.presets import BENCHMARKS
 from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
 from dataworth.training import RetrainConfig
 
-from .common import CACHE
+from .common import CACHE, StageResult
 
 
 def _generate(kind: str, corpus_kwargs: dict, seed: int):
@@ -28,10 +28,8 @@ def _generate(kind: str, corpus_kwargs: dict, seed: int):
     return generate_lm_corpus(**{**LM_CORPUS_SIZES["small"], **corpus_kwargs}, seed=seed), write_lm_corpus
 
 
-class PreparedBenchmark(BaseModel):
+class PreparedBenchmark(StageResult):
     """A generated corpus and queries written as JSONL, and the tiny GPT-2 trained on the documents."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str = Field(description="Benchmark family: facts (known relevant documents) or stories.")
     model_dir: str = Field(description="Directory of the trained model and tokenizer.")

@@ -55,9 +55,33 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=ret
 
 _models: dict[str, tuple] = {}
 _lock = threading.Lock()
+
+
+class _ModelLock:
+    """The process's model lock. Prefect ships a task to a Dask worker by pickling its function with its
+    globals; a lock cannot be pickled and a copy would lock nothing, so this one unpickles as the receiving
+    process's own MODEL_LOCK."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def __reduce__(self) -> tuple:
+        return (_model_lock, ())
+
+
+def _model_lock() -> _ModelLock:
+    return MODEL_LOCK
+
+
 # Hooks live on the shared model object: two threads collecting on it at once would mix
 # their activations, so model work in one process is serialized (scale out with processes).
-MODEL_LOCK = threading.Lock()
+MODEL_LOCK = _ModelLock()
 
 
 def cached_model(cfg: ModelConfig):
@@ -236,15 +260,24 @@ def compute_norms(store: IndexStore, curvature: Curvature, version: int | None, 
     return norms[: last[-1] + 1 if last.size else 0]
 
 
-def store_norms(store: IndexStore, key: str, norms: np.ndarray) -> None:
+def write_array(store: IndexStore, key: str, array: np.ndarray) -> None:
+    """Store a numpy array as an artifact of the index (.npy bytes, no pickle)."""
     buf = io.BytesIO()
-    np.save(buf, np.asarray(norms, dtype=np.float64), allow_pickle=False)
+    np.save(buf, array, allow_pickle=False)
     store.write_artifact(key, buf.getvalue())
 
 
-def read_norms(store: IndexStore, key: str) -> np.ndarray | None:
+def read_array(store: IndexStore, key: str) -> np.ndarray | None:
+    """The array write_array stored under `key`; None when there is none."""
     blob = store.read_artifact(key)
     return None if blob is None else np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def store_norms(store: IndexStore, key: str, norms: np.ndarray) -> None:
+    write_array(store, key, np.asarray(norms, dtype=np.float64))
+
+
+read_norms = read_array
 
 
 def index_norms(

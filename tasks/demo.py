@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from dataworth.evaluation.fact_tracing import states_value, trace_facts
 from dataworth.reports.terminal import format_fact_tracing, format_top_results
 from storage import load_results
 
+from .common import StageResult
 
-class FactTracing(BaseModel):
+
+class FactTracing(StageResult):
     """Fact-tracing metrics per mode over the queries whose generated completion states the fact."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     table: dict[str, dict[str, float]] = Field(description="mode -> {mrr, recall@k}.")
     correct: int = Field(description="Queries the model completed with the fact (the ones traced).")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -12,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from dataworth.attribution.scoring import Scorer, needs_norms
+from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.scoring import Scorer, merge_ranked, needs_norms
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
@@ -25,13 +25,16 @@ from .common import (
     CACHE,
     IO_RETRIES,
     REBUILD,
+    StageResult,
     index_curvature,
     index_norms,
     index_query_gradients,
     norms_key,
     open_index_model,
     prefetched,
+    read_array,
     read_norms,
+    write_array,
 )
 
 
@@ -93,16 +96,12 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     example of the global top-k is in its own range's top-k, so the merge equals one pass over all shards."""
     ids = torch.cat([torch.as_tensor(np.asarray(i), dtype=torch.long) for i, _ in parts], dim=1)
     scores = torch.cat([torch.as_tensor(np.asarray(s), dtype=torch.float64) for _, s in parts], dim=1)
-    order = torch.argsort(ids, dim=1, stable=True)
-    ids, scores = ids.gather(1, order), scores.gather(1, order)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return ids.gather(1, order).numpy(), scores.gather(1, order).numpy()
+    scores, ids = merge_ranked(scores, ids, k)
+    return ids.numpy(), scores.numpy()
 
 
-class Scored(BaseModel):
+class Scored(StageResult):
     """One scoring run written to the scores and queries tables by score_queries."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     score_run_id: str = Field(description="Run id of the stored scores and queries rows.")
     queries: int = Field(description="Queries scored.")
@@ -125,21 +124,35 @@ class Scored(BaseModel):
         }
 
 
-class Report(BaseModel):
+class Report(StageResult):
     """The files render_report wrote."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     report: str = Field(description="Path of the HTML report.")
     topk_csv: str | None = Field(description="Path of the top-k CSV; None when no scores were stored.")
-
-    def metrics(self) -> dict[str, float]:
-        return {}
 
     @property
     def files(self) -> list[str]:
         """Files to keep as MLflow artifacts."""
         return [self.report] + ([self.topk_csv] if self.topk_csv else [])
+
+
+def _query_side(
+    store: IndexStore,
+    manifest: IndexManifest,
+    queries: list[QuerySpec],
+    score: ScoreConfig,
+    generation: GenerationConfig,
+) -> tuple[list[EncodedQuery], torch.Tensor, float, Curvature, torch.Tensor | None]:
+    """(encoded queries, their gradients, seconds taken, the damped curvature, the stored norms ‖(F+λI)^-½ g_i‖
+    when a mode needs them). The norms are stored by fit_curvature for the index's damping; another damping
+    computes and stores its own once."""
+    start = time.perf_counter()
+    index = open_index_model(store, manifest)
+    encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
+    seconds = time.perf_counter() - start
+    curvature = index_curvature(store, manifest, score.damping_factor)
+    norms = index_norms(store, manifest, curvature, score.train_batch_size) if needs_norms(score.modes) else None
+    return encoded, q_grads, seconds, curvature, norms
 
 
 @task(name="score_queries", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
@@ -154,13 +167,7 @@ def score_queries(
     """Query gradients (generating missing completions), then every mode over one streaming pass."""
     log = get_run_logger()
     store = IndexStore(index_uri)
-    start = time.perf_counter()
-    index = open_index_model(store, manifest)
-    encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
-    query_seconds = time.perf_counter() - start
-    curvature = index_curvature(store, manifest, score.damping_factor)
-    # Stored by fit_curvature for the index's damping; another damping computes and stores its own once.
-    norms = index_norms(store, manifest, curvature, score.train_batch_size) if needs_norms(score.modes) else None
+    encoded, q_grads, query_seconds, curvature, norms = _query_side(store, manifest, queries, score, generation)
 
     version = manifest.gradients_version
     n_train = manifest.num_examples
@@ -200,11 +207,9 @@ def score_queries(
     )
 
 
-class QueryGradients(BaseModel):
+class QueryGradients(StageResult):
     """The query side of a sharded scoring run, computed once by query_gradients: the encoded queries, and where
     their gradients are stored (an artifact of the index, so that every shard-range task reads the same ones)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     score_run_id: str = Field(description="Run id of the scores and queries rows this scoring will write.")
     artifact: str = Field(description="Artifact key of the query gradients [queries, dim] (a .npy blob).")
@@ -215,10 +220,8 @@ class QueryGradients(BaseModel):
         return {"queries": len(self.encoded), "query_gradient_seconds": self.seconds}
 
 
-class RangeScores(BaseModel):
+class RangeScores(StageResult):
     """One shard range's per-mode top-k (and its columns of the full matrix when asked for)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     shards: list[int] = Field(description="Gradient shards scored.")
     topk: dict[str, tuple[list[list[int]], list[list[float]]]] = Field(
@@ -234,12 +237,6 @@ class RangeScores(BaseModel):
         return {"range_score_seconds": self.seconds, "range_score_pairs": self.pairs}
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 @task(name="query_gradients", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
 def query_gradients(
     index_uri: str,
@@ -251,15 +248,10 @@ def query_gradients(
     """Query gradients (generating missing completions), stored with the index for the shard-range tasks; the
     stored norms ‖(F+λI)^-½ g_i‖ of this damping are made sure of here, once, not by every range."""
     store = IndexStore(index_uri)
-    start = time.perf_counter()
-    index = open_index_model(store, manifest)
-    encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
-    seconds = time.perf_counter() - start
-    if needs_norms(score.modes):
-        index_norms(store, manifest, index_curvature(store, manifest, score.damping_factor), score.train_batch_size)
+    encoded, q_grads, seconds, _curvature, _norms = _query_side(store, manifest, queries, score, generation)
     srid = scoring_run_id(manifest, queries, score, generation)
     key = f"query-gradients-{srid}"
-    store.write_artifact(key, _npy(q_grads.numpy()))
+    write_array(store, key, q_grads.numpy())
     return QueryGradients(score_run_id=srid, artifact=key, encoded=encoded, seconds=seconds)
 
 
@@ -274,10 +266,10 @@ def score_shard_range(
 ) -> RangeScores:
     """Every mode's top-k of the queries over the stored gradients of `shards` (one streaming pass)."""
     store = IndexStore(index_uri)
-    blob = store.read_artifact(query.artifact)
-    if blob is None:
+    stored_grads = read_array(store, query.artifact)
+    if stored_grads is None:
         raise ValueError(f"index {index_uri!r} has no query gradients {query.artifact!r}; score the queries again")
-    q_grads = torch.from_numpy(np.load(io.BytesIO(blob), allow_pickle=False))
+    q_grads = torch.from_numpy(stored_grads)
     curvature = index_curvature(store, manifest, score.damping_factor)
     norms = None
     if needs_norms(score.modes):

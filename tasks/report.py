@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from dataworth.config import LoggingConfig
 from dataworth.evaluation.config import EvaluateConfig
@@ -18,16 +18,14 @@ from dataworth.reports.evaluation_report import evaluation_notes, evaluation_plo
 from dataworth.reports.html import write_report
 from dataworth.reports.terminal import format_evaluation, format_table
 
-from .common import IO_RETRIES
+from .common import IO_RETRIES, StageResult
 
 # Modes scored from the index: their compute time is the index's plus the query flow's (they share it).
 _INDEX_MODES = ("dot", "influence", "relatif", "cosine")
 
 
-class EvaluationReport(BaseModel):
+class EvaluationReport(StageResult):
     """The assembled table and where its report went."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     table: dict[str, dict[str, float | int]] = Field(description="method -> metric -> value.")
     notes: list[str] = Field(description="What the table was measured on, one sentence each.")

@@ -119,6 +119,17 @@ def _batch_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.
     return vals, top_ids
 
 
+def merge_ranked(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of candidate lists [n_queries, M]: higher score first, equal scores by the smaller id.
+
+    Exact for any candidates that contain the true top-k, so merging per-batch (or per-shard-range)
+    top-k lists gives the top-k of their union."""
+    order = torch.argsort(ids, dim=1, stable=True)
+    scores, ids = scores.gather(1, order), ids.gather(1, order)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
 class TopK:
     """Streaming top-k per query; ties broken by the smaller example id so results
     do not depend on batch size or read order.
@@ -148,10 +159,7 @@ class TopK:
         if self._scores.shape[1]:
             vals = torch.cat([self._scores.to(vals), vals], dim=1)  # [Q, ≤2k]
             top_ids = torch.cat([self._ids.to(top_ids.device), top_ids], dim=1)
-        order = torch.argsort(top_ids, dim=1, stable=True)
-        vals, top_ids = vals.gather(1, order), top_ids.gather(1, order)
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
-        self._scores, self._ids = vals.gather(1, order), top_ids.gather(1, order)
+        self._scores, self._ids = merge_ranked(vals, top_ids, self.k)
 
 
 class Scorer:

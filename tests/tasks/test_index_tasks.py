@@ -141,3 +141,18 @@ def test_log_gradients_trusts_new_only_on_a_first_attempt(stages, index_config, 
     with pytest.raises(IndexStoreError, match="more than once"):
         store.check_gradient_ids(tok.examples)
     assert len(shards) >= 1
+
+
+def test_model_lock_pickles_as_the_receiving_process_lock():
+    # Dask ships task functions (globals included) by pickling; the lock must arrive as the worker's own.
+    import pickle
+
+    import cloudpickle
+
+    from tasks.common import MODEL_LOCK
+
+    assert pickle.loads(pickle.dumps(MODEL_LOCK)) is MODEL_LOCK
+    shipped = pickle.loads(cloudpickle.dumps(log_gradients.fn))
+    assert shipped.__globals__["MODEL_LOCK"] is MODEL_LOCK
+    with MODEL_LOCK:
+        assert not MODEL_LOCK._lock.acquire(blocking=False)  # held: the process's model work is serialized
