@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ScoreMode = Literal["dot", "influence", "relatif", "cosine"]
 ALL_SCORE_MODES: tuple[ScoreMode, ...] = ("dot", "influence", "relatif", "cosine")
@@ -137,6 +137,9 @@ class CurvatureConfig(StageConfig):
 class ScoreConfig(StageConfig):
     modes: list[ScoreMode] = Field(default_factory=lambda: list(ALL_SCORE_MODES), description="Score modes to compute.")
     top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
+    report_rows: int = Field(
+        50, ge=1, description="Rows per query and mode in the HTML report (the top-k CSV has all top_k of them)."
+    )
     train_batch_size: int = Field(4096, ge=1, description="Stored gradients read per batch while scoring.")
     query_batch_size: int = Field(16, ge=1, description="Queries per forward/backward pass.")
     full_matrix: bool = Field(False, description="Also save the full query × train score matrix (small corpora only).")
@@ -200,8 +203,23 @@ class RunnerConfig(StageConfig):
     )
     n_workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster (kind=dask, no address).")
     threads_per_worker: int = Field(
-        1, ge=1, description="Threads per worker process of the local Dask cluster (model work in a process is serial)."
+        2,
+        ge=1,
+        description="Threads per worker process of the local Dask cluster: model work in a process is serial (one "
+        "lock), so a second thread writes one shard while the next is computed.",
     )
+
+
+def _check_index_uri(uri: str) -> str:
+    """An index is a directory (or an object-store prefix): a regular file at a local path is a mistake."""
+    if not uri.strip():
+        raise ValueError("the index URI is empty; give a directory (or s3://, gs://, az:// prefix) for the index")
+    if "://" not in uri and Path(uri).expanduser().is_file():
+        raise ValueError(f"{uri!r} is a file, not an index directory; give a directory path (or remove the file)")
+    return uri
+
+
+IndexUri = Annotated[str, AfterValidator(_check_index_uri)]
 
 
 class IndexConfig(StageConfig):
@@ -209,8 +227,18 @@ class IndexConfig(StageConfig):
     data: DataConfig
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
-    index_uri: str = Field(description="LanceDB URI of the index (local directory or object-store URI).")
-    overwrite: bool = Field(False, description="Replace an existing index built with a different config.")
+    index_uri: IndexUri = Field(description="LanceDB URI of the index (local directory or object-store URI).")
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing index (one built with another config, or damaged). A published index is "
+        "rebuilt beside the old version, which queries read until the new one is published.",
+    )
+    keep_versions_days: float = Field(
+        7.0,
+        ge=0,
+        description="After publishing, remove table versions older than this (earlier builds): a query started "
+        "before a rebuild published reads the old version, so keep it longer than a query runs.",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
@@ -218,16 +246,35 @@ class IndexConfig(StageConfig):
 
 
 class QueryConfig(StageConfig):
-    index_uri: str = Field(description="LanceDB URI of a published index.")
+    index_uri: IndexUri = Field(description="LanceDB URI of a published index.")
     queries: list[QuerySpec] = Field(default_factory=list, description="Queries inline.")
     queries_path: str | None = Field(None, description="JSONL file of queries: {id, prompt, completion?} per line.")
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    report_dir: str | None = Field(None, description="Where the HTML report goes; default <index_uri>/reports.")
+    results_uri: str | None = Field(
+        None,
+        description="LanceDB URI where the query's results go (scores, queries, query-side artifacts); default "
+        "<index_uri>/results. Give another location to query an index on read-only or shared storage.",
+    )
+    report_dir: str | None = Field(
+        None, description="Where the HTML report goes; default <results_uri>/reports (a local results store)."
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
     )
+
+    @property
+    def results_location(self) -> str:
+        """results_uri, or its default beside the index."""
+        return self.results_uri or default_results_uri(self.index_uri)
+
+
+def default_results_uri(index_uri: str) -> str:
+    """Where a query's results go unless told otherwise: a LanceDB database of its own in the index's `results/`
+    folder, so the published tables are never written by a query (give another location for an index on
+    read-only or shared storage)."""
+    return index_uri.rstrip("/") + "/results"
 
 
 def save_yaml(config: StageConfig, path: str | Path) -> Path:
@@ -306,11 +353,13 @@ class BenchmarkConfig(StageConfig):
     top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
     block_dim: int = Field(256, ge=1, description="Size of a block of the synthetic block-diagonal Fisher.")
     peer_queries: int = Field(
-        8, ge=1, description="Queries each peer (LanceDB brute force, ...) answers; its pairs/s is per query."
+        8, ge=1, description="Queries LanceDB's brute-force search answers on the stored vectors; pairs/s per query."
     )
     peers: list[BenchmarkPeer] = Field(
         default_factory=lambda: ["lancedb", "kronfluence", "bergson"],
-        description="Systems timed side by side on the same vectors; one not installed is skipped with a note.",
+        description="Systems timed side by side: LanceDB brute force on the same stored vectors; kronfluence and "
+        "bergson on one pairwise job (same model, sequences and projection size, model to score matrix). One not "
+        "installed is skipped with its install command.",
     )
     rss_max_size: int | None = Field(
         None, ge=1, description="Score sizes above this in-process instead of a fresh subprocess (no peak RSS)."

@@ -7,6 +7,7 @@ document id and token offsets so scores can be traced back to the text.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,13 @@ class Example:
         return len(self.input_ids)
 
 
+def _data_files(path: str) -> list[str]:
+    """The local data files a dataset path names (a file, a glob, or a directory's files); [] for a hub name."""
+    if os.path.isdir(path):
+        return sorted(f for ext in _FILE_BUILDERS for f in glob.glob(os.path.join(path, f"*{ext}")))
+    return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
+
+
 def _load_dataset(cfg: DataConfig):
     import datasets
 
@@ -56,19 +64,71 @@ def _load_dataset(cfg: DataConfig):
                 raise DataError(f"saved dataset {path!r} has splits {list(ds)}, not {cfg.split!r}; set split")
             ds = ds[cfg.split]
         return ds
-    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
+    files = _data_files(path)
     if os.path.isdir(path):
-        files = sorted(f for ext in _FILE_BUILDERS for f in glob.glob(os.path.join(path, f"*{ext}")))
         if not files:
             raise DataError(f"directory {path!r} holds no saved dataset and no {sorted(_FILE_BUILDERS)} files")
     if files:
         exts = {Path(f).suffix for f in files}
         if len(exts) != 1 or next(iter(exts)) not in _FILE_BUILDERS:
             raise DataError(f"data files {files[:3]} must share one extension among {sorted(_FILE_BUILDERS)}")
-        return datasets.load_dataset(_FILE_BUILDERS[exts.pop()], data_files=files, split="train")
-    if path.startswith((".", "/")) or path.endswith(tuple(_FILE_BUILDERS)):
-        raise FileNotFoundError(f"dataset path {path!r} does not exist")
+        for f in files:
+            if os.path.getsize(f) == 0:
+                raise DataError(f"data file {f!r} is empty", fix="remove it, or give a file that holds documents")
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[exts.pop()], data_files=files, split="train")
+        except Exception as err:  # datasets' own errors name neither the file nor the line: find them
+            raise unreadable_files(files, err) from err
+    if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_BUILDERS)):
+        raise DataError(
+            f"dataset path {path!r} does not exist",
+            fix="give a local file, glob or directory of .jsonl/.json/.csv/.parquet/.txt files, or a hub name",
+        )
     return datasets.load_dataset(path, cfg.subset, split=cfg.split)
+
+
+def unreadable_files(files: list[str], err: BaseException) -> DataError:
+    """A DataError that names the file and line `datasets` could not read (the first undecodable or
+    unparsable line of the first bad file), falling back to the file list and datasets' own message."""
+    for f in files:
+        bad = _first_bad_line(f)
+        if bad is not None:
+            line, problem, fix = bad
+            return DataError(f"data file {f!r}, line {line}: {problem}", fix=fix)
+    cause = err.__cause__ or err.__context__
+    detail = f"{type(err).__name__}: {err}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    return DataError(
+        f"cannot read data files {files[:3]}{' …' if len(files) > 3 else ''}: {detail}",
+        fix="check that every file is valid for its extension (.jsonl: one JSON object per line)",
+    )
+
+
+def _first_bad_line(path: str) -> tuple[int, str, str] | None:
+    """(line number, what is wrong, the fix) of the first line of a text data file that is not UTF-8, or, for
+    .jsonl/.json files holding one object per line, not a JSON object; None when every line reads."""
+    suffix = Path(path).suffix
+    if suffix == ".parquet":
+        return None
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    n,
+                    f"bytes {raw[e.start : e.end]!r} at byte {e.start} of the line are not UTF-8",
+                    "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+                )
+            if suffix in (".jsonl", ".json") and text.strip():
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    if suffix == ".json" and n == 1:
+                        return None  # a JSON document over several lines, not JSON Lines: datasets' message stands
+                    return n, f"not valid JSON ({e.msg}, column {e.colno})", "fix or remove that line"
+                if not isinstance(value, dict):
+                    return n, f"holds a JSON {type(value).__name__}, not an object", "write one JSON object per line"
+    return None
 
 
 def load_documents(cfg: DataConfig) -> Documents:
@@ -86,9 +146,12 @@ def load_documents(cfg: DataConfig) -> Documents:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
     if len(ds) == 0:
         raise DataError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) is empty")
-    texts = ds[cfg.text_column]
-    ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
-    sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
+    try:  # JSON text is decoded only here: a file that is not UTF-8 fails now, not when datasets read it
+        texts = list(ds[cfg.text_column])  # a lazy column in datasets 4: decode it here
+        ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
+        sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
+    except UnicodeDecodeError as err:
+        raise unreadable_files(_data_files(cfg.dataset), err) from err
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")

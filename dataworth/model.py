@@ -37,13 +37,29 @@ def context_length(model_or_config, fallback: int | None = None) -> int | None:
     return fallback
 
 
+def looks_local(name: str) -> bool:
+    """True for a model reference that can only be a local path (a hub name is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.sep != "/" and os.path.sep in name
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """Fail before any work on a local model or tokenizer path that does not exist (the hub library would report
+    it as a malformed repository id)."""
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelError(
+            f"{what} path {name!r} does not exist",
+            fix="give the directory a model was saved to with save_pretrained, or a hub name such as 'gpt2'",
+        )
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
+    check_model_source(name, "tokenizer" if cfg.tokenizer else "model")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: the hub library's malformed repository id
         raise ModelError(
             f"cannot load tokenizer {name!r}: {err}. Give a local directory or a reachable hub name"
         ) from err
@@ -54,8 +70,7 @@ def load_model(cfg: ModelConfig):
     """(model in eval mode on its device, tokenizer). Dropout is off: gradients must be deterministic."""
     from transformers import AutoModelForCausalLM
 
-    if os.path.sep in cfg.name_or_path and not os.path.exists(cfg.name_or_path):
-        raise ModelError(f"model path {cfg.name_or_path!r} does not exist")
+    check_model_source(cfg.name_or_path)
     device = resolve_device(cfg.device, "model.device")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -64,7 +79,7 @@ def load_model(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: the hub library's malformed repository id
         raise ModelError(
             f"cannot load model {cfg.name_or_path!r}: {err}. "
             "Give a local save_pretrained directory or a reachable hub name"

@@ -1,6 +1,7 @@
 """The `benchmark` flow: ingest, scoring, logging and start-up throughput of the real code paths, on
 synthetic vectors at several sizes and on randomly initialized models of real shapes, beside the bounds
-(in-memory matmul, plain training) and peers (LanceDB brute force, ...) measured in the same run."""
+(in-memory matmul, plain training) and peers measured in the same run: LanceDB brute force on the stored
+vectors, kronfluence and bergson on the same pairwise job as dataworth (one model, the same sequences)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,25 @@ from pathlib import Path
 import torch
 from prefect import flow, get_run_logger
 
-from dataworth.benchmarks.throughput import GPU_MODEL_SHAPES
+from dataworth.benchmarks.throughput import (
+    GPU_MODEL_SHAPES,
+    PAIRWISE_BUDGET_S,
+    PAIRWISE_MODEL_CAP,
+    PAIRWISE_ROUNDS,
+    PAIRWISE_SEQ_LENGTH,
+    PAIRWISE_TRAIN,
+)
 from dataworth.config import BenchmarkConfig
+from dataworth.evaluation.peers import PEERS, PairwiseJob
 from dataworth.reports.terminal import format_table
-from tasks.throughput import measure_ingest, measure_logging, measure_peer, measure_scoring, measure_startup
+from tasks.throughput import (
+    measure_ingest,
+    measure_logging,
+    measure_pairwise,
+    measure_peer,
+    measure_scoring,
+    measure_startup,
+)
 from tasks.tracking import tracked_run
 
 
@@ -32,9 +48,34 @@ def _positive(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
-def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup) -> dict[str, float]:
+def pairwise_job(config: BenchmarkConfig) -> PairwiseJob:
+    """The job dataworth, kronfluence and bergson all run: the logging model's GPT-2 shape capped at
+    PAIRWISE_MODEL_CAP (heads of 64 dims when the width is capped), config.peer_queries queries against
+    PAIRWISE_TRAIN training sequences, the logging measurement's batch size and projection size."""
+    m = config.model
+    width = min(m.width, PAIRWISE_MODEL_CAP["width"])
+    shape = {
+        "family": "gpt2",
+        "layers": min(m.layers, PAIRWISE_MODEL_CAP["layers"]),
+        "width": width,
+        "heads": m.heads if width == m.width else max(1, width // 64),
+        "vocab": min(m.vocab, PAIRWISE_MODEL_CAP["vocab"]),
+    }
+    return PairwiseJob(
+        shape=shape,
+        seq_length=min(config.seq_length, PAIRWISE_SEQ_LENGTH),
+        train=PAIRWISE_TRAIN,
+        queries=config.peer_queries,
+        batch_size=config.batch_size,
+        proj_dim=config.proj_dim,
+        seed=config.seed,
+    )
+
+
+def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, pairwise=None) -> dict[str, float]:
     """The headline ratios: ingest and scoring at the largest size, RSS largest ÷ smallest, logging of the
-    primary model, one speedup per peer that ran (our scores/s ÷ theirs, at the largest size it ran)."""
+    primary model, one speedup per peer that ran: LanceDB's on the stored vectors (our pairs/s ÷ theirs, at
+    the largest size), kronfluence's and bergson's on the pairwise job (dataworth's pairs/s ÷ theirs)."""
     sizes = sorted(per_size)
     largest, smallest = per_size[sizes[-1]], per_size[sizes[0]]
     out = {
@@ -50,10 +91,16 @@ def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup) -
         for result in logging[1:]:
             out[f"logging_vs_training.{result.name}"] = result.logging_vs_training
     for peer in config.peers:
+        if peer in PEERS:
+            if pairwise is not None and _positive(pairwise.speedup(peer)):
+                out[f"speedup_vs_{peer}"] = pairwise.speedup(peer)
+            continue
         ran = [n for n in sizes if _positive(per_size[n]["peers"][peer].pairs_per_s)]
         if ran:
             n = ran[-1]
             out[f"speedup_vs_{peer}"] = per_size[n]["score"].pairs_per_s / per_size[n]["peers"][peer].pairs_per_s
+    if pairwise is not None:
+        out["pairwise_pairs_per_s"] = pairwise.systems["dataworth"].pairs_per_s
     if startup is not None:
         out["startup_index_seconds"] = startup.index_seconds
         out["startup_query_seconds"] = startup.query_seconds
@@ -67,8 +114,27 @@ def _round(value: float | None) -> float | None:
     return round(value, 2 - math.floor(math.log10(value)))
 
 
-def render(config: BenchmarkConfig, per_size: dict, logging: list, startup, summary: dict, device: str) -> str:
-    """The plain-text report: one row per size, one per logging model, the summary and the notes."""
+def _pairwise_table(pairwise) -> str:
+    job = pairwise.job
+    rows = {}
+    for system, timed in pairwise.systems.items():
+        if timed.pairs_per_s is None:
+            continue
+        row = {"seconds": timed.seconds, "pairs/s": timed.pairs_per_s}
+        if system != "dataworth":
+            row["dataworth speedup"] = pairwise.speedup(system)
+        rows[system] = {k: _round(v) for k, v in row.items()}
+    return (
+        f"pairwise job: {pairwise.name}, {job['queries']} queries × {job['train']} training sequences of "
+        f"{job['seq_length']} tokens, batches of {job['batch_size']}, {pairwise.threads} torch threads, CPU; "
+        f"best of {pairwise.rounds} rounds, the systems taking turns\n\n" + format_table(rows)
+    )
+
+
+def render(
+    config: BenchmarkConfig, per_size: dict, logging: list, startup, summary: dict, device: str, pairwise=None
+) -> str:
+    """The plain-text report: one row per size, one per logging model, the pairwise job, the summary, the notes."""
     rows = {}
     for n, r in per_size.items():
         score = r["score"]
@@ -100,8 +166,12 @@ def render(config: BenchmarkConfig, per_size: dict, logging: list, startup, summ
     ]
     if models:
         lines += ["", format_table(models)]
+    if pairwise is not None:
+        lines += ["", _pairwise_table(pairwise)]
     lines += ["", "summary:"] + [f"  {k:<36} {v:.4g}" for k, v in summary.items()]
     notes = [f"{p.peer}: {p.note}" for p in next(iter(per_size.values()))["peers"].values() if p.pairs_per_s is None]
+    if pairwise is not None:
+        notes += [f"pairwise {system}: {timed.note}" for system, timed in pairwise.systems.items() if timed.note]
     if startup is not None:
         notes.append(
             f"start-up: `dataworth index` {startup.index_seconds:.1f} s, `dataworth query` "
@@ -112,7 +182,8 @@ def render(config: BenchmarkConfig, per_size: dict, logging: list, startup, summ
         notes.append(f"peak RSS not measured at {unisolated} rows (scored in-process: rss_max_size)")
     notes.append(
         "a pair is one query × stored row: dataworth computes its four mode scores, a peer its one dot score; "
-        "a score is one pair × mode, the unit of the matmul bound"
+        "a score is one pair × mode, the unit of the matmul bound. In the pairwise job a pair is one query × "
+        "training sequence, one gradient dot score, from the model and the token sequences in memory"
     )
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
@@ -167,6 +238,7 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
                     ),
                 )
                 for peer in config.peers
+                if peer not in PEERS  # kronfluence and bergson need a model: the pairwise job below
             }
             per_size[n] = {"ingest": ingest, "score": score, "peers": peers}
             if not config.keep_indexes:
@@ -198,6 +270,20 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
             )
             for name, shape, dtype in shapes
         ]
+        model_peers = [peer for peer in config.peers if peer in PEERS]
+        pairwise = None
+        if model_peers:
+            pairwise = run.log_result(
+                "pairwise",
+                measure_pairwise(
+                    str(workspace),
+                    pairwise_job(config),
+                    model_peers,
+                    PAIRWISE_ROUNDS,
+                    PAIRWISE_BUDGET_S,
+                    return_state=True,
+                ),
+            )
         startup = None
         if config.startup:
             tracking = (
@@ -208,9 +294,9 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
             startup = run.log_result(
                 "startup", measure_startup(str(workspace), tracking, config.seed, return_state=True)
             )
-        summary = summarize(config, per_size, logging, startup)
+        summary = summarize(config, per_size, logging, startup, pairwise)
         run.metrics(summary)
-        text = render(config, per_size, logging, startup, summary, device)
+        text = render(config, per_size, logging, startup, summary, device, pairwise)
         run.artifact_text("benchmark.md", text)
         print(text)
         payload = {
@@ -228,6 +314,7 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
             },
             "logging": [m.model_dump() for m in logging],
             "startup": None if startup is None else startup.model_dump(),
+            "pairwise": None if pairwise is None else pairwise.model_dump(),
         }
         if config.json_path:
             path = Path(config.json_path)

@@ -13,6 +13,9 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect's default (20 s) is too short for a first start on a fresh PREFECT_HOME on a busy 2-core machine
+# (database creation): measured 20–30 s there, and a timeout fails the command.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from dataworth.config import StageConfig, load_yaml  # noqa: E402
 from flows.cli_options import (  # noqa: E402
@@ -24,6 +27,7 @@ from flows.cli_options import (  # noqa: E402
     fill_section_defaults,
     walk,
 )
+from flows.failures import DEFAULT_LOG_DIR, LOG_DIR_ENV, RunLog, describe_failure, one_line  # noqa: E402
 
 
 def _prompt_query(i: int, prompt: str) -> dict[str, Any]:
@@ -45,8 +49,10 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--max-length", ("data.max_length",)),
     Alias("--max-documents", ("data.max_documents",)),
     Alias("--skip-empty", ("data.skip_empty",)),
+    Alias("--no-eos", ("data.add_eos",)),
     Alias("--index", ("index_uri",)),
     Alias("--modules", ("logging.modules",)),
+    Alias("--exclude-modules", ("logging.exclude_modules",)),
     Alias("--projection", ("logging.projection",)),
     Alias(
         "--proj-dim", ("logging.proj_dim_in", "logging.proj_dim_out"), help="Projection size per side (k_in = k_out)."
@@ -74,6 +80,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--damping-factors", ("calibrate.damping_factors",)),
     Alias("--proj-dims", ("calibrate.proj_dims",)),
     Alias("--queries", ("queries_path",)),
+    Alias("--results", ("results_uri",)),
     Alias("--max-new-tokens", ("generation.max_new_tokens",)),
     Alias(
         "--prompt",
@@ -129,8 +136,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "measure ingest, scoring, logging and start-up throughput against their bounds and peers",
         "Write synthetic gradient shards at each size (rows/s, last/first shard write time), score them in all "
         "four modes (÷ one in-memory matmul; peak RSS per size; LanceDB brute force side by side), time gradient "
-        "logging of a random-init GPT-2-small against plain training, and the start-up of `dataworth index` and "
-        "`dataworth query`. Prints a table, logs every figure to MLflow, and writes --json PATH.",
+        "logging of a random-init GPT-2-small against plain training, one pairwise job against kronfluence and "
+        "bergson, and the start-up of `dataworth index` and `dataworth query`. Prints a table, logs every figure "
+        "to MLflow, and writes --json PATH.",
     ),
 }
 
@@ -177,7 +185,7 @@ class CommandParser(argparse.ArgumentParser):
         return super().format_help()
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: {message} — see `{self.prog} --help`\n")
 
 
 def build_parser() -> CommandParser:
@@ -205,6 +213,12 @@ def build_parser() -> CommandParser:
             "give it here to replay the run); flags given here override it",
         )
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            help="print tracebacks on the terminal (otherwise a failure is one line, its traceback in a log file; "
+            f"the log folder is ${LOG_DIR_ENV}, default {DEFAULT_LOG_DIR})",
+        )
     parser.commands = sub.choices
     return parser
 
@@ -220,10 +234,6 @@ def build_config(args: argparse.Namespace) -> StageConfig:
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, getattr(args, OVERRIDES, []))
     return cls.model_validate(fill_section_defaults(cls, data))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def describe_validation_error(err, command: str, flags: dict[str, list[str]]) -> str:
@@ -243,7 +253,8 @@ def describe_validation_error(err, command: str, flags: dict[str, list[str]]) ->
             named = [flags[p][0] for p in required if p.startswith(field + ".") and p in flags]
         hint = f" ({', '.join(named)})" if named and loc else ""
         parts.append(f"{loc}: {msg}{hint}" if loc else msg)
-    return "invalid configuration: " + "; ".join(_one_line(p) for p in parts)
+    fix = f"correct the value{'s' if len(parts) > 1 else ''} named; --help lists every flag"
+    return "invalid configuration: " + "; ".join(one_line(p) for p in parts) + " — " + fix
 
 
 # command -> (flow module, flow function, whether it takes `progress`, the closing summary's rows).
@@ -268,7 +279,7 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
             ("queries", lambda o: o["queries"]),
             ("report", lambda o: o["report"]),
             ("top-k table", lambda o: o["topk_csv"]),
-            ("scores table", lambda o: f"{o['index_uri']} (scores, run_id={o['score_run_id']})"),
+            ("scores table", lambda o: f"{o['results_uri']} (scores, run_id={o['score_run_id']})"),
         ],
     ),
     "evaluate": (
@@ -292,11 +303,15 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
 _TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store", lambda o: o["tracking_uri"])]
 
 
-def _run(command: str, config, progress: bool) -> None:
+def _run(command: str, config, progress: bool, log: RunLog | None = None) -> None:
     module, name, takes_progress, rows = _RUNS[command]
-    from flows.runner import run_flow  # the task runner of config.runner (threads by default)
+    from flows.runner import EarlyAPI, run_flow  # the task runner of config.runner (threads by default)
 
+    api = EarlyAPI()  # the ephemeral Prefect API boots in its own process while the flow's modules import
     flow_fn = getattr(importlib.import_module(module), name)
+    if log is not None:
+        log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
+    api.wait()
     out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
     summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
     if command == "demo":
@@ -308,8 +323,9 @@ def _run(command: str, config, progress: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, build the config, run the flow; a failure ends as one line `dataworth <command>: <what is wrong>`
-    (exit 2 for bad input, 1 for a failed run; DATAWORTH_DEBUG=1 shows the traceback)."""
+    """Parse, build the config, run the flow. A failure ends as one line `dataworth <command>: <what is wrong> —
+    <the fix>` (exit 2 for bad input, 1 for any other failure); its traceback goes to a log file
+    named on that line, or to the terminal with --debug (or DATAWORTH_DEBUG=1)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     commands = command_parser(parser, args.command)
@@ -319,27 +335,35 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     prefix = f"dataworth {args.command}:"
-    try:
+    debug = args.debug or bool(os.environ.get("DATAWORTH_DEBUG"))
+    try:  # bad input the configuration shows: no run, no log file
         config = build_config(args)
-        _run(args.command, config, progress=not args.no_progress)
     except ValidationError as err:
         print(prefix, describe_validation_error(err, args.command, commands.flags or {}), file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:  # bad input: a named error, a file, the YAML
-        print(prefix, _one_line(err), file=sys.stderr)
+    except (ValueError, OSError, yaml.YAMLError) as err:  # a named error, the --config file, its YAML
+        what, fix = describe_failure(err)
+        print(prefix, f"{what} — {fix}", file=sys.stderr)
         return 2
+    log = RunLog(args.command, debug)
+    try:
+        _run(args.command, config, progress=not args.no_progress, log=log)
     except KeyboardInterrupt:
-        print(prefix, "interrupted", file=sys.stderr)
+        log.close(keep=False)
+        print(prefix, "interrupted — run the same command again: finished shards are kept", file=sys.stderr)
         return 130
     except Exception as err:
-        if os.environ.get("DATAWORTH_DEBUG"):
-            raise
-        print(
-            prefix,
-            f"failed: {type(err).__name__}: {_one_line(err)} (DATAWORTH_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        log.log_failure(err)
+        log.close(keep=True)
+        if debug:
+            import traceback
+
+            traceback.print_exception(err)
+        what, fix = describe_failure(err)
+        where = f" (log: {log.path})" if log.path else ""
+        print(prefix, f"{what} — {fix}{where}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1  # bad input (never retried) or a failed run
+    log.close(keep=False)
     return 0
 
 

@@ -152,7 +152,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             relevant=bench.relevant,
             title=f"dataworth evaluate: {config.benchmark}",
         )
-        matrices = [str(ws / "reports" / "score-matrix.npz")]
+        matrices = [query["full_matrix"]]
         if "bm25" in config.baselines:
             matrices.append(bm25_scores(index_uri, state.examples_version, queries, str(ws / "eval" / "bm25.npz")))
         kron = None

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
 
 from dataworth.config import IndexConfig
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
@@ -30,16 +34,51 @@ def config_path(index_uri: str) -> str | None:
     return None if local is None else os.path.join(local, "index_config.yaml")
 
 
+T = TypeVar("T")
+
+
+def model_processes() -> int:
+    """Processes that run this flow run's tasks: the Dask cluster's workers, else this process."""
+    ctx = FlowRunContext.get()
+    client = getattr(ctx.task_runner, "client", None) if ctx else None  # DaskTaskRunner's
+    return max(len(client.nthreads()), 1) if client is not None else 1
+
+
+def in_window(
+    submit: Callable[[T], PrefectFuture], items: Iterable[T], window: int
+) -> Iterator[tuple[T, PrefectFuture]]:
+    """Submit `submit(item)` for each item, keeping at most `window` in flight; yield (item, future) as each
+    finishes, so memory is that of `window` tasks whatever the number of items."""
+    pending: dict[PrefectFuture, T] = {}
+    for item in items:
+        if len(pending) >= window:
+            done = next(as_completed(list(pending)))
+            yield pending.pop(done), done
+        pending[submit(item)] = item
+    for done in as_completed(list(pending)):
+        yield pending.pop(done), done
+
+
 @flow(name="index", log_prints=True)
 def index_flow(config: IndexConfig, progress: bool = True) -> dict:
     """Build (or bring up to date) an attribution index over a corpus."""
     log = get_run_logger()
     started = time.perf_counter()
-    state = index_state(config.index_uri)
+    try:
+        state = index_state(config.index_uri)
+    except Exception:  # a damaged index: only an overwrite can replace it
+        if not config.overwrite:
+            raise
+        log.warning("the index at %s cannot be read; --overwrite replaces it whole", config.index_uri)
+        state = prune_index(config.index_uri, drop_all=True)
     if state.manifest is not None:
         state.manifest.check_compatible(config)
     fresh = config.overwrite or not state.has_examples
-    if config.overwrite and (state.manifest or state.has_examples):
+    if config.overwrite and state.manifest is not None:
+        # Rebuilt beside the published version: queries read the versions its manifest pins until the new
+        # manifest is published, then the new ones; never "no index".
+        state = prune_index(config.index_uri, reset=True)
+    elif config.overwrite and state.has_examples:  # an unpublished build: nobody reads it
         state = prune_index(config.index_uri, drop_all=True)
 
     uri = config.index_uri
@@ -88,9 +127,19 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
             )
 
         # Shard 0 alone first: it creates the gradients table, which concurrent creators could clobber.
-        first = run.log_result("log_gradients", submit(0), step=0)
-        futures = {s: submit(s) for s in range(1, n_shards)}
-        shards = [first] + [run.log_result("log_gradients", f, step=s) for s, f in futures.items()]
+        logging_started = time.perf_counter()
+        logged = {0: run.log_result("log_gradients", submit(0), step=0)}
+        # Per process, three shards in flight: one computing, one waiting for the model (its compute starts the
+        # moment the previous one's ends) and one writing (outside MODEL_LOCK). A task holds only its own shard's
+        # examples and gradients, so memory does not grow with the corpus; a full window of unwritten shards is
+        # the only thing that makes compute wait for a write.
+        for s, future in in_window(submit, range(1, n_shards), 3 * model_processes()):
+            logged[s] = run.log_result("log_gradients", future, step=s)
+        shards = [logged[s] for s in range(n_shards)]
+        for s in shards:
+            run.metrics({"log_compute_seconds": s.compute_seconds, "log_write_seconds": s.write_seconds}, step=s.shard)
+        workers = len({s.worker for s in shards})
+        run.metrics({"log_workers": workers, "log_wall_seconds": time.perf_counter() - logging_started})
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
         after = prune_index(uri, keep_shards=n_shards)
         # Table versions restart after a drop, so after an overwrite a cached curvature could be stale.
@@ -103,16 +152,19 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         manifest = assemble_manifest(
             config, tok, shards, after.gradients_version, curv, proj, run.run_id, state.manifest
         )
-        published = run.log_result("publish_index", publish_index(uri, manifest, return_state=True))
+        published = run.log_result(
+            "publish_index", publish_index(uri, manifest, config.keep_versions_days, return_state=True)
+        )
         run.artifact_text("manifest.json", published.manifest.model_dump_json(indent=2))
 
     tokens = sum(s.tokens for s in shards)
-    seconds = sum(s.seconds for s in shards)
+    seconds = sum(s.compute_seconds for s in shards)
     summary = {
         "index_uri": uri,
         "examples": tok.examples,
         "documents": tok.documents,
         "shards": n_shards,
+        "log_workers": workers,
         "dim": manifest.dim,
         "compression_ratio": published.compression_ratio,
         "bytes_stored": published.bytes_stored,

@@ -3,39 +3,72 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 from prefect import flow, get_run_logger
 
 from dataworth.config import QueryConfig
+from dataworth.errors import ConfigError
+from dataworth.fingerprint import check_model_fingerprint
 from dataworth.queries import load_queries
 from tasks.index import index_state
 from tasks.query import merge_scores, query_gradients, render_report, score_queries, score_shard_range
 from tasks.tracking import tracked_run
 
 
-def default_report_dir(index_uri: str) -> str:
-    if "://" in index_uri and not index_uri.startswith("file://"):
+def default_report_dir(results_uri: str) -> str:
+    if "://" in results_uri and not results_uri.startswith("file://"):
         return os.path.join(os.environ.get("DATAWORTH_WORKSPACE", "dataworth-runs"), "reports")
-    return os.path.join(index_uri.removeprefix("file://"), "reports")
+    return os.path.join(results_uri.removeprefix("file://"), "reports")
 
 
-def score_sharded(run, config: QueryConfig, manifest, queries, full_path: str | None):
+def check_writable(results_uri: str) -> None:
+    """Fail before any work when query results cannot be written where they are to go (a local location only:
+    object stores answer at the first write)."""
+    if "://" in results_uri and not results_uri.startswith("file://"):
+        return
+    path = results_uri.removeprefix("file://")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"query results cannot be written to {path!r} ({err.strerror or err})",
+            fix="give a writable location with --results DIR (an index on read-only storage is queried that way)",
+        ) from err
+
+
+def score_sharded(run, config: QueryConfig, manifest, queries, full_path: str | None, model_fingerprint: str):
     """Query gradients once, then one score_shard_range task per shards_per_task shards (side by side on the
     flow's task runner), then their exact top-k merge: the same stored result as one score_queries task."""
-    uri, score = config.index_uri, config.score
+    uri, score, results = config.index_uri, config.score, config.results_location
     query = run.log_result(
         "query_gradients",
-        query_gradients(uri, manifest, queries, score, config.generation, return_state=True),
+        query_gradients(
+            uri,
+            manifest,
+            queries,
+            score,
+            config.generation,
+            model_fingerprint=model_fingerprint,
+            results_uri=results,
+            return_state=True,
+        ),
     )
     futures = [
-        score_shard_range.submit(uri, manifest, query, score, shards, full_matrix=full_path is not None)
+        score_shard_range.submit(
+            uri, manifest, query, score, shards, full_matrix=full_path is not None, results_uri=results
+        )
         for shards in manifest.shard_ranges(score.shards_per_task)
     ]
     ranges = [run.log_result("score_shard_range", f, step=i) for i, f in enumerate(futures)]
     return run.log_result(
         "score_queries",
-        merge_scores(uri, manifest, query, score, ranges, full_matrix_path=full_path, return_state=True),
+        merge_scores(
+            uri, manifest, query, score, ranges, full_matrix_path=full_path, results_uri=results, return_state=True
+        ),
     )
 
 
@@ -54,11 +87,17 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             f"no published index at {config.index_uri!r}; build one first with `dataworth index` (an interrupted "
             "index run publishes nothing)"
         )
-    report_dir = config.report_dir or default_report_dir(config.index_uri)
+    # Before any cached task: a replaced model must fail here, not return the old model's cached scores.
+    model_fp = check_model_fingerprint(manifest.config.model, manifest.model_fingerprint, config.index_uri)
+    results_uri = config.results_location
+    check_writable(results_uri)
+    report_dir = config.report_dir or default_report_dir(results_uri)
     tags = {"dataworth.index_run": str(manifest.mlflow_run_id)}
     config_path = os.path.join(report_dir, "query_config.yaml")
     with tracked_run(config.tracking, "query", config, tags=tags, config_path=config_path) as run:
-        full_path = os.path.join(report_dir, "score-matrix.npz") if config.score.full_matrix else None
+        # Named after its run: a second query run never overwrites the first one's matrix.
+        matrix = f"score-matrix-{run.run_id or time.strftime('%Y%m%d-%H%M%S')}.npz"
+        full_path = os.path.join(report_dir, matrix) if config.score.full_matrix else None
         if config.score.shards_per_task is None:
             scored = run.log_result(
                 "score_queries",
@@ -69,11 +108,13 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
                     config.score,
                     config.generation,
                     full_matrix_path=full_path,
+                    model_fingerprint=model_fp,
+                    results_uri=results_uri,
                     return_state=True,
                 ),
             )
         else:
-            scored = score_sharded(run, config, manifest, queries, full_path)
+            scored = score_sharded(run, config, manifest, queries, full_path, model_fp)
         build = manifest.config
         run_info = {
             "index": config.index_uri,
@@ -85,7 +126,17 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             "score run": scored.score_run_id,
         }
         title = title or "dataworth attribution report"
-        report = render_report(config.index_uri, scored.score_run_id, report_dir, title, run_info, relevant)
+        report = render_report(
+            config.index_uri,
+            scored.score_run_id,
+            report_dir,
+            title,
+            run_info,
+            relevant,
+            results_uri=results_uri,
+            max_rows=config.score.report_rows,
+            examples_version=manifest.examples_version,
+        )
         for path in report.files + ([full_path] if full_path else []):
             run.artifact(path)
     log.info("report: %s", report.report)
@@ -100,5 +151,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.uri,
         "index_uri": config.index_uri,
+        "results_uri": results_uri,
+        "full_matrix": full_path,
         "seconds": time.perf_counter() - started,
     }

@@ -8,19 +8,22 @@ API server and points the run's settings, which prefect-dask sends with every ta
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from prefect import Flow
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from typing import TYPE_CHECKING, Any
 
 from dataworth.config import RunnerConfig
+
+if TYPE_CHECKING:  # prefect is imported where used: the CLI starts EarlyAPI before any heavy import
+    from prefect import Flow
+    from prefect.task_runners import TaskRunner
 
 
 def task_runner(config: RunnerConfig) -> TaskRunner:
     """The task runner a RunnerConfig names."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     if config.kind == "threads":
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner
@@ -41,6 +44,8 @@ def task_runner(config: RunnerConfig) -> TaskRunner:
 def reachable_api() -> Iterator[str]:
     """A Prefect API URL that other processes can reach, set for the duration: the configured server's, else
     this process's ephemeral server (started now if need be; the flow run itself would start the same one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     url = PREFECT_API_URL.value()
     if url:
         yield url
@@ -51,6 +56,37 @@ def reachable_api() -> Iterator[str]:
     server.start()
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+class EarlyAPI:
+    """Prefect's ephemeral API server, started in a background thread so that its boot (a separate process:
+    about 5–10 s of imports and database set-up) overlaps this process's own imports instead of following
+    them. Started only when no server is configured (PREFECT_API_URL unset) and ephemeral mode is allowed;
+    `wait()` before the first flow call, which then finds the same server (SubprocessASGIServer is one
+    instance per process) already running."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="prefect-api-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+                return  # a configured server (or none allowed): nothing to start
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except BaseException as err:  # re-raised in the main thread by wait()
+            self.error = err
+
+    def wait(self) -> None:
+        """Block until the server answers; raise what made its start fail."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def with_runner(flow: Flow, config: RunnerConfig) -> Flow:

@@ -20,7 +20,7 @@ GRADIENT_KEYS = ("model", "data", "logging")
 
 
 class IndexBuildConfig(StageConfig):
-    """The IndexConfig an index was built with, less what does not shape it (overwrite, tracking, runner)."""
+    """The IndexConfig an index was built with, less what does not shape it (overwrite, retention, tracking, runner)."""
 
     model: ModelConfig = Field(description="The model whose gradients are stored.")
     data: DataConfig = Field(description="The corpus and how it was cut into examples.")
@@ -38,7 +38,8 @@ class IndexBuildConfig(StageConfig):
 
     @classmethod
     def of(cls, config: IndexConfig) -> IndexBuildConfig:
-        return cls.model_validate(config.model_dump(mode="json", exclude={"overwrite", "tracking", "runner"}))
+        exclude = {"overwrite", "keep_versions_days", "tracking", "runner"}
+        return cls.model_validate(config.model_dump(mode="json", exclude=exclude))
 
 
 class IndexManifest(BaseModel):

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,6 +50,11 @@ _SHARD_INDEX, _INDEX_EVERY = "shard_idx", 32
 # a scoring pass held more of a larger table in memory; 32 MiB still reads at about 1 GB/s here.
 # Read once per process by Lance, at its first scan; a value set by the user wins.
 os.environ.setdefault("LANCE_DEFAULT_IO_BUFFER_SIZE", str(32 << 20))
+# Lance's standard I/O scheduler reads on a pool of threads, and glibc keeps the freed read buffers in each
+# thread's own arena: a scan's resident memory grew with the table (+100 MB scoring 1M rows against 10k).
+# The lite scheduler (a documented Lance setting) stays flat and scans as fast here. Set before any scan;
+# a value set by the user wins.
+os.environ.setdefault("LANCE_USE_LITE_SCHEDULER", "1")
 # Rows per batch Lance decodes: small decoded batches in flight, merged into the caller's batch_size.
 _READ_ROWS = 1024
 
@@ -70,6 +76,15 @@ def _check_key(what: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise IndexStoreError(f"{what} must be a non-empty string, got {value!r}")
     return value
+
+
+def batch_buffer(rows: int, dim: int) -> np.ndarray:
+    """A writable float32 [rows, dim] array in Arrow's memory pool, to copy a batch of iter_gradient_pieces into.
+
+    Arrow's pool (mimalloc or jemalloc) hands a freed batch back for the next one or to the system, where
+    glibc would keep it in the arena of the thread that allocated it.
+    """
+    return np.frombuffer(pa.allocate_buffer(rows * dim * 4), dtype=np.float32).reshape(rows, dim)
 
 
 class IndexStore:
@@ -235,6 +250,12 @@ class IndexStore:
         schema = gradients_schema(dim, dtype)
         table = self._open_or_create(GRADIENTS, schema)
         stored_dim, stored_dtype = vector_layout(table.schema)
+        if (stored_dim, stored_dtype) != (dim, dtype) and table.count_rows() == 0:
+            # Emptied by reset_gradients for a rebuild with another layout: the new schema is one more version,
+            # the old versions (which a published manifest may pin) keep theirs.
+            with self._creation_lock(GRADIENTS):
+                table = self._db.create_table(GRADIENTS, schema=schema, mode="overwrite")
+            stored_dim, stored_dtype = dim, dtype
         if (stored_dim, stored_dtype) != (dim, dtype):
             raise IndexStoreError(
                 f"{what} {dtype} vectors of dim {dim}, but the gradients table stores {stored_dtype} "
@@ -342,6 +363,21 @@ class IndexStore:
         Rows come in scan order; use the ids. Only one batch is held in memory at a time.
         Arguments and the table are checked now, not at the first next().
         """
+        pieces, dim = self._scan_gradients(batch_size, version, shards)
+        return (batch_arrays(pa.concat_batches(p) if len(p) > 1 else p[0], dim) for p in pieces)
+
+    def iter_gradient_pieces(
+        self, batch_size: int, version: int | None = None, shards: list[int] | None = None
+    ) -> Iterator[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """The batches of iter_gradients, each as the scanned pieces it is made of, in order: read-only views
+        of the scanner's buffers, for a caller that copies them into its own batch (see batch_buffer), which
+        saves iter_gradients' merge copy."""
+        pieces, dim = self._scan_gradients(batch_size, version, shards)
+        return ([batch_arrays(piece, dim) for piece in p] for p in pieces)
+
+    def _scan_gradients(
+        self, batch_size: int, version: int | None, shards: list[int] | None
+    ) -> tuple[Iterator[list[pa.RecordBatch]], int]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise IndexStoreError(f"batch_size must be a positive int, got {batch_size!r}")
         table = self._require(GRADIENTS, version)
@@ -353,26 +389,25 @@ class IndexStore:
                 raise IndexStoreError(f"shards must be a non-empty list of ints, got {shards!r}")
             query = query.where(f"shard IN ({', '.join(str(int(s)) for s in shards)})")
         reader = query.to_batches(batch_size=min(int(batch_size), _READ_ROWS))
-        return self._stream(reader, int(batch_size), dim)
+        return self._batch_pieces(reader, int(batch_size)), dim
 
     @staticmethod
-    def _stream(reader: pa.RecordBatchReader, batch_size: int, dim: int) -> Iterator[tuple[np.ndarray, ...]]:
-        # Scanned batches (batch_size is only a hint to the scanner) are merged, in scan order, into
-        # batches of exactly batch_size rows but the last.
-        pending: list[pa.RecordBatch] = []
+    def _batch_pieces(reader: pa.RecordBatchReader, batch_size: int) -> Iterator[list[pa.RecordBatch]]:
+        # Scanned batches (batch_size is only a hint to the scanner) cut, in scan order, into groups of
+        # exactly batch_size rows but the last: slices, nothing copied.
+        group: list[pa.RecordBatch] = []
         rows = 0
         for batch in reader:
-            pending.append(batch)
-            rows += batch.num_rows
-            if rows < batch_size:
-                continue
-            merged = pa.concat_batches(pending) if len(pending) > 1 else pending[0]
-            full = rows - rows % batch_size
-            for start in range(0, full, batch_size):
-                yield batch_arrays(merged.slice(start, batch_size), dim)
-            pending, rows = ([merged.slice(full)] if rows > full else []), rows - full
-        if rows:
-            yield batch_arrays(pa.concat_batches(pending) if len(pending) > 1 else pending[0], dim)
+            start = 0
+            while start < batch.num_rows:
+                take = min(batch_size - rows, batch.num_rows - start)
+                group.append(batch.slice(start, take))
+                rows, start = rows + take, start + take
+                if rows == batch_size:
+                    yield group
+                    group, rows = [], 0
+        if group:
+            yield group
 
     def gradients_version(self) -> int:
         return int(self._require(GRADIENTS).version)
@@ -527,9 +562,37 @@ class IndexStore:
         )
 
     def drop(self) -> None:
-        """Remove every table of the index (overwrite=True); table versions start again at 1."""
+        """Remove every table of the index (overwrite of an unpublished or damaged index); table versions start
+        again at 1. A table Lance cannot drop (damaged) is removed as a directory when the index is local."""
         for name in sorted(self._table_names() & set(TABLES)):
-            self._db.drop_table(name, ignore_missing=True)
+            try:
+                self._db.drop_table(name, ignore_missing=True)
+            except Exception:
+                if self._local_path is None:
+                    raise
+            if self._local_path is not None:
+                shutil.rmtree(os.path.join(self._local_path, f"{name}.lance"), ignore_errors=True)
+
+    def cleanup_versions(self, older_than: timedelta) -> int:
+        """Remove the files of table versions older than `older_than` that the latest versions do not use (the
+        published manifest pins the latest ones; a query started before a rebuild published reads an older one,
+        so keep at least as long as a query runs). Returns the bytes removed."""
+        removed = 0
+        for name in sorted(self._table_names() & set(TABLES)):
+            stats = self._db.open_table(name).cleanup_old_versions(older_than=older_than)
+            removed += int(getattr(stats, "bytes_removed", 0) or 0)
+        return removed
+
+    def reset_gradients(self) -> int | None:
+        """Empty the gradients table as one new version, for a rebuild beside the published index: the versions a
+        published manifest pins stay readable until the new manifest replaces it. Returns the new version (None
+        when there is no gradients table)."""
+        table = self._open(GRADIENTS)
+        if table is None:
+            return None
+        with self._creation_lock(GRADIENTS):
+            table = self._db.create_table(GRADIENTS, schema=table.schema, mode="overwrite")
+        return int(table.version)
 
     def bytes_stored(self) -> int:
         """Bytes the index's tables occupy: file sizes for a local directory, Lance's stats otherwise.

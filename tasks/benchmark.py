@@ -15,7 +15,7 @@ from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
 from dataworth.training import RetrainConfig
 
-from .common import CACHE, StageResult
+from .common import CACHE, PERSIST, StageResult
 
 
 def _generate(kind: str, corpus_kwargs: dict, seed: int):
@@ -69,7 +69,7 @@ class PreparedBenchmark(StageResult):
         )
 
 
-@task(name="prepare_benchmark", cache_policy=CACHE - "progress", persist_result=True)
+@task(name="prepare_benchmark", cache_policy=CACHE - "progress", **PERSIST)
 def prepare_benchmark(
     workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True
 ) -> PreparedBenchmark:

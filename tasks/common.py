@@ -20,9 +20,11 @@ from dataworth.attribution.projection import FittedProjections
 from dataworth.config import GenerationConfig, ModelConfig, QuerySpec
 from dataworth.data import pad_token_id
 from dataworth.errors import is_retryable
+from dataworth.fingerprint import check_model_fingerprint
 from dataworth.model import context_length, load_model
 from dataworth.queries import EncodedQuery, encode_queries
 from storage import IndexManifest, IndexStore
+from storage.store import batch_buffer
 
 # Cached across runs on (inputs + task source). No task takes an MLflow run id: tasks return their
 # metrics and the flow logs them, so a cached result still reports into the run that reuses it.
@@ -52,6 +54,9 @@ def retry_on_io(task, task_run, state) -> bool:
 
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io)
+# Persisted task results as JSON (pydantic models are rebuilt by class name), never pickle: a result store read
+# back by another process or machine executes no code from it.
+PERSIST = dict(persist_result=True, result_serializer="json")
 
 _models: dict[str, tuple] = {}
 _lock = threading.Lock()
@@ -140,6 +145,7 @@ def open_index_model(index: str | IndexStore, manifest: IndexManifest | None = N
     """
     store = index if isinstance(index, IndexStore) else IndexStore(index)
     manifest = manifest or published_manifest(store)
+    check_model_fingerprint(manifest.config.model, manifest.model_fingerprint, store.uri)
     lm, tokenizer = load_model(manifest.config.model) if fresh else cached_model(manifest.config.model)
     return IndexModel(lm, tokenizer, manifest, load_projections(store, manifest.projections_artifact))
 
@@ -234,8 +240,24 @@ def gradient_batches(
     store: IndexStore, batch_size: int, version: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(example ids [n], vectors float32 [n, dim]) of the stored gradients, read one batch ahead of the caller."""
-    reader = store.iter_gradients(batch_size, version=version)
-    return prefetched((torch.tensor(ids), torch.tensor(vectors)) for ids, vectors, _sq in reader)
+    return prefetched(_gradient_tensors(store.iter_gradient_pieces(batch_size, version=version)))
+
+
+def _gradient_tensors(batches: Iterable[list[tuple[np.ndarray, ...]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # One copy per batch, from the scanner's buffers into Arrow's memory pool (batch_buffer): a torch tensor
+    # per batch would come from glibc, which keeps the freed ones in the reading thread's arena, so a scoring
+    # pass's resident memory grew with the table. The copy is a torch op, run on the prefetch thread, on
+    # purpose: with no torch work on that thread, the scoring thread's OpenMP workers spin-waited (libgomp)
+    # against the reader and a scoring pass took twice the CPU time on 2 cores.
+    for pieces in batches:
+        rows = sum(len(ids) for ids, _, _ in pieces)
+        vectors = torch.from_numpy(batch_buffer(rows, pieces[0][1].shape[1]))
+        start = 0
+        for ids, piece, _sq in pieces:
+            # from_dlpack takes the read-only view without from_numpy's warning; nothing writes to it.
+            vectors[start : start + len(ids)].copy_(torch.from_dlpack(piece))
+            start += len(ids)
+        yield torch.from_numpy(np.concatenate([ids for ids, _, _ in pieces])), vectors
 
 
 def norms_key(curvature_artifact: str, curvature: Curvature) -> str:
@@ -281,12 +303,19 @@ read_norms = read_array
 
 
 def index_norms(
-    store: IndexStore, manifest: IndexManifest, curvature: Curvature, batch_size: int = 4096
+    store: IndexStore,
+    manifest: IndexManifest,
+    curvature: Curvature,
+    batch_size: int = 4096,
+    results: IndexStore | None = None,
 ) -> torch.Tensor:
     """‖(F+λI)^-1/2 g_i‖ per example id for this damping of the index's curvature: stored by fit_curvature for
-    the index's own damping; computed once (one streaming pass) and stored for any other."""
+    the index's own damping; computed once (one streaming pass) and stored for any other, in `results` when
+    given (a query never writes the index), else in the index."""
     key = norms_key(manifest.curvature_artifact, curvature)
     norms = read_norms(store, key)
+    if (norms is None or norms.shape != (manifest.num_examples,)) and results is not None:
+        norms = read_norms(results, key)
     if norms is None or norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
         norms = compute_norms(store, curvature, manifest.gradients_version, batch_size)
         if norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
@@ -294,5 +323,5 @@ def index_norms(
                 f"index {store.uri!r} stores gradients for {np.count_nonzero(~np.isnan(norms))} of example ids "
                 f"0..{manifest.num_examples - 1}; {REBUILD}"
             )
-        store_norms(store, key, norms)
+        store_norms(results or store, key, norms)
     return torch.from_numpy(norms)

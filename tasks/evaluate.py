@@ -31,6 +31,7 @@ from .common import (
     CACHE,
     IO_RETRIES,
     MODEL_LOCK,
+    PERSIST,
     StageResult,
     encode_index_queries,
     index_curvature,
@@ -109,7 +110,7 @@ def _examples(index_uri: str) -> dict:
     return {k: [t[k][i] for i in order] for k in t}
 
 
-@task(name="bm25_scores", cache_policy=CACHE, persist_result=True)
+@task(name="bm25_scores", cache_policy=CACHE, **PERSIST)
 def bm25_scores(index_uri: str, examples_version: int, queries: list[QuerySpec], out_path: str) -> str:
     """BM25 of each query's prompt + completion against every training example's text."""
     ex = _examples(index_uri)
@@ -165,7 +166,7 @@ def tail_patch_eval(
     return MethodTable(table=out)
 
 
-@task(name="plan_subsets", cache_policy=CACHE, persist_result=True)
+@task(name="plan_subsets", cache_policy=CACHE, **PERSIST)
 def plan_subsets(n_examples: int, n_subsets: int, fraction: float, seed: int, out_path: str) -> dict:
     """Random LDS subsets, saved as a [subsets, examples] boolean .npy; {"path", "keeps": the examples of
     each subset, "keys": each subset's key}."""
@@ -189,7 +190,7 @@ def plan_brittleness(
 @task(
     name="retrain_and_measure",
     cache_policy=CACHE - "keep" - "index_uri",
-    persist_result=True,
+    **PERSIST,
     tags=["gpu"],
     **IO_RETRIES,
     task_run_name="retrain-{keep_key}",
@@ -234,7 +235,7 @@ def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]]
     return LDSResult(table=out, scatter=scatter)
 
 
-@task(name="loo_eval", cache_policy=CACHE, persist_result=True)
+@task(name="loo_eval", cache_policy=CACHE, **PERSIST)
 def loo_eval(seed: int) -> LOOResult:
     """Influence vs actual leave-one-out retraining on softmax regression (a convex problem)."""
     from dataworth.evaluation.loo import loo_agreement
@@ -245,7 +246,7 @@ def loo_eval(seed: int) -> LOOResult:
     return LOOResult(**out, seconds=time.perf_counter() - start)
 
 
-@task(name="kronfluence_scores", cache_policy=CACHE, persist_result=True, tags=["gpu"])
+@task(name="kronfluence_scores", cache_policy=CACHE, **PERSIST, tags=["gpu"])
 def kronfluence_eval(
     index_uri: str, examples_version: int, queries: list[QuerySpec], out_path: str
 ) -> KronfluenceResult:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,7 @@ from .common import (
     CACHE,
     IO_RETRIES,
     MODEL_LOCK,
+    PERSIST,
     StageResult,
     cached_model,
     compute_norms,
@@ -84,7 +88,11 @@ class LoggedShard(StageResult):
     shard: int = Field(description="Shard number.")
     examples: int = Field(description="Examples in the shard.")
     tokens: int = Field(description="Tokens in the shard.")
-    seconds: float = Field(description="Gradient computation time (model forward/backward and projection).")
+    compute_seconds: float = Field(
+        description="Gradient computation time (model forward/backward and projection, under MODEL_LOCK)."
+    )
+    write_seconds: float = Field(description="Time to store the shard (outside MODEL_LOCK: overlaps the next compute).")
+    worker: str = Field(description="host:pid of the process that logged the shard.")
     peak_memory_mb: float = Field(description="Peak device memory of the worker process, in MiB.")
     layout: list[dict[str, Any]] = Field(description="Per-module blocks of the gradient vector (Layout.to_json).")
     dim: int = Field(description="Dimension of each gradient vector.")
@@ -92,8 +100,8 @@ class LoggedShard(StageResult):
 
     def metrics(self) -> dict[str, float]:
         return {
-            "log_tokens_per_s": self.tokens / self.seconds,
-            "log_examples_per_s": self.examples / self.seconds,
+            "log_tokens_per_s": self.tokens / self.compute_seconds,
+            "log_examples_per_s": self.examples / self.compute_seconds,
             "peak_memory_mb": self.peak_memory_mb,
         }
 
@@ -143,13 +151,19 @@ COMPACT_FRAGMENTS = 2048
 
 
 @task(name="prune_index", **IO_RETRIES)
-def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None = None) -> IndexState:
-    """Drop the whole index (overwrite); or, once every shard is logged, drop gradient shards numbered
+def prune_index(
+    index_uri: str, drop_all: bool = False, keep_shards: int | None = None, reset: bool = False
+) -> IndexState:
+    """Drop the whole index (overwrite of an unpublished or damaged one); or empty its gradients as a new
+    version (reset: overwrite of a published one, which queries keep reading at the versions its manifest
+    pins until the rebuild publishes); or, once every shard is logged, drop gradient shards numbered
     keep_shards and above and compact the gradients, so the version returned (which curvature and the
     manifest record) is the compacted one."""
     store = IndexStore(index_uri)
     if drop_all:
         store.drop()
+    elif reset:
+        store.reset_gradients()
     elif keep_shards is not None:
         store.delete_shards_from(keep_shards)
         # Without a published manifest no reader pins an older version, so its files can go.
@@ -157,7 +171,7 @@ def prune_index(index_uri: str, drop_all: bool = False, keep_shards: int | None 
     return store.state()
 
 
-@task(name="tokenize_corpus", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+@task(name="tokenize_corpus", cache_policy=CACHE, **PERSIST, **IO_RETRIES)
 def tokenize_corpus(
     index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str, shard_size: int
 ) -> Tokenized:
@@ -266,7 +280,7 @@ def _projections_result(key: str, fitted: FittedProjections, seconds: float, reu
 @task(
     name="log_gradients",
     cache_policy=CACHE - "examples_version" - "progress" - "new",
-    persist_result=True,
+    **PERSIST,
     tags=["gpu"],
     **IO_RETRIES,
     task_run_name="log_gradients-shard-{shard}",
@@ -291,6 +305,9 @@ def log_gradients(
     projections' digest, so refitted projections re-log every shard. new=True (the flow saw no rows of the
     shard stored) writes it as one append with no lookup of old rows; a retry looks them up again, since
     the failed attempt may have committed its append.
+
+    The write runs after MODEL_LOCK is released, so in a process that runs several of these tasks (the
+    flow keeps the next shard waiting for the model) one shard's write overlaps the next shard's compute.
     """
     store = IndexStore(index_uri)
     lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
@@ -305,17 +322,21 @@ def log_gradients(
         for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress, fitted):
             ids.append(batch_ids)
             rows.append(grads)
-        seconds = time.perf_counter() - start
+        compute_seconds = time.perf_counter() - start
     first_attempt = task_run.run_count <= 1  # 0 when called outside a task run (.fn)
+    start = time.perf_counter()
     store.write_gradient_shard(
         shard, torch.cat(ids).numpy(), torch.cat(rows).numpy(), logging.storage_dtype, new=new and first_attempt
     )
+    write_seconds = time.perf_counter() - start
     layout, full_params = describe_layout(lm, logging)
     return LoggedShard(
         shard=shard,
         examples=len(examples),
         tokens=sum(e.num_tokens for e in examples),
-        seconds=seconds,
+        compute_seconds=compute_seconds,
+        write_seconds=write_seconds,
+        worker=worker_id(),
         peak_memory_mb=peak_memory_mb(),
         layout=layout.to_json(),
         dim=layout.dim,
@@ -323,7 +344,12 @@ def log_gradients(
     )
 
 
-@task(name="fit_curvature", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+def worker_id() -> str:
+    """host:pid of this process: which worker of a Dask cluster or work pool ran a task."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@task(name="fit_curvature", cache_policy=CACHE, **PERSIST, **IO_RETRIES)
 def fit_curvature(
     index_uri: str,
     curvature: CurvatureConfig,
@@ -383,8 +409,9 @@ def assemble_manifest(
 
 
 @task(name="publish_index", **IO_RETRIES)
-def publish_index(index_uri: str, manifest: IndexManifest) -> Published:
-    """Write the manifest last: only then does the index exist for queries."""
+def publish_index(index_uri: str, manifest: IndexManifest, keep_versions_days: float | None = None) -> Published:
+    """Write the manifest last: only then does the index exist for queries. Then remove table versions older
+    than keep_versions_days (those of earlier builds, which no query reads any more)."""
     store = IndexStore(index_uri)
     try:
         store.check_gradient_ids(manifest.num_examples, manifest.gradients_version)
@@ -396,4 +423,6 @@ def publish_index(index_uri: str, manifest: IndexManifest) -> Published:
         ) from None
     # A new publication, never a re-stamp of an earlier one: published_at tells scoring runs apart.
     store.publish_manifest(manifest.model_copy(update={"published_at": None}))
+    if keep_versions_days is not None:
+        store.cleanup_versions(timedelta(days=keep_versions_days))
     return Published(index_uri=index_uri, manifest=store.read_manifest(), bytes_stored=store.bytes_stored())

@@ -19,11 +19,12 @@ from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
-from storage import IndexManifest, IndexStore, load_results, queries_table, scores_table, write_csv
+from storage import IndexManifest, IndexStore, load_results, queries_table, results_store, scores_table, write_csv
 
 from .common import (
     CACHE,
     IO_RETRIES,
+    PERSIST,
     REBUILD,
     StageResult,
     index_curvature,
@@ -142,6 +143,7 @@ def _query_side(
     queries: list[QuerySpec],
     score: ScoreConfig,
     generation: GenerationConfig,
+    results: IndexStore,
 ) -> tuple[list[EncodedQuery], torch.Tensor, float, Curvature, torch.Tensor | None]:
     """(encoded queries, their gradients, seconds taken, the damped curvature, the stored norms ‖(F+λI)^-½ g_i‖
     when a mode needs them). The norms are stored by fit_curvature for the index's damping; another damping
@@ -151,11 +153,13 @@ def _query_side(
     encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
     seconds = time.perf_counter() - start
     curvature = index_curvature(store, manifest, score.damping_factor)
-    norms = index_norms(store, manifest, curvature, score.train_batch_size) if needs_norms(score.modes) else None
+    norms = (
+        index_norms(store, manifest, curvature, score.train_batch_size, results) if needs_norms(score.modes) else None
+    )
     return encoded, q_grads, seconds, curvature, norms
 
 
-@task(name="score_queries", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
+@task(name="score_queries", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
 def score_queries(
     index_uri: str,
     manifest: IndexManifest,
@@ -163,11 +167,18 @@ def score_queries(
     score: ScoreConfig,
     generation: GenerationConfig,
     full_matrix_path: str | None = None,
+    model_fingerprint: str | None = None,
+    results_uri: str | None = None,
 ) -> Scored:
-    """Query gradients (generating missing completions), then every mode over one streaming pass."""
+    """Query gradients (generating missing completions), then every mode over one streaming pass.
+
+    `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only. Scores and
+    queries go to the results store (results_uri, default the index's results/ folder), never into the index."""
     log = get_run_logger()
-    store = IndexStore(index_uri)
-    encoded, q_grads, query_seconds, curvature, norms = _query_side(store, manifest, queries, score, generation)
+    store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+    encoded, q_grads, query_seconds, curvature, norms = _query_side(
+        store, manifest, queries, score, generation, results
+    )
 
     version = manifest.gradients_version
     n_train = manifest.num_examples
@@ -182,8 +193,8 @@ def score_queries(
     srid = scoring_run_id(manifest, queries, score, generation)
     query_ids = [q.id for q in encoded]
     topk = {mode: (top.ids.numpy(), top.scores.numpy()) for mode, top in scorer.topk.items()}
-    store.write_scores(srid, scores_table(srid, query_ids, topk, version))
-    store.write_queries(srid, queries_table(srid, encoded))
+    results.write_scores(srid, scores_table(srid, query_ids, topk, version))
+    results.write_queries(srid, queries_table(srid, encoded))
     if full_matrix_path:
         Path(full_matrix_path).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
@@ -237,25 +248,28 @@ class RangeScores(StageResult):
         return {"range_score_seconds": self.seconds, "range_score_pairs": self.pairs}
 
 
-@task(name="query_gradients", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
+@task(name="query_gradients", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
 def query_gradients(
     index_uri: str,
     manifest: IndexManifest,
     queries: list[QuerySpec],
     score: ScoreConfig,
     generation: GenerationConfig,
+    model_fingerprint: str | None = None,
+    results_uri: str | None = None,
 ) -> QueryGradients:
     """Query gradients (generating missing completions), stored with the index for the shard-range tasks; the
-    stored norms ‖(F+λI)^-½ g_i‖ of this damping are made sure of here, once, not by every range."""
-    store = IndexStore(index_uri)
-    encoded, q_grads, seconds, _curvature, _norms = _query_side(store, manifest, queries, score, generation)
+    stored norms ‖(F+λI)^-½ g_i‖ of this damping are made sure of here, once, not by every range.
+    `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only."""
+    store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+    encoded, q_grads, seconds, _curvature, _norms = _query_side(store, manifest, queries, score, generation, results)
     srid = scoring_run_id(manifest, queries, score, generation)
     key = f"query-gradients-{srid}"
-    write_array(store, key, q_grads.numpy())
+    write_array(results, key, q_grads.numpy())
     return QueryGradients(score_run_id=srid, artifact=key, encoded=encoded, seconds=seconds)
 
 
-@task(name="score_shard_range", cache_policy=CACHE, persist_result=True, tags=["gpu"], **IO_RETRIES)
+@task(name="score_shard_range", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
 def score_shard_range(
     index_uri: str,
     manifest: IndexManifest,
@@ -263,17 +277,20 @@ def score_shard_range(
     score: ScoreConfig,
     shards: list[int],
     full_matrix: bool = False,
+    results_uri: str | None = None,
 ) -> RangeScores:
     """Every mode's top-k of the queries over the stored gradients of `shards` (one streaming pass)."""
-    store = IndexStore(index_uri)
-    stored_grads = read_array(store, query.artifact)
+    store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+    stored_grads = read_array(results, query.artifact)
     if stored_grads is None:
         raise ValueError(f"index {index_uri!r} has no query gradients {query.artifact!r}; score the queries again")
     q_grads = torch.from_numpy(stored_grads)
     curvature = index_curvature(store, manifest, score.damping_factor)
     norms = None
     if needs_norms(score.modes):
-        stored = read_norms(store, norms_key(manifest.curvature_artifact, curvature))
+        key = norms_key(manifest.curvature_artifact, curvature)
+        stored = read_norms(store, key)
+        stored = read_norms(results, key) if stored is None else stored  # another damping: stored with the results
         if stored is None or stored.shape != (manifest.num_examples,):
             raise ValueError(f"index {index_uri!r} lacks the stored norms of this damping; {REBUILD}")
         norms = torch.from_numpy(stored)
@@ -304,7 +321,7 @@ def score_shard_range(
     )
 
 
-@task(name="merge_scores", cache_policy=CACHE, persist_result=True, **IO_RETRIES)
+@task(name="merge_scores", cache_policy=CACHE, **PERSIST, **IO_RETRIES)
 def merge_scores(
     index_uri: str,
     manifest: IndexManifest,
@@ -312,6 +329,7 @@ def merge_scores(
     score: ScoreConfig,
     ranges: list[RangeScores],
     full_matrix_path: str | None = None,
+    results_uri: str | None = None,
 ) -> Scored:
     """The exact top-k over every shard range (as one task over the whole index would give it), stored in the
     scores and queries tables; with full_matrix_path, the full score matrix assembled from the ranges."""
@@ -324,12 +342,12 @@ def merge_scores(
     modes = list(ranges[0].topk) if ranges else list(dict.fromkeys(score.modes))
     empty = (np.empty((n_queries, 0), np.int64), np.empty((n_queries, 0)))
     topk = {m: merge_topk([empty, *(r.topk[m] for r in ranges)], score.top_k) for m in modes}
-    store = IndexStore(index_uri)
+    results = results_store(index_uri, results_uri)
     query_ids = [q.id for q in query.encoded]
-    store.write_scores(
+    results.write_scores(
         query.score_run_id, scores_table(query.score_run_id, query_ids, topk, manifest.gradients_version)
     )
-    store.write_queries(query.score_run_id, queries_table(query.score_run_id, query.encoded))
+    results.write_queries(query.score_run_id, queries_table(query.score_run_id, query.encoded))
     if full_matrix_path:
         full = {m: np.zeros((n_queries, n_train)) for m in modes}
         for r in ranges:
@@ -367,9 +385,13 @@ def render_report(
     run_info: dict,
     relevant: dict[str, list[str]] | None = None,
     metrics: dict | None = None,
+    results_uri: str | None = None,
+    max_rows: int | None = 50,
+    examples_version: int | None = None,
 ) -> Report:
-    """HTML report and top-k CSV of one scoring run, saved under report_dir."""
-    queries, results = load_results(index_uri, srid)
+    """HTML report and top-k CSV of one scoring run, saved under report_dir; the report lists the first
+    `max_rows` results per query and mode (a large top-k stays a small page), the CSV all of them."""
+    queries, results = load_results(index_uri, srid, results_uri, examples_version)
     for by_query in results.values():
         for qid, rows in by_query.items():
             for row in rows:
@@ -379,8 +401,9 @@ def render_report(
         {"id": q["query_id"], "prompt": q["prompt"], "completion": q["completion"], "generated": q["generated"]}
         for q in queries
     ]
-    html = render_query_report(title, queries, results, metrics, run_info, samples)
     out = Path(report_dir)
+    csv_path = out / f"topk-{srid}.csv"
+    html = render_query_report(title, queries, results, metrics, run_info, samples, max_rows, csv_path.name)
     path = write_report(html, out / f"report-{srid}.html")
     flat = [
         {"mode": m, "query_id": q, **{k: v for k, v in r.items() if k != "text"}}
@@ -388,7 +411,6 @@ def render_report(
         for q, rows in bq.items()
         for r in rows
     ]
-    csv_path = out / f"topk-{srid}.csv"
     if flat:
         write_csv(flat, csv_path)
     return Report(report=str(path), topk_csv=str(csv_path) if flat else None)

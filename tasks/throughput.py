@@ -5,7 +5,8 @@ data, next to the bound or peer it is compared with, and returns the figures as 
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
 from dataworth.attribution.gradients import log_example_gradients
@@ -38,6 +39,8 @@ from dataworth.benchmarks.throughput import (
     training_step_seconds,
 )
 from dataworth.config import ALL_SCORE_MODES, CurvatureConfig, LoggingConfig
+from dataworth.errors import ConfigError
+from dataworth.evaluation.peers import KRONFLUENCE_STRATEGY, PEERS, PairwiseJob, missing_peer, time_pairwise_rounds
 from storage import IndexStore
 
 from .common import StageResult, compute_norms, gradient_batches
@@ -46,10 +49,6 @@ from .common import StageResult, compute_norms, gradient_batches
 FIT_ROWS = 4096
 # Shards averaged at each end of the ingest for the last/first write-time ratio (one shard is noisy).
 ENDS = 5
-PEER_INSTALL = {
-    "kronfluence": 'pip install --no-deps "kronfluence==1.0.1" einops einconv opt-einsum',
-    "bergson": "pip install --no-deps bergson",
-}
 
 
 def _local_dir(uri: str) -> str | None:
@@ -264,14 +263,14 @@ def measure_scoring(
 
 
 class PeerMeasured(StageResult):
-    """A peer system scoring the same stored vectors, or why it was skipped."""
+    """LanceDB's brute-force search over the same stored vectors."""
 
-    peer: str = Field(description="lancedb, kronfluence or bergson.")
+    peer: str = Field(description="lancedb.")
     size: int = Field(description="Stored rows searched.")
     queries: int = Field(0, description="Queries the peer answered.")
-    seconds: float | None = Field(None, description="Time of those queries; None when skipped.")
+    seconds: float | None = Field(None, description="Time of those queries.")
     pairs_per_s: float | None = Field(None, description="queries × rows ÷ seconds (one dot score per pair).")
-    note: str | None = Field(None, description="Why the peer was skipped, or how it was run.")
+    note: str | None = Field(None, description="How the peer was run.")
 
     def metrics(self) -> dict[str, float]:
         if self.pairs_per_s is None:
@@ -281,14 +280,10 @@ class PeerMeasured(StageResult):
 
 @task(name="measure_peer", cache_policy=NO_CACHE)
 def measure_peer(peer: str, index_uri: str, size: int, queries: int, dim: int, top_k: int, seed: int) -> PeerMeasured:
-    """LanceDB's own brute-force `search(q).distance_type("dot").limit(k)` over the stored gradients table;
-    kronfluence and bergson are reported as skipped (with the install command) when not importable."""
+    """LanceDB's own brute-force `search(q).distance_type("dot").limit(k)` over the stored gradients table.
+    (kronfluence and bergson compute gradients from a model, not from stored vectors: measure_pairwise.)"""
     if peer != "lancedb":
-        if importlib.util.find_spec(peer) is None:
-            note = f"not installed ({PEER_INSTALL[peer]})"
-        else:
-            note = "installed, but no comparison on stored vectors is wired up for it yet"
-        return PeerMeasured(peer=peer, size=size, note=note)
+        raise ConfigError(f"measure_peer times LanceDB on stored vectors, not {peer!r}; measure_pairwise runs {PEERS}")
     import lancedb
 
     from storage.store import GRADIENTS
@@ -307,6 +302,112 @@ def measure_peer(peer: str, index_uri: str, size: int, queries: int, dim: int, t
         seconds=seconds,
         pairs_per_s=queries * size / seconds,
         note=f'search(q).distance_type("dot").limit({top_k}), no vector index, {queries} queries',
+    )
+
+
+class PairwiseTimed(BaseModel):
+    """One system's run of the pairwise job, or why it did not run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seconds: float | None = Field(None, description="Timed part of the best round (see dataworth.evaluation.peers).")
+    pairs_per_s: float | None = Field(None, description="queries × training sequences ÷ seconds.")
+    parts: dict[str, float] = Field(default_factory=dict, description="The timed steps of the best round, in s.")
+    rounds_seconds: list[float] = Field(default_factory=list, description="The timed part of every round.")
+    note: str | None = Field(None, description="How it was run, or why it was skipped.")
+
+
+class PairwiseMeasured(StageResult):
+    """dataworth and its peers on one pairwise job: same model, data, thread count, in one run."""
+
+    name: str = Field(description="Model shape.")
+    job: dict = Field(description="The PairwiseJob: shape, seq_length, train, queries, batch_size, proj_dim, seed.")
+    threads: int = Field(description="torch threads of the process the systems ran in.")
+    rounds: int = Field(description="Rounds the systems took turns in; each one's best round counts.")
+    systems: dict[str, PairwiseTimed] = Field(description="dataworth, then each peer asked for.")
+
+    def speedup(self, peer: str) -> float | None:
+        """dataworth pairs/s ÷ the peer's (None when the peer did not run)."""
+        ours, theirs = self.systems["dataworth"].pairs_per_s, self.systems[peer].pairs_per_s
+        return ours / theirs if ours and theirs else None
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for system, timed in self.systems.items():
+            if timed.pairs_per_s is not None:
+                out[f"pairwise.{system}.pairs_per_s"] = timed.pairs_per_s
+                out[f"pairwise.{system}.seconds"] = timed.seconds
+            if system != "dataworth" and self.speedup(system) is not None:
+                out[f"pairwise.speedup_vs_{system}"] = self.speedup(system)
+        return out
+
+
+@contextlib.contextmanager
+def _gpus_hidden():
+    """Processes started inside see no GPU: the pairwise job runs on the CPU (kronfluence's adapter is CPU-only,
+    and bergson would otherwise take any GPU it sees)."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _how(system: str, job: PairwiseJob) -> str:
+    k = f"{job.proj_dim}×{job.proj_dim}"
+    return {
+        "dataworth": f"log_example_gradients + query_gradients ({k} gaussian projections) + Scorer dot mode",
+        "kronfluence": f"strategy {KRONFLUENCE_STRATEGY!r} (exact gradients), fit_all_factors + "
+        f"compute_pairwise_scores timed, all {job.queries} queries in one batch",
+        "bergson": f"build (query index) + score (training set), {k} normal projections, no preconditioner",
+    }[system]
+
+
+@task(name="measure_pairwise", cache_policy=NO_CACHE)
+def measure_pairwise(
+    workspace: str, job: PairwiseJob, peers: list[str], rounds: int = 1, budget_s: float | None = None
+) -> PairwiseMeasured:
+    """Score job.queries queries against job.train training sequences of a random-init model with dataworth and
+    each peer that is installed, taking turns for up to `rounds` rounds within about `budget_s` seconds (each
+    system's best round counts) in one fresh CPU process with this process's torch thread count. A peer not
+    installed is reported with its install command, one that fails with its error."""
+    log = get_run_logger()
+    threads = torch.get_num_threads()
+    scratch = Path(workspace, "pairwise")
+    scratch.mkdir(parents=True, exist_ok=True)
+    missing = {peer: missing_peer(peer) for peer in peers}
+    systems = ["dataworth", *(peer for peer in peers if missing[peer] is None)]
+    # spawn, not fork: a fresh interpreter holding nothing of this one's memory or threads.
+    with _gpus_hidden(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = pool.submit(time_pairwise_rounds, systems, job, threads, rounds, str(scratch), budget_s).result()
+    timed: dict[str, PairwiseTimed] = {}
+    for system in ["dataworth", *peers]:
+        run = runs.get(system)
+        if run is None:
+            timed[system] = PairwiseTimed(note=missing[system])
+        elif "error" in run:
+            log.warning("pairwise job with %s failed: %s", system, run["error"])
+            timed[system] = PairwiseTimed(note=f"failed: {run['error']}")
+        else:
+            timed[system] = PairwiseTimed(
+                seconds=run["seconds"],
+                pairs_per_s=run["pairs_per_s"],
+                parts=run["parts"],
+                rounds_seconds=run["rounds_seconds"],
+                note=_how(system, job),
+            )
+            log.info("pairwise %s: %.3g pairs/s (best of %s s)", system, run["pairs_per_s"], run["rounds_seconds"])
+    shape = job.shape
+    return PairwiseMeasured(
+        name=f"{shape['family']}-{shape['layers']}x{shape['width']}-vocab{shape['vocab']}",
+        job=dataclasses.asdict(job),
+        threads=threads,
+        rounds=len(runs["dataworth"]["rounds_seconds"]),
+        systems=timed,
     )
 
 

@@ -32,6 +32,18 @@ GPU_MODEL_SHAPES: dict[str, dict] = {
     },
 }
 
+# The pairwise comparison with kronfluence and bergson (`dataworth benchmark`): the logging model's shape capped
+# at this size, sequences of at most PAIRWISE_SEQ_LENGTH tokens, PAIRWISE_TRAIN training sequences, the systems
+# taking turns for up to PAIRWISE_ROUNDS rounds, none started after PAIRWISE_BUDGET_S seconds once two are done.
+# kronfluence forms every training sequence's full per-layer gradient, and the rounds must fit the CPU preset's
+# time on two cores (a quiet round takes about 8 s, one on busy cores up to 90 s); a smaller vocabulary keeps
+# the shared output layer from dominating every system.
+PAIRWISE_MODEL_CAP = {"layers": 4, "width": 256, "vocab": 8192}
+PAIRWISE_SEQ_LENGTH = 64
+PAIRWISE_TRAIN = 64
+PAIRWISE_ROUNDS = 6
+PAIRWISE_BUDGET_S = 120.0
+
 
 def synthetic_vectors(seed: int, shard: int, rows: int, dim: int) -> torch.Tensor:
     """[rows, dim] float32 gradient-like vectors of one shard: Gaussian with a decaying per-column scale
@@ -110,7 +122,9 @@ def random_causal_lm(
     if family == "gpt2":
         cfg = GPT2Config(
             vocab_size=vocab,
-            n_positions=max(seq_length, 64),
+            n_positions=max(seq_length, 1024),  # GPT-2's context: bergson batches up to this many tokens
+            bos_token_id=min(50256, vocab - 1),  # GPT-2's ids, kept inside a smaller vocabulary
+            eos_token_id=min(50256, vocab - 1),
             n_embd=width,
             n_layer=layers,
             n_head=heads,

@@ -109,9 +109,12 @@ def render_query_report(
     metrics: dict[str, dict[str, float]] | None = None,
     run_info: dict[str, str] | None = None,
     score_samples: dict[str, list[float]] | None = None,
+    max_rows: int | None = None,
+    full_list: str | None = None,
 ) -> str:
     """One self-contained HTML page: run info, metrics, score histograms, then per query
-    the prompt, the completion and each mode's ranked training examples.
+    the prompt, the completion and each mode's ranked training examples (the first `max_rows` of them; the
+    page then names `full_list`, the file that has them all).
 
     queries: {"id", "prompt", "completion", "generated"}; results: mode -> query id ->
     ranked rows {"rank", "score", "example_id", "document_id", "text", "relevant"};
@@ -119,6 +122,12 @@ def render_query_report(
     """
     modes = list(results)
     subtitle = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} · modes: {', '.join(modes) or '–'}"
+    longest = max((len(rows) for by_query in results.values() for rows in by_query.values()), default=0)
+    if max_rows is not None and longest > max_rows:
+        results = {m: {q: rows[:max_rows] for q, rows in bq.items()} for m, bq in results.items()}
+        subtitle += f" · the first {max_rows} of {longest} results per query and mode" + (
+            f" (all of them: {full_list})" if full_list else ""
+        )
     header = (
         f'<header class="card" id="top"><h1>{escape(title)}</h1><p class="note">{escape(subtitle)}. '
         'Rows on green with <span class="check">✓</span> are labelled relevant.</p>'

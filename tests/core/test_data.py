@@ -13,6 +13,7 @@ import torch
 from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import DataConfig
 from dataworth.data import Documents, chunk_documents, collate, load_documents
+from dataworth.errors import DataError
 
 ROWS = [
     {"id": "a", "text": "the cat sat on the mat.", "source": "web"},
@@ -180,8 +181,45 @@ def test_non_string_text(tmp_path):
 
 @pytest.mark.parametrize("name", ["missing.jsonl", "missing-*.jsonl", "no/such/dir"])
 def test_nonexistent_path(tmp_path, name):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist") as err:
         load(tmp_path / name)
+    assert "hub name" in err.value.fix
+
+
+GOOD_LINES = [json.dumps({"id": f"d{i}", "text": f"document {i}"}) for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "content, message, fix",
+    [
+        (b"", r"corpus.jsonl' is empty", "remove it"),
+        (
+            ("\n".join(GOOD_LINES[:3]) + '\n{"id": "x", "text": "no end"\n').encode(),
+            r"line 4: not valid JSON",
+            "fix or",
+        ),
+        (("\n".join(GOOD_LINES[:2]) + "\n[1, 2]\n").encode(), r"line 3: holds a JSON list, not an object", "one"),
+        (
+            ("\n".join(GOOD_LINES) + "\n").encode() + b'{"id": "z", "text": "caf\xe9"}\n',
+            r"line 6: bytes b'\\xe9' at byte 24 of the line are not UTF-8",
+            "re-encode",
+        ),
+    ],
+    ids=["empty", "malformed-line", "not-an-object", "not-utf8"],
+)
+def test_unreadable_file_names_file_and_line(tmp_path, content, message, fix):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        load(path, id_column="id")
+    assert str(path) in str(err.value) and fix in err.value.fix
+
+
+def test_unreadable_csv_names_the_line(tmp_path):
+    path = tmp_path / "corpus.csv"
+    path.write_bytes(b"id,text\na,fine\nb,caf\xe9 au lait\n")
+    with pytest.raises(DataError, match=r"corpus.csv', line 3: bytes b'\\xe9'"):
+        load(path, id_column="id")
 
 
 def test_directory_without_data(tmp_path):

@@ -1,5 +1,7 @@
 """Named error types: ValueErrors (never retried), raised where the core refuses bad input, and the retry rule."""
 
+import errno
+
 import pytest
 import torch
 
@@ -32,6 +34,10 @@ def test_named_errors_are_value_errors(error):
         (PermissionError("denied"), False),
         (IsADirectoryError("a directory"), False),
         (NotADirectoryError("not a directory"), False),
+        (FileExistsError("a file is in the way"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EIO, "Input/output error"), True),
         (ValueError("bad value"), False),
         (RuntimeError("a bug"), False),
         (KeyboardInterrupt(), False),
@@ -59,7 +65,7 @@ def test_queries_and_data_raise_their_named_errors(tmp_path):
     path.write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match="has no column 'body'"):
         load_documents(DataConfig(dataset=str(path), text_column="body"))
-    with pytest.raises(FileNotFoundError):  # a missing file stays a FileNotFoundError: no retry either
+    with pytest.raises(DataError, match="does not exist"):  # bad input: named, never retried
         load_documents(DataConfig(dataset=str(tmp_path / "missing.jsonl")))
 
 
@@ -104,3 +110,9 @@ def test_training_and_benchmarks_raise_named_errors():
         check_sequences([[1, 12]], 10, None, "sequence")
     with pytest.raises(ConfigError, match="n_entities=0"):
         generate_fact_corpus(n_entities=0)
+
+
+@pytest.mark.parametrize("error", NAMED)
+def test_every_named_error_says_what_to_do(error):
+    assert error("bad input").fix and error("bad input", fix="do this").fix == "do this"
+    assert error("bad input").fix == error.fix  # the class default when none is given

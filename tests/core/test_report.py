@@ -256,3 +256,23 @@ def test_fact_tracing_table_has_fixed_columns():
         "mode" + " " * 8 + "         mrr   recall@10",
         "dot" + " " * 9 + "       0.500       0.250",
     ]
+
+
+def test_a_large_top_k_report_shows_the_first_rows_and_names_the_csv():
+    rows = [
+        {
+            "rank": r,
+            "score": 1.0 / (r + 1),
+            "example_id": r,
+            "document_id": f"doc-{r}",
+            "text": f"t{r}",
+            "relevant": None,
+        }
+        for r in range(1000)
+    ]
+    queries = [{"id": "q", "prompt": "p", "completion": "c", "generated": False}]
+    full = render_query_report("t", queries, {"dot": {"q": rows}})
+    capped = render_query_report("t", queries, {"dot": {"q": rows}}, max_rows=50, full_list="topk-x.csv")
+    assert "doc-999" in full and "doc-49" in capped and "doc-50" not in capped
+    assert "the first 50 of 1000 results per query and mode (all of them: topk-x.csv)" in capped
+    assert len(capped) < len(full) / 10

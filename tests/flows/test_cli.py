@@ -324,7 +324,7 @@ def test_query_without_a_published_index(tmp_path):
         env={"PREFECT_HOME": str(tmp_path / "prefect-home")},
     )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"dataworth query: no published index at '{index}'; build one first with `dataworth index`" in out.stderr
+    assert f"dataworth query: no published index at '{index}' — build one first with `dataworth index`" in out.stderr
 
 
 # Fields without a flag of their own, and why. Every other field of every command's config must have one.

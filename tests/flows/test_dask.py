@@ -1,5 +1,6 @@
 """The index and query flows on a local 2-process Dask cluster (prefect-dask's DaskTaskRunner) give the
-single-process result: the same stored gradients per example id, the same top-k ids and scores."""
+single-process result: the same stored gradients per example id, the same top-k ids and scores; both
+processes log shards of the one index, and each shard is stored exactly once."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
 
 from dataworth.config import QueryConfig, RunnerConfig, ScoreConfig
-from storage import IndexStore
+from storage import IndexStore, results_store
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,13 @@ def _gradients(uri: str) -> dict[int, np.ndarray]:
 
 
 def _top_k(uri: str, srid: str) -> list[tuple]:
-    rows = IndexStore(uri).read_scores(srid).to_pylist()
+    rows = results_store(uri).read_scores(srid).to_pylist()
     return sorted((r["mode"], r["query_id"], r["rank"], r["example_id"], r["score"]) for r in rows)
+
+
+def _config(assets, out):
+    cfg = tiny_index_config(assets, out)
+    return cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"shard_size": 3})})
 
 
 def test_index_and_query_on_a_two_process_dask_cluster(harness, assets, tmp_path):
@@ -43,11 +49,19 @@ def test_index_and_query_on_a_two_process_dask_cluster(harness, assets, tmp_path
     from flows.runner import run_flow, task_runner
 
     assert type(task_runner(DASK)).__name__ == "DaskTaskRunner"
-    one = tiny_index_config(assets, tmp_path / "one")
-    spread = tiny_index_config(assets, tmp_path / "dask").model_copy(update={"runner": DASK})
+    one = _config(assets, tmp_path / "one")
+    spread = _config(assets, tmp_path / "dask").model_copy(update={"runner": DASK})
     out_one = run_flow(index_flow, one, progress=False)
     out_dask = run_flow(index_flow, spread, progress=False)
-    assert out_dask["examples"] == out_one["examples"] and out_dask["shards"] == out_one["shards"] > 2
+    assert out_dask["examples"] == out_one["examples"] and out_dask["shards"] == out_one["shards"] >= 6
+    # Shard 0 runs alone, then the other shards all at once (the window is 3 per worker): each of the two idle
+    # workers takes one, and a shard's task (task-run bookkeeping, reading its examples, the model's
+    # forward/backward) takes far longer than the flow needs to submit the next.
+    assert out_one["log_workers"] == 1 and out_dask["log_workers"] == 2
+    for cfg, out in ((one, out_one), (spread, out_dask)):
+        store = IndexStore(cfg.index_uri)
+        store.check_gradient_ids(out["examples"])  # no shard stored twice, none missed
+        assert store.shards_present() == set(range(out["shards"]))
     a, b = _gradients(one.index_uri), _gradients(spread.index_uri)
     assert sorted(a) == sorted(b) == list(range(out_one["examples"]))
     for i in a:

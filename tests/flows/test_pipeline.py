@@ -19,7 +19,7 @@ from dataworth.config import (
     ScoreConfig,
 )
 from dataworth.queries import encode_queries
-from storage import IndexStore
+from storage import IndexStore, results_store
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +66,11 @@ def test_index_then_query(harness, assets):
         tracking=cfg.tracking,
     )
     q = query_flow(qcfg)
-    scores = store.read_scores(q["score_run_id"])
+    results = results_store(cfg.index_uri)  # beside the index: a query never writes the published tables
+    assert q["results_uri"] == results.uri
+    scores = results.read_scores(q["score_run_id"])
     assert scores.num_rows == 2 * 4 * 3
-    queries = {r["query_id"]: r for r in store.read_queries(q["score_run_id"]).to_pylist()}
+    queries = {r["query_id"]: r for r in results.read_queries(q["score_run_id"]).to_pylist()}
     assert queries["gen"]["generated"] and queries["gen"]["completion"]
     assert not queries["cats"]["generated"]
     html = open(q["report"]).read()
@@ -112,7 +114,7 @@ def test_index_then_query(harness, assets):
     from dataworth.config import load_yaml
 
     assert IndexConfig.model_validate(load_yaml(assets / "index" / "index_config.yaml")) == cfg
-    assert QueryConfig.model_validate(load_yaml(assets / "index" / "reports" / "query_config.yaml")) == qcfg
+    assert QueryConfig.model_validate(load_yaml(assets / "index" / "results" / "reports" / "query_config.yaml")) == qcfg
     assert "index_config.yaml" in {a.path for a in client.list_artifacts(out["mlflow_run_id"])}
     assert "query_config.yaml" in {a.path for a in client.list_artifacts(q["mlflow_run_id"])}
 

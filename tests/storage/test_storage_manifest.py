@@ -119,7 +119,8 @@ def test_build_config_drops_what_does_not_shape_the_index():
         data=DataConfig(dataset="d"),
         index_uri="idx",
         overwrite=True,
+        keep_versions_days=0.5,
         tracking=TrackingConfig(enabled=False),
     )
     build = IndexBuildConfig.of(config)
-    assert build.model_dump() == config.model_dump(exclude={"overwrite", "tracking", "runner"})
+    assert build.model_dump() == config.model_dump(exclude={"overwrite", "keep_versions_days", "tracking", "runner"})

@@ -333,3 +333,24 @@ def test_non_local_uri_uses_lance_stats(tmp_path):
     store.publish_manifest(_manifest())
     assert store.exists() and store.num_gradients() == 4
     assert store.bytes_stored() >= 4 * 8 * 2
+
+
+def test_reset_gradients_keeps_the_pinned_version_readable_until_cleanup(store):
+    from datetime import timedelta
+
+    store.write_examples(_examples(4))
+    ids = np.arange(4)
+    old = store.write_gradient_shard(0, ids, _vectors(ids))
+    emptied = store.reset_gradients()
+    assert emptied > old and store.num_gradients() == 0
+    # A rebuild with another layout: the emptied table takes the new dim as one more version.
+    new = store.write_gradient_shard(0, ids, _vectors(ids, dim=3))
+    assert store.gradient_dim() == 3
+    pinned = _read_all(store, batch_size=10, version=old)  # what a query of the published manifest reads meanwhile
+    assert pinned[1].shape == (4, 6) and np.array_equal(pinned[1], _vectors(ids))
+    with pytest.raises(IndexStoreError, match="same dim|dim"):
+        store.write_gradient_shard(1, np.arange(4, 6), _vectors(np.arange(2), dim=5))  # a non-empty table: refused
+    assert store.cleanup_versions(timedelta(0)) > 0
+    with pytest.raises(IndexStoreError, match="has no version"):
+        list(store.iter_gradients(10, version=old))
+    assert _read_all(store, batch_size=10, version=new)[1].shape == (4, 3)

@@ -8,7 +8,7 @@ import torch
 
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
-from storage import IndexStore
+from storage import IndexStore, results_store
 from tasks.common import (
     compute_norms,
     index_curvature,
@@ -73,10 +73,11 @@ def test_score_queries_stores_top_k_of_every_mode(published, tmp_path):
         "score_pairs",
     }
     store = IndexStore(cfg.index_uri)
-    scores = store.read_scores(scored.score_run_id).to_pylist()
+    results = results_store(cfg.index_uri)  # scores go to the results store beside the index, never into it
+    scores = results.read_scores(scored.score_run_id).to_pylist()
     assert len(scores) == len(score.modes) * 2 * 3
     assert {r["index_version"] for r in scores} == {manifest.gradients_version}
-    queries = {q["query_id"]: q for q in store.read_queries(scored.score_run_id).to_pylist()}
+    queries = {q["query_id"]: q for q in results.read_queries(scored.score_run_id).to_pylist()}
     assert queries["gen"]["generated"] and not queries["cats"]["generated"]
 
     # The stored top-k equal an in-memory scoring of the same gradients.
@@ -92,7 +93,7 @@ def test_score_queries_stores_top_k_of_every_mode(published, tmp_path):
 
     again = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig())
     assert again.score_run_id == scored.score_run_id  # the same run is rewritten, not duplicated
-    assert store.read_scores(scored.score_run_id).num_rows == len(scores)
+    assert results.read_scores(scored.score_run_id).num_rows == len(scores)
 
 
 def _all_gradients(store):
@@ -113,7 +114,8 @@ def test_damping_override_computes_and_stores_its_own_norms(published, tmp_path)
     score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(first))
 
     ids, G = _all_gradients(store)
-    stored = read_norms(store, key)
+    assert read_norms(store, key) is None  # a query never writes the index: the norms went to its results store
+    stored = read_norms(results_store(cfg.index_uri), key)
     inverse = torch.linalg.inv(other.matrix(1.0))
     assert np.allclose(stored[ids.numpy()], torch.sqrt(torch.einsum("nd,de,ne->n", G, inverse, G)).numpy(), rtol=1e-6)
     # The stored-norm path scores as the per-batch one (norms computed again from every stored batch).
@@ -127,7 +129,7 @@ def test_damping_override_computes_and_stores_its_own_norms(published, tmp_path)
 
     # The next run with that damping reads the stored norms instead of computing them: with norms of 1
     # relatif is influence.
-    store_norms(store, key, np.ones(manifest.num_examples))
+    store_norms(results_store(cfg.index_uri), key, np.ones(manifest.num_examples))
     second = tmp_path / "second.npz"
     score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(second))
     full = np.load(second)
@@ -196,7 +198,7 @@ def tied(stages, index_config):
 
 
 def _stored(store, srid):
-    rows = store.read_scores(srid).to_pylist()
+    rows = results_store(store.uri).read_scores(srid).to_pylist()
     return sorted((r["mode"], r["query_id"], r["rank"], r["example_id"], r["score"]) for r in rows)
 
 
@@ -207,7 +209,10 @@ def test_sharded_scoring_equals_one_task_including_ties(tied, tmp_path, top_k):
     gen = GenerationConfig()
     one = ScoreConfig(top_k=top_k, query_batch_size=1, train_batch_size=3)
     single = score_queries.fn(cfg.index_uri, manifest, QUERIES, one, gen, str(tmp_path / "one.npz"))
-    expected, expected_queries = _stored(store, single.score_run_id), store.read_queries(single.score_run_id)
+    expected, expected_queries = (
+        _stored(store, single.score_run_id),
+        results_store(cfg.index_uri).read_queries(single.score_run_id),
+    )
     full = np.load(tmp_path / "one.npz")
     # The ties are real: equal scores at different ids, stored smaller id first.
     dups = [(a, b) for a, b in zip(expected, expected[1:]) if a[:2] == b[:2] and a[4] == b[4] and a[3] != b[3]]
@@ -228,7 +233,7 @@ def test_sharded_scoring_equals_one_task_including_ties(tied, tmp_path, top_k):
         assert scored.score_run_id == single.score_run_id and scored.pairs == single.pairs
         assert scored.queries == single.queries and set(scored.metrics()) == set(single.metrics())
         assert _stored(store, scored.score_run_id) == expected, per
-        assert store.read_queries(scored.score_run_id).equals(expected_queries)
+        assert results_store(cfg.index_uri).read_queries(scored.score_run_id).equals(expected_queries)
         sharded = np.load(path)
         assert sharded.files == full.files
         for name in full.files:

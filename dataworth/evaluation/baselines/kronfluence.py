@@ -179,6 +179,7 @@ def kronfluence_scores(
     module_patterns: list[str] | None = None,
     output_dir: str,
     batch_size: int = 8,
+    query_batch_size: int | None = None,
     use_empirical_fisher: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -189,6 +190,8 @@ def kronfluence_scores(
     "seconds_factors", "seconds_scores", "strategy"}. Runs on CPU in float32; the model is
     wrapped by kronfluence for the call and given back unwrapped. Factors and scores are
     written under `output_dir` (recomputed on every call, never reused from an old run).
+    `batch_size` sequences go through one pass; kronfluence reads the whole training set once per
+    batch of `query_batch_size` queries (default `batch_size`), so all queries in one batch is one pass.
     `use_empirical_fisher` fits the curvature on the data's own labels (dataworth's raw
     Fisher is empirical) instead of kronfluence's default of labels sampled from the model;
     `seed` fixes those samples, so repeated calls give the same scores.
@@ -205,8 +208,8 @@ def kronfluence_scores(
             raise QueryError(
                 f"query {q.id!r} needs prompt and completion tokens: its loss falls on the completion only"
             )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or (query_batch_size is not None and query_batch_size < 1):
+        raise ConfigError(f"batch sizes must be at least 1, got {batch_size} and query_batch_size={query_batch_size}")
     if damping_factor is not None and damping_factor <= 0:
         raise ConfigError(
             f"damping_factor must be positive or None (kronfluence's 0.1 × mean eigenvalue), got {damping_factor}"
@@ -266,7 +269,7 @@ def kronfluence_scores(
             factors_name=strategy,
             query_dataset=query_data,
             train_dataset=train_data,
-            per_device_query_batch_size=batch_size,
+            per_device_query_batch_size=query_batch_size or batch_size,
             per_device_train_batch_size=batch_size,
             score_args=score_args,
             overwrite_output_dir=True,
