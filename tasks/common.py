@@ -240,7 +240,9 @@ def gradient_batches(
     store: IndexStore, batch_size: int, version: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(example ids [n], vectors float32 [n, dim]) of the stored gradients, read one batch ahead of the caller."""
-    return prefetched(_gradient_tensors(store.iter_gradient_pieces(batch_size, version=version)))
+    # depth=1: one batch waits while the next is read, which keeps reading and scoring overlapped; each more
+    # held a batch more in memory (16 MB at 4096 × 1024) at no measured gain.
+    return prefetched(_gradient_tensors(store.iter_gradient_pieces(batch_size, version=version)), depth=1)
 
 
 def _gradient_tensors(batches: Iterable[list[tuple[np.ndarray, ...]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
