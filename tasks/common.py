@@ -304,6 +304,18 @@ def store_norms(store: IndexStore, key: str, norms: np.ndarray) -> None:
 read_norms = read_array
 
 
+def stored_norms(
+    store: IndexStore, manifest: IndexManifest, key: str, results: IndexStore | None = None
+) -> np.ndarray | None:
+    """The stored norms under `key`, one per example of the manifest: the index's (fit_curvature stores its own
+    damping's there), else the results store's (a query stores any other damping's there); None when neither."""
+    for source in (store, results):
+        norms = None if source is None else read_norms(source, key)
+        if norms is not None and norms.shape == (manifest.num_examples,):
+            return norms
+    return None
+
+
 def index_norms(
     store: IndexStore,
     manifest: IndexManifest,
@@ -315,10 +327,8 @@ def index_norms(
     the index's own damping; computed once (one streaming pass) and stored for any other, in `results` when
     given (a query never writes the index), else in the index."""
     key = norms_key(manifest.curvature_artifact, curvature)
-    norms = read_norms(store, key)
-    if (norms is None or norms.shape != (manifest.num_examples,)) and results is not None:
-        norms = read_norms(results, key)
-    if norms is None or norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
+    norms = stored_norms(store, manifest, key, results)
+    if norms is None or np.isnan(norms).any():
         norms = compute_norms(store, curvature, manifest.gradients_version, batch_size)
         if norms.shape != (manifest.num_examples,) or np.isnan(norms).any():
             raise ValueError(

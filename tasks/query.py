@@ -34,7 +34,7 @@ from .common import (
     open_index_model,
     prefetched,
     read_array,
-    read_norms,
+    stored_norms,
     write_array,
 )
 
@@ -289,9 +289,8 @@ def score_shard_range(
     norms = None
     if needs_norms(score.modes):
         key = norms_key(manifest.curvature_artifact, curvature)
-        stored = read_norms(store, key)
-        stored = read_norms(results, key) if stored is None else stored  # another damping: stored with the results
-        if stored is None or stored.shape != (manifest.num_examples,):
+        stored = stored_norms(store, manifest, key, results)
+        if stored is None:
             raise ValueError(f"index {index_uri!r} lacks the stored norms of this damping; {REBUILD}")
         norms = torch.from_numpy(stored)
     scorer = Scorer(
