@@ -5,15 +5,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
 
 from dataworth.config import IndexConfig
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
+from flows.runner import in_window, model_processes
 from storage import IndexStore
 from tasks.index import (
     assemble_manifest,
@@ -32,31 +29,6 @@ def config_path(index_uri: str) -> str | None:
     """Where the index's resolved config is saved: inside a local index directory, else only in MLflow."""
     local = IndexStore(index_uri).local_path
     return None if local is None else os.path.join(local, "index_config.yaml")
-
-
-T = TypeVar("T")
-
-
-def model_processes() -> int:
-    """Processes that run this flow run's tasks: the Dask cluster's workers, else this process."""
-    ctx = FlowRunContext.get()
-    client = getattr(ctx.task_runner, "client", None) if ctx else None  # DaskTaskRunner's
-    return max(len(client.nthreads()), 1) if client is not None else 1
-
-
-def in_window(
-    submit: Callable[[T], PrefectFuture], items: Iterable[T], window: int
-) -> Iterator[tuple[T, PrefectFuture]]:
-    """Submit `submit(item)` for each item, keeping at most `window` in flight; yield (item, future) as each
-    finishes, so memory is that of `window` tasks whatever the number of items."""
-    pending: dict[PrefectFuture, T] = {}
-    for item in items:
-        if len(pending) >= window:
-            done = next(as_completed(list(pending)))
-            yield pending.pop(done), done
-        pending[submit(item)] = item
-    for done in as_completed(list(pending)):
-        yield pending.pop(done), done
 
 
 @flow(name="index", log_prints=True)

@@ -9,14 +9,15 @@ API server and points the run's settings, which prefect-dask sends with every ta
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataworth.config import RunnerConfig
 
 if TYPE_CHECKING:  # prefect is imported where used: the CLI starts EarlyAPI before any heavy import
     from prefect import Flow
+    from prefect.futures import PrefectFuture
     from prefect.task_runners import TaskRunner
 
 
@@ -87,6 +88,35 @@ class EarlyAPI:
         self._thread.join()
         if self.error is not None:
             raise self.error
+
+
+T = TypeVar("T")
+
+
+def model_processes() -> int:
+    """Processes that run this flow run's tasks: the Dask cluster's workers, else this process."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    client = getattr(ctx.task_runner, "client", None) if ctx else None  # DaskTaskRunner's
+    return max(len(client.nthreads()), 1) if client is not None else 1
+
+
+def in_window(
+    submit: Callable[[T], PrefectFuture], items: Iterable[T], window: int
+) -> Iterator[tuple[T, PrefectFuture]]:
+    """Submit `submit(item)` for each item, keeping at most `window` in flight; yield (item, future) as each
+    finishes, so memory is that of `window` tasks whatever the number of items."""
+    from prefect.futures import as_completed
+
+    pending: dict[PrefectFuture, T] = {}
+    for item in items:
+        if len(pending) >= window:
+            done = next(as_completed(list(pending)))
+            yield pending.pop(done), done
+        pending[submit(item)] = item
+    for done in as_completed(list(pending)):
+        yield pending.pop(done), done
 
 
 def with_runner(flow: Flow, config: RunnerConfig) -> Flow:
