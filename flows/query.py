@@ -12,23 +12,25 @@ from dataworth.config import QueryConfig
 from dataworth.errors import ConfigError
 from dataworth.fingerprint import check_model_fingerprint
 from dataworth.queries import load_queries
+from storage import IndexStore
 from tasks.index import index_state
 from tasks.query import merge_scores, query_gradients, render_report, score_queries, score_shard_range
 from tasks.tracking import tracked_run
 
 
 def default_report_dir(results_uri: str) -> str:
-    if "://" in results_uri and not results_uri.startswith("file://"):
+    local = IndexStore(results_uri).local_path
+    if local is None:
         return os.path.join(os.environ.get("DATAWORTH_WORKSPACE", "dataworth-runs"), "reports")
-    return os.path.join(results_uri.removeprefix("file://"), "reports")
+    return os.path.join(local, "reports")
 
 
 def check_writable(results_uri: str) -> None:
     """Fail before any work when query results cannot be written where they are to go (a local location only:
     object stores answer at the first write)."""
-    if "://" in results_uri and not results_uri.startswith("file://"):
+    path = IndexStore(results_uri).local_path
+    if path is None:
         return
-    path = results_uri.removeprefix("file://")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
