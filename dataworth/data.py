@@ -79,6 +79,12 @@ def _load_dataset(cfg: DataConfig):
             return datasets.load_dataset(_FILE_BUILDERS[exts.pop()], data_files=files, split="train")
         except Exception as err:  # datasets' own errors name neither the file nor the line: find them
             raise unreadable_files(files, err) from err
+    if any(c in path for c in "*?["):
+        raise DataError(
+            f"no data files match {path!r}",
+            fix="add .jsonl/.json/.csv/.parquet/.txt files there (each run indexes the files present then), or "
+            "correct the pattern",
+        )
     if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_BUILDERS)):
         raise DataError(
             f"dataset path {path!r} does not exist",

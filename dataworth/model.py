@@ -4,10 +4,11 @@ device, dtype and context length every part of dataworth reads the same way."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from dataworth.config import ModelConfig
+from dataworth.config import DemoConfig, ModelConfig
 from dataworth.errors import ConfigError, ModelError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,10 +47,11 @@ def check_model_source(name: str, what: str = "model") -> None:
     """Fail before any work on a local model or tokenizer path that does not exist (the hub library would report
     it as a malformed repository id)."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
-        raise ModelError(
-            f"{what} path {name!r} does not exist",
-            fix="give the directory a model was saved to with save_pretrained, or a hub name such as 'gpt2'",
-        )
+        fix = "give the directory a model was saved to with save_pretrained, or a hub name such as 'gpt2'"
+        demo = Path(DemoConfig.model_fields["workspace"].default)
+        if Path(name).parts[: len(demo.parts)] == demo.parts:  # the shipped deployments' default paths
+            fix = f"run `dataworth demo` first (it trains the model the shipped deployments use, in {demo}), or {fix}"
+        raise ModelError(f"{what} path {name!r} does not exist", fix=fix)
 
 
 def load_tokenizer(cfg: ModelConfig):

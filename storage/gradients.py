@@ -17,8 +17,10 @@ def show_ids(ids: np.ndarray, limit: int = 10) -> str:
     return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
 
 
-def gradient_table(shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str) -> pa.Table:
-    """Validate one shard and build its rows; sq_norm comes from the float32 values."""
+def gradient_table(
+    shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str, sq_norms: np.ndarray | None = None
+) -> pa.Table:
+    """Validate one shard and build its rows; sq_norm comes from the float32 values unless sq_norms is given."""
     if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard <= _INT32_MAX:
         raise IndexStoreError(f"shard must be an int in [0, {_INT32_MAX}], got {shard!r}")
     shard = int(shard)
@@ -62,6 +64,13 @@ def gradient_table(shard: int, example_ids: np.ndarray, vectors: np.ndarray, dty
 
     schema = gradients_schema(int(vecs32.shape[1]), dtype)
     sq_norm = np.square(vecs32, dtype=np.float64).sum(axis=1).astype(np.float32)
+    if sq_norms is not None:
+        given = np.asarray(sq_norms, dtype=np.float32)
+        if given.shape != sq_norm.shape or not np.isfinite(given).all():
+            raise IndexStoreError(
+                f"shard {shard}: sq_norms must be {len(ids)} finite values, one per row, got shape {given.shape}"
+            )
+        sq_norm = given
     stored = vecs32 if dtype == "float32" else vecs32.astype(np.float16)
     vector_col = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), vecs32.shape[1])
     return pa.Table.from_arrays(

@@ -42,6 +42,9 @@ from storage.schemas import (
 EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS = "examples", "gradients", "scores", "queries", "artifacts"
 TABLES = (EXAMPLES, GRADIENTS, SCORES, QUERIES, ARTIFACTS)
 MANIFEST_KEY = "manifest.json"
+# Every published manifest is also kept under its index version (its gradients table version), so a query can
+# pin one: manifest-v<version>.json.
+_HISTORY_PREFIX = "manifest-v"
 # optimize() removes versions older than its cleanup window (7 days by default); a manifest may pin one.
 _KEEP_VERSIONS = timedelta(days=365 * 100)
 # A bitmap index on the gradients' shard column, rebuilt every _INDEX_EVERY shards written.
@@ -55,6 +58,8 @@ os.environ.setdefault("LANCE_DEFAULT_IO_BUFFER_SIZE", str(32 << 20))
 # The lite scheduler (a documented Lance setting) stays flat and scans as fast here. Set before any scan;
 # a value set by the user wins.
 os.environ.setdefault("LANCE_USE_LITE_SCHEDULER", "1")
+# A B-tree index on the examples' document_id, for the lookups of an incremental run.
+_DOCUMENT_INDEX = "document_idx"
 # Rows per batch Lance decodes: small decoded batches in flight, merged into the caller's batch_size.
 _READ_ROWS = 1024
 
@@ -213,6 +218,9 @@ class IndexStore:
             raise IndexStoreError(f"examples has duplicate example_id values {unique[counts > 1][:10].tolist()}")
         self._open(EXAMPLES)  # a foreign table of that name is an error, not silently replaced
         written = self._db.create_table(EXAMPLES, data=data, schema=examples_schema(), mode="overwrite")
+        # An incremental run looks up a shard's documents in the version it replaces (previous_examples):
+        # a B-tree on document_id keeps that lookup from scanning the whole table once per shard.
+        written.create_scalar_index("document_id", index_type="BTREE", name=_DOCUMENT_INDEX)
         return int(written.version)
 
     def read_examples(
@@ -229,6 +237,14 @@ class IndexStore:
                 raise IndexStoreError(f"unknown examples columns {unknown}; choose from {examples_schema().names}")
             query = query.select(list(columns))
         return query.to_arrow()
+
+    def previous_examples(self, version: int, document_ids: list[str]) -> pa.Table:
+        """(example_id, document_id, input_ids) of these documents' examples in the examples table at `version`
+        (the one the published index serves): what an incremental run compares a shard's examples with."""
+        if not document_ids:
+            return pa.table({"example_id": pa.array([], pa.int64())})
+        where = f"document_id IN ({', '.join(_sql_str(str(d)) for d in sorted(set(document_ids)))})"
+        return self.read_examples(["example_id", "document_id", "input_ids"], version=version, where=where)
 
     def examples_version(self) -> int:
         return int(self._require(EXAMPLES).version)
@@ -264,7 +280,13 @@ class IndexStore:
         return table
 
     def write_gradient_shard(
-        self, shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str = "float32", new: bool = False
+        self,
+        shard: int,
+        example_ids: np.ndarray,
+        vectors: np.ndarray,
+        dtype: str = "float32",
+        new: bool = False,
+        sq_norms: np.ndarray | None = None,
     ) -> int:
         """Store one shard's gradients so that it holds exactly these rows; returns the table version.
 
@@ -274,14 +296,15 @@ class IndexStore:
         retried task, a changed corpus) is deleted first, then appended: between the two commits the
         shard is absent, never doubled or half-written, and a retry converges (shards_present shows
         it missing; publish checks one row per example). Creates the table on first use; with
-        parallel writers, call create_gradient_table first.
+        parallel writers, call create_gradient_table first. sq_norms, when given, are stored instead of
+        the vectors' own (rows copied from an earlier version keep the norms of their unrounded values).
 
         new=True says the caller knows the shard has no rows (the index flow read the stored shards
         before logging it, and this is the first attempt): the append is then the whole write, with
         no lookup and no index upkeep, whose costs grow with the table. A wrong new=True stores the
         shard twice; check_gradient_ids (at publish) reports it, and a rewrite with new=False repairs it.
         """
-        data = gradient_table(shard, example_ids, vectors, dtype)
+        data = gradient_table(shard, example_ids, vectors, dtype, sq_norms)
         table = self._gradients_for(data.schema.field("vector").type.list_size, dtype, f"shard {shard} has")
         if new:
             table.add(data)
@@ -375,6 +398,30 @@ class IndexStore:
         pieces, dim = self._scan_gradients(batch_size, version, shards)
         return ([batch_arrays(piece, dim) for piece in p] for p in pieces)
 
+    def read_gradient_rows(
+        self, example_ids: np.ndarray, version: int, shards: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(example_ids, vectors float32, sq_norm) of these example ids at table `version`, in the order asked;
+        `shards` are the shards that hold them (a bitmap-indexed filter: the cost is that of those shards, not
+        of the table). Raises if an id is not there."""
+        want = np.asarray(example_ids, dtype=np.int64)
+        dim = vector_layout(self._require(GRADIENTS, version).schema)[0]
+        vectors = np.zeros((len(want), dim), dtype=np.float32)
+        sq = np.zeros(len(want), dtype=np.float32)
+        found = np.zeros(len(want), dtype=bool)
+        if len(want):
+            position = {int(e): i for i, e in enumerate(want)}
+            for ids, vecs, norms in self.iter_gradients(_READ_ROWS, version, sorted(set(shards))):
+                hit = np.flatnonzero(np.isin(ids, want))
+                rows = np.fromiter((position[int(e)] for e in ids[hit]), dtype=np.int64, count=len(hit))
+                vectors[rows], sq[rows], found[rows] = vecs[hit], norms[hit], True
+        if not found.all():
+            raise IndexStoreError(
+                f"gradients version {version} has no rows for example_ids {show_ids(want[~found])} in shards "
+                f"{sorted(set(shards))[:10]}; {REBUILD_HINT}"
+            )
+        return want, vectors, sq
+
     def _scan_gradients(
         self, batch_size: int, version: int | None, shards: list[int] | None
     ) -> tuple[Iterator[list[pa.RecordBatch]], int]:
@@ -462,7 +509,7 @@ class IndexStore:
     def write_artifact(self, key: str, data: bytes) -> None:
         """Store a blob under `key`, replacing any previous one (e.g. the fitted curvature)."""
         _check_key("artifact key", key)
-        if key == MANIFEST_KEY:
+        if key == MANIFEST_KEY or key.startswith(_HISTORY_PREFIX):
             raise IndexStoreError(f"artifact key {key!r} is reserved; publish the manifest with publish_manifest()")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise IndexStoreError(f"artifact {key!r} must be bytes, got {type(data).__name__}")
@@ -480,10 +527,41 @@ class IndexStore:
             raise IndexStoreError(f"manifest must be an IndexManifest, got {type(manifest).__name__}")
         if manifest.published_at is None:
             manifest = manifest.model_copy(update={"published_at": time.time()})
-        self._put(MANIFEST_KEY, manifest.model_dump_json().encode())
+        blob = manifest.model_dump_json().encode()
+        self._put(f"{_HISTORY_PREFIX}{manifest.gradients_version}.json", blob)
+        self._put(MANIFEST_KEY, blob)
 
-    def read_manifest(self) -> IndexManifest | None:
-        blob = self._get(MANIFEST_KEY)
+    def published_versions(self) -> list[int]:
+        """The index versions (gradients table versions) ever published here, oldest first; a version whose
+        tables the retention window removed is still listed, and read_manifest(version) says it is gone."""
+        table = self._open(ARTIFACTS)
+        if table is None:
+            return []
+        keys = table.search().where(f"key LIKE '{_HISTORY_PREFIX}%'").select(["key"]).to_arrow()
+        return sorted(int(k[len(_HISTORY_PREFIX) : -len(".json")]) for k in keys.column("key").to_pylist())
+
+    def read_manifest(self, version: int | None = None) -> IndexManifest | None:
+        """The published manifest; with `version`, the one published as that index version (an error if there is
+        none, or if the retention window removed its table versions)."""
+        if version is None:
+            return self._parse_manifest(self._get(MANIFEST_KEY))
+        manifest = self._parse_manifest(self._get(f"{_HISTORY_PREFIX}{int(version)}.json"))
+        if manifest is None:
+            raise IndexStoreError(
+                f"index {self.uri} has no published version {version}; its versions are "
+                f"{self.published_versions() or 'none'} (the index_version of a score row, or of `dataworth index`)"
+            )
+        try:
+            self._require(EXAMPLES, manifest.examples_version)
+            self._require(GRADIENTS, manifest.gradients_version)
+        except IndexStoreError as exc:
+            raise IndexStoreError(
+                f"index version {version} of {self.uri} can no longer be read: its table versions were removed by the "
+                f"retention window (keep_versions_days) — query a newer version ({exc})"
+            ) from None
+        return manifest
+
+    def _parse_manifest(self, blob: bytes | None) -> IndexManifest | None:
         if blob is None:
             return None
         try:

@@ -15,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
-import torch
 from prefect import get_run_logger, task
 from prefect.runtime import task_run
 from pydantic import Field
@@ -97,13 +96,37 @@ class LoggedShard(StageResult):
     layout: list[dict[str, Any]] = Field(description="Per-module blocks of the gradient vector (Layout.to_json).")
     dim: int = Field(description="Dimension of each gradient vector.")
     full_gradient_params: int = Field(description="Parameters of the tracked layers (the unprojected size).")
+    reused: int = Field(
+        0, description="Examples whose gradients were copied from the previous index version (unchanged documents)."
+    )
+    computed_tokens: int | None = Field(
+        None, description="Tokens of the examples the model computed (all of them when none was reused)."
+    )
+
+    @property
+    def computed(self) -> int:
+        """Examples whose gradients the model computed."""
+        return self.examples - self.reused
+
+    def as_cached(self) -> LoggedShard:
+        """This result as a run that found it in Prefect's cache sees it: the shard is stored, nothing computed."""
+        return self.model_copy(update={"reused": self.examples, "computed_tokens": 0, "compute_seconds": 0.0})
 
     def metrics(self) -> dict[str, float]:
-        return {
-            "log_tokens_per_s": self.tokens / self.compute_seconds,
-            "log_examples_per_s": self.examples / self.compute_seconds,
-            "peak_memory_mb": self.peak_memory_mb,
-        }
+        out = {"peak_memory_mb": self.peak_memory_mb, "examples_reused": self.reused}
+        tokens = self.tokens if self.computed_tokens is None else self.computed_tokens
+        if self.computed and self.compute_seconds > 0:
+            out["log_tokens_per_s"] = tokens / self.compute_seconds
+            out["log_examples_per_s"] = self.computed / self.compute_seconds
+        return out
+
+
+class PreviousVersion(StageResult):
+    """The published version an incremental run brings up to date: its unchanged documents' gradients are copied,
+    not computed (valid only when the model, its fingerprint and the projections are the same)."""
+
+    examples_version: int = Field(description="Examples table version the published index serves.")
+    gradients_version: int = Field(description="Gradients table version the published index serves.")
 
 
 class FittedCurvature(StageResult):
@@ -279,7 +302,7 @@ def _projections_result(key: str, fitted: FittedProjections, seconds: float, reu
 
 @task(
     name="log_gradients",
-    cache_policy=CACHE - "examples_version" - "progress" - "new",
+    cache_policy=CACHE - "examples_version" - "progress" - "new" - "previous",
     **PERSIST,
     tags=["gpu"],
     **IO_RETRIES,
@@ -297,6 +320,7 @@ def log_gradients(
     projections: str | None = None,
     projections_digest: str | None = None,
     new: bool = False,
+    previous: PreviousVersion | None = None,
 ) -> LoggedShard:
     """Projected per-example gradients of one shard of examples, written to the gradients table.
 
@@ -308,25 +332,49 @@ def log_gradients(
 
     The write runs after MODEL_LOCK is released, so in a process that runs several of these tasks (the
     flow keeps the next shard waiting for the model) one shard's write overlaps the next shard's compute.
+
+    previous (an incremental run): an example whose document has an example with the same tokens in that
+    published version gets that example's stored gradient (and norm), copied at the cost of reading the few
+    shards that hold it; only new or changed documents are computed.
     """
     store = IndexStore(index_uri)
     lo, hi = shard * logging.shard_size, (shard + 1) * logging.shard_size
     examples = _read_examples(store, examples_version, f"example_id >= {lo} AND example_id < {hi}")
     if not examples:
         raise ValueError(f"shard {shard} (example ids {lo}..{hi - 1}) is empty; the examples table has fewer rows")
+    ids, rows, norms = [], [], []
+    if previous is not None:
+        copied = copy_unchanged(store, examples, previous, logging.shard_size)
+        if copied is not None:
+            ids.append(copied[0])
+            rows.append(copied[1])
+            norms.append(copied[2])
+            done = set(copied[0].tolist())
+            examples_left = [e for e in examples if e.example_id not in done]
+        else:
+            examples_left = examples
+    else:
+        examples_left = examples
     fitted = load_projections(store, projections)
     lm, tokenizer = cached_model(model)
-    ids, rows = [], []
-    with MODEL_LOCK:
-        start = time.perf_counter()
-        for batch_ids, grads in log_example_gradients(lm, tokenizer, examples, logging, progress, fitted):
-            ids.append(batch_ids)
-            rows.append(grads)
-        compute_seconds = time.perf_counter() - start
+    compute_seconds = 0.0
+    if examples_left:
+        with MODEL_LOCK:
+            start = time.perf_counter()
+            for batch_ids, grads in log_example_gradients(lm, tokenizer, examples_left, logging, progress, fitted):
+                ids.append(batch_ids.numpy())
+                rows.append(grads.numpy())
+                norms.append(np.square(rows[-1], dtype=np.float64).sum(axis=1).astype(np.float32))
+            compute_seconds = time.perf_counter() - start
     first_attempt = task_run.run_count <= 1  # 0 when called outside a task run (.fn)
     start = time.perf_counter()
     store.write_gradient_shard(
-        shard, torch.cat(ids).numpy(), torch.cat(rows).numpy(), logging.storage_dtype, new=new and first_attempt
+        shard,
+        np.concatenate(ids),
+        np.concatenate(rows),
+        logging.storage_dtype,
+        new=new and first_attempt,
+        sq_norms=np.concatenate(norms),
     )
     write_seconds = time.perf_counter() - start
     layout, full_params = describe_layout(lm, logging)
@@ -341,7 +389,36 @@ def log_gradients(
         layout=layout.to_json(),
         dim=layout.dim,
         full_gradient_params=full_params,
+        reused=len(examples) - len(examples_left),
+        computed_tokens=sum(e.num_tokens for e in examples_left),
     )
+
+
+def copy_unchanged(
+    store: IndexStore, examples: list[Example], previous: PreviousVersion, shard_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(new example ids, vectors, sq_norms) for the examples whose document held an example with exactly the same
+    tokens in the previous version, read from that version's gradients; None when there are none.
+
+    A document's content fingerprint is its examples' tokens: an unchanged document (wherever it moved in the
+    corpus) has every example matched; an edited one only the chunks before the edit; a new one none.
+    """
+    old = store.previous_examples(previous.examples_version, [e.document_id for e in examples]).to_pydict()
+    before = {
+        (doc, bytes(np.asarray(tokens, dtype=np.int32))): eid
+        for eid, doc, tokens in zip(old["example_id"], old.get("document_id", []), old.get("input_ids", []))
+    }
+    pairs = [
+        (e.example_id, before[key])
+        for e in examples
+        if (key := (e.document_id, bytes(np.asarray(e.input_ids, dtype=np.int32)))) in before
+    ]
+    if not pairs:
+        return None
+    new_ids, old_ids = (np.asarray(c, dtype=np.int64) for c in zip(*pairs))
+    old_shards = sorted({int(i) // shard_size for i in old_ids})
+    _, vectors, sq_norms = store.read_gradient_rows(old_ids, previous.gradients_version, old_shards)
+    return new_ids, vectors, sq_norms
 
 
 def worker_id() -> str:

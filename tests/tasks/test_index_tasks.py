@@ -49,7 +49,7 @@ def test_log_gradients_writes_each_shard_once(stages, index_config):
     assert sum(s.examples for s in shards) == tok.examples and sum(s.tokens for s in shards) == tok.tokens
     assert shards[0].dim == store.gradient_dim() == sum(b["k_in"] * b["k_out"] for b in shards[0].layout)
     assert shards[0].full_gradient_params > shards[0].dim
-    assert {"log_tokens_per_s", "log_examples_per_s", "peak_memory_mb"} == set(shards[0].metrics())
+    assert {"log_tokens_per_s", "log_examples_per_s", "peak_memory_mb", "examples_reused"} == set(shards[0].metrics())
     stages.log_all(cfg, tok)  # a retried shard is stored once
     assert store.num_gradients() == tok.examples
     with pytest.raises(ValueError, match="is empty"):
