@@ -405,22 +405,22 @@ class IndexStore:
         `shards` are the shards that hold them (a bitmap-indexed filter: the cost is that of those shards, not
         of the table). Raises if an id is not there."""
         want = np.asarray(example_ids, dtype=np.int64)
+        unique, back = np.unique(want, return_inverse=True)  # an id may be asked for twice (repeated chunks)
         dim = vector_layout(self._require(GRADIENTS, version).schema)[0]
-        vectors = np.zeros((len(want), dim), dtype=np.float32)
-        sq = np.zeros(len(want), dtype=np.float32)
-        found = np.zeros(len(want), dtype=bool)
-        if len(want):
-            position = {int(e): i for i, e in enumerate(want)}
+        vectors = np.zeros((len(unique), dim), dtype=np.float32)
+        sq = np.zeros(len(unique), dtype=np.float32)
+        found = np.zeros(len(unique), dtype=bool)
+        if len(unique):
             for ids, vecs, norms in self.iter_gradients(_READ_ROWS, version, sorted(set(shards))):
-                hit = np.flatnonzero(np.isin(ids, want))
-                rows = np.fromiter((position[int(e)] for e in ids[hit]), dtype=np.int64, count=len(hit))
+                hit = np.flatnonzero(np.isin(ids, unique))
+                rows = np.searchsorted(unique, ids[hit])
                 vectors[rows], sq[rows], found[rows] = vecs[hit], norms[hit], True
         if not found.all():
             raise IndexStoreError(
-                f"gradients version {version} has no rows for example_ids {show_ids(want[~found])} in shards "
+                f"gradients version {version} has no rows for example_ids {show_ids(unique[~found])} in shards "
                 f"{sorted(set(shards))[:10]}; {REBUILD_HINT}"
             )
-        return want, vectors, sq
+        return want, vectors[back], sq[back]
 
     def _scan_gradients(
         self, batch_size: int, version: int | None, shards: list[int] | None

@@ -372,10 +372,10 @@ def test_previous_examples_and_gradient_rows_of_an_older_version(store):
     names = [i.name for i in store._open("examples").list_indices()]
     assert "document_idx" in names
 
-    ids, got, sq = store.read_gradient_rows(np.array([5, 0, 3]), g1, shards=[1, 0])
-    assert ids.tolist() == [5, 0, 3]
-    np.testing.assert_array_equal(got, vectors[[5, 0, 3]])
-    np.testing.assert_allclose(sq[1:], np.square(vectors[[0, 3]]).sum(axis=1), rtol=1e-6)
+    ids, got, sq = store.read_gradient_rows(np.array([5, 0, 3, 0]), g1, shards=[1, 0])  # 0 twice: repeated chunks
+    assert ids.tolist() == [5, 0, 3, 0]
+    np.testing.assert_array_equal(got, vectors[[5, 0, 3, 0]])
+    np.testing.assert_allclose(sq[1:], np.square(vectors[[0, 3, 0]]).sum(axis=1), rtol=1e-6)
     assert sq[0] == 8.0  # a given sq_norm is stored as given
     with pytest.raises(IndexStoreError, match=r"no rows for example_ids \[4\]"):
         store.read_gradient_rows(np.array([4]), g1, shards=[0])
