@@ -191,10 +191,12 @@ class TrackingConfig(StageConfig):
 
 
 class RunnerConfig(StageConfig):
-    kind: Literal["threads", "dask"] = Field(
+    kind: Literal["threads", "dask", "pool"] = Field(
         "threads",
         description="threads: the flow's tasks run in threads of this process; dask: on a Dask cluster through "
-        "prefect-dask's DaskTaskRunner (a local cluster of n_workers processes, or the one at dask_address).",
+        "prefect-dask's DaskTaskRunner (a local cluster of n_workers processes, or the one at dask_address); pool "
+        "(index flow; other flows run as threads): its gradient shards run as flow runs of shards_deployment on that "
+        "deployment's work pool, spread over the pool's workers (needs a Prefect server, PREFECT_API_URL).",
     )
     dask_address: str | None = Field(
         None,
@@ -207,6 +209,29 @@ class RunnerConfig(StageConfig):
         ge=1,
         description="Threads per worker process of the local Dask cluster: model work in a process is serial (one "
         "lock), so a second thread writes one shard while the next is computed.",
+    )
+    shards_deployment: str = Field(
+        "log-shards/log-shards",
+        description="kind=pool: the deployment (flow-name/deployment-name) of flows/shards.py:log_shards that logs "
+        "a range of shards; `prefect deploy --prefect-file deployments/prefect.yaml --name log-shards` creates it.",
+    )
+    shards_per_run: int = Field(
+        4,
+        ge=1,
+        description="kind=pool: shards logged by one flow run of shards_deployment (each run loads the model once).",
+    )
+    runs_in_flight: int = Field(
+        2,
+        ge=1,
+        description="kind=pool: flow runs of shards_deployment submitted at once; at least the pool's workers, so "
+        "each is busy (run workers with --limit 1: one run per GPU). Memory of the index run does not grow with it.",
+    )
+    resubmits: int = Field(
+        2,
+        ge=0,
+        description="kind=pool: times a range of shards is submitted again when its flow run crashed (its worker "
+        "died and the zombie-flow automation of deployments/setup_worker.sh marked it Crashed); a failed run is "
+        "never resubmitted.",
     )
 
 
@@ -249,6 +274,12 @@ class QueryConfig(StageConfig):
     index_uri: IndexUri = Field(description="LanceDB URI of a published index.")
     queries: list[QuerySpec] = Field(default_factory=list, description="Queries inline.")
     queries_path: str | None = Field(None, description="JSONL file of queries: {id, prompt, completion?} per line.")
+    index_version: int | None = Field(
+        None,
+        ge=0,
+        description="Score against this published version of the index (the index_version that score rows and "
+        "`dataworth index` report) instead of the current one, while the retention window keeps it.",
+    )
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     results_uri: str | None = Field(

@@ -10,7 +10,9 @@ from prefect import flow, get_run_logger
 
 from dataworth.config import IndexConfig
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
+from dataworth.model import check_model_source
 from flows.runner import in_window, model_processes
+from flows.shards import ShardJob, log_on_pool
 from storage import IndexStore
 from tasks.index import (
     assemble_manifest,
@@ -18,6 +20,7 @@ from tasks.index import (
     fit_projections,
     index_state,
     log_gradients,
+    previous_version,
     prune_index,
     publish_index,
     tokenize_corpus,
@@ -36,6 +39,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
     """Build (or bring up to date) an attribution index over a corpus."""
     log = get_run_logger()
     started = time.perf_counter()
+    check_model_source(config.model.name_or_path)  # a missing model, said before any other work
     try:
         state = index_state(config.index_uri)
     except Exception:  # a damaged index: only an overwrite can replace it
@@ -83,6 +87,9 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
             ),
         )
         proj_args = {"projections": proj.artifact, "projections_digest": proj.digest} if proj else {}
+        previous = previous_version(state.manifest, config.overwrite, mfp, proj.artifact if proj else None)
+        if previous is not None:  # incremental: unchanged documents' gradients are copied, not computed
+            proj_args["previous"] = previous
 
         def submit(s: int):
             return log_gradients.with_options(refresh_cache=fresh or s not in present).submit(
@@ -100,18 +107,44 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
 
         # Shard 0 alone first: it creates the gradients table, which concurrent creators could clobber.
         logging_started = time.perf_counter()
-        logged = {0: run.log_result("log_gradients", submit(0), step=0)}
-        # Per process, three shards in flight: one computing, one waiting for the model (its compute starts the
-        # moment the previous one's ends) and one writing (outside MODEL_LOCK). A task holds only its own shard's
-        # examples and gradients, so memory does not grow with the corpus; a full window of unwritten shards is
-        # the only thing that makes compute wait for a write.
-        for s, future in in_window(submit, range(1, n_shards), 3 * model_processes()):
-            logged[s] = run.log_result("log_gradients", future, step=s)
+        if config.runner.kind == "pool":  # ranges of shards as flow runs on the work pool's workers
+            jobs = [
+                ShardJob(shard=s, shard_hash=h, new=s not in present, refresh=fresh or s not in present)
+                for s, h in enumerate(tok.shard_hashes)
+            ]
+            common = dict(index_uri=uri, model=config.model, logging=config.logging, model_fingerprint=mfp)
+            common.update(examples_version=tok.examples_version, progress=progress, **proj_args)
+            logged = {}
+            for part in (jobs[:1], jobs[1:]):
+                for s, shard in log_on_pool(config.runner, part, common):
+                    run.log(shard, stage="log_gradients", step=s)
+                    logged[s] = shard
+        else:
+
+            def logged_shard(s: int, future):
+                shard = run.log_result("log_gradients", future, step=s)
+                return shard.as_cached() if future.state.name == "Cached" else shard
+
+            logged = {0: logged_shard(0, submit(0))}
+            # Per process, three shards in flight: one computing, one waiting for the model (its compute starts the
+            # moment the previous one's ends) and one writing (outside MODEL_LOCK). A task holds only its own shard's
+            # examples and gradients, so memory does not grow with the corpus; a full window of unwritten shards is
+            # the only thing that makes compute wait for a write.
+            for s, future in in_window(submit, range(1, n_shards), 3 * model_processes()):
+                logged[s] = logged_shard(s, future)
         shards = [logged[s] for s in range(n_shards)]
         for s in shards:
             run.metrics({"log_compute_seconds": s.compute_seconds, "log_write_seconds": s.write_seconds}, step=s.shard)
         workers = len({s.worker for s in shards})
-        run.metrics({"log_workers": workers, "log_wall_seconds": time.perf_counter() - logging_started})
+        reused = sum(s.reused for s in shards)
+        run.metrics(
+            {
+                "log_workers": workers,
+                "log_wall_seconds": time.perf_counter() - logging_started,
+                "examples_reused": reused,
+                "examples_computed": sum(s.computed for s in shards),
+            }
+        )
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
         after = prune_index(uri, keep_shards=n_shards)
         # Table versions restart after a drop, so after an overwrite a cached curvature could be stale.
@@ -129,7 +162,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         )
         run.artifact_text("manifest.json", published.manifest.model_dump_json(indent=2))
 
-    tokens = sum(s.tokens for s in shards)
+    tokens = sum(s.tokens if s.computed_tokens is None else s.computed_tokens for s in shards)
     seconds = sum(s.compute_seconds for s in shards)
     summary = {
         "index_uri": uri,
@@ -137,6 +170,9 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "documents": tok.documents,
         "shards": n_shards,
         "log_workers": workers,
+        "examples_reused": reused,
+        "examples_computed": sum(s.computed for s in shards),
+        "index_version": manifest.gradients_version,
         "dim": manifest.dim,
         "compression_ratio": published.compression_ratio,
         "bytes_stored": published.bytes_stored,

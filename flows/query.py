@@ -83,7 +83,10 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
     log = get_run_logger()
     started = time.perf_counter()
     queries = load_queries(config.queries_path, config.queries)
-    manifest = index_state(config.index_uri).manifest
+    if config.index_version is None:
+        manifest = index_state(config.index_uri).manifest
+    else:
+        manifest = IndexStore(config.index_uri).read_manifest(config.index_version)
     if manifest is None:
         raise ValueError(
             f"no published index at {config.index_uri!r}; build one first with `dataworth index` (an interrupted "
@@ -122,6 +125,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             "index": config.index_uri,
             "model": build.model.name_or_path,
             "examples": str(manifest.num_examples),
+            "index version": str(manifest.gradients_version),
             "projection": f"{build.logging.projection} → {manifest.dim} dims",
             "curvature": build.curvature.kind,
             "mlflow run": str(run.run_id),
@@ -153,6 +157,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.uri,
         "index_uri": config.index_uri,
+        "index_version": manifest.gradients_version,
         "results_uri": results_uri,
         "full_matrix": full_path,
         "seconds": time.perf_counter() - started,

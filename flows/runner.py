@@ -1,5 +1,6 @@
 """Where a flow's tasks run, from its RunnerConfig: Prefect's thread pool here, or a Dask cluster through
-prefect-dask's DaskTaskRunner (a local cluster of worker processes, or an existing one by address).
+prefect-dask's DaskTaskRunner (a local cluster of worker processes, or an existing one by address); with kind=pool
+the index flow's own tasks run here and its shards as flow runs on a work pool's workers (flows/shards.py).
 
 Dask workers are other processes, so they must reach the same Prefect API as the flow: a flow run against
 a server (PREFECT_API_URL) hands them its URL; without one, `run_flow` starts this process's ephemeral
@@ -8,6 +9,7 @@ API server and points the run's settings, which prefect-dask sends with every ta
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from dataworth.config import RunnerConfig
 if TYPE_CHECKING:  # prefect is imported where used: the CLI starts EarlyAPI before any heavy import
     from prefect import Flow
     from prefect.futures import PrefectFuture
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.task_runners import TaskRunner
 
 
@@ -25,7 +28,7 @@ def task_runner(config: RunnerConfig) -> TaskRunner:
     """The task runner a RunnerConfig names."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    if config.kind == "threads":
+    if config.kind in ("threads", "pool"):  # pool: the flow's own tasks here, its shards on the pool's workers
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner
 
@@ -51,12 +54,72 @@ def reachable_api() -> Iterator[str]:
     if url:
         yield url
         return
+    server = ephemeral_server()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield server.api_url
+
+
+# A watchdog process runs this. Its stdin is a pipe whose only writer is the process that started the server: EOF
+# means that process ended, however it ended (a SIGKILL runs no atexit, which is where Prefect stops the server), so
+# the server is stopped too, unless it is gone already (the pid's start time tells a reused pid apart).
+_WATCHDOG = """
+import os, signal, sys, time
+def alive(pid, birth=None):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" or birth not in (None, fields[19]) else fields[19]
+pid = int(sys.argv[1])
+birth = alive(pid)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()
+for sig, wait in ((signal.SIGTERM, 100), (signal.SIGKILL, 0)):
+    if birth is None or not alive(pid, birth):
+        break
+    os.kill(pid, sig)
+    for _ in range(wait):
+        if not alive(pid, birth):
+            break
+        time.sleep(0.05)
+"""
+_watchdogs: list = []  # their stdin pipes stay open as long as this process lives
+
+
+def _watch(pid: int) -> None:
+    """Stop process `pid` when this process dies (Linux: reads /proc; elsewhere nothing is watched)."""
+    import subprocess
+    import sys
+
+    if os.path.exists(f"/proc/{pid}/stat"):
+        _watchdogs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, str(pid)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+
+def ephemeral_server() -> SubprocessASGIServer:
+    """This process's ephemeral Prefect API server (one per process), started if need be, and stopped with this
+    process even when it is killed: a watchdog process outlives it by a moment and stops the server."""
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
+    if not server.running and "_run_uvicorn_command" not in vars(server):
+        launch = server._run_uvicorn_command
+
+        def launch_watched():  # watched from the moment it exists: a kill during its boot leaves nothing either
+            process = launch()
+            _watch(process.pid)
+            return process
+
+        server._run_uvicorn_command = launch_watched
     server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield server.api_url
+    return server
 
 
 class EarlyAPI:
@@ -77,9 +140,7 @@ class EarlyAPI:
 
             if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
                 return  # a configured server (or none allowed): nothing to start
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
+            ephemeral_server()
         except BaseException as err:  # re-raised in the main thread by wait()
             self.error = err
 
@@ -121,13 +182,22 @@ def in_window(
 
 def with_runner(flow: Flow, config: RunnerConfig) -> Flow:
     """`flow` with the task runner `config` names (the flow itself when it names the default threads)."""
-    return flow if config.kind == "threads" else flow.with_options(task_runner=task_runner(config))
+    return flow if config.kind in ("threads", "pool") else flow.with_options(task_runner=task_runner(config))
 
 
 def run_flow(flow: Flow, config: Any, **kwargs: Any) -> Any:
     """Call `flow(config, **kwargs)` with the task runner of `config.runner` (configs without one: as is)."""
     runner: RunnerConfig | None = getattr(config, "runner", None)
-    if runner is None or runner.kind == "threads":
+    if runner is not None and runner.kind == "pool":
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ValueError(
+                "runner kind=pool needs the Prefect server whose work pool runs the shards, and PREFECT_API_URL is "
+                "unset; start one (`prefect server start`), set PREFECT_API_URL to its API and start workers with "
+                "deployments/setup_worker.sh"
+            )
+    if runner is None or runner.kind in ("threads", "pool"):
         return flow(config, **kwargs)
     with reachable_api():
         return with_runner(flow, runner)(config, **kwargs)

@@ -394,6 +394,20 @@ def log_gradients(
     )
 
 
+@task(name="previous_version")
+def previous_version(
+    published: IndexManifest | None, overwrite: bool, model_fingerprint: str, projections: str | None
+) -> PreviousVersion | None:
+    """The published version whose stored gradients this run may copy for unchanged documents: only without
+    overwrite, and only when they were logged by the same model weights with the same projections (the logging
+    config is already held equal by IndexManifest.check_compatible)."""
+    if published is None or overwrite:
+        return None
+    if published.model_fingerprint != model_fingerprint or published.projections_artifact != projections:
+        return None
+    return PreviousVersion(examples_version=published.examples_version, gradients_version=published.gradients_version)
+
+
 def copy_unchanged(
     store: IndexStore, examples: list[Example], previous: PreviousVersion, shard_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -30,3 +30,17 @@ def test_bad_parameters_are_refused():
     flow = load_flow_from_entrypoint(f"{ROOT / 'flows/evaluate.py'}:evaluate_flow")
     with pytest.raises(Exception, match="proj_dims"):
         flow.validate_parameters({"config": {"calibrate": {"proj_dims": [0]}}})
+
+
+def test_log_shards_gets_log_gradients_arguments_typed():
+    """The index flow's arguments for log_gradients reach a log-shards run as JSON; the flow types them back."""
+    from dataworth.config import LoggingConfig, ModelConfig
+    from flows.shards import for_workers, typed_arguments
+
+    sent = {"index_uri": "rel/index", "model": ModelConfig(name_or_path=str(ROOT)), "logging": LoggingConfig()}
+    args = for_workers(sent)
+    assert args["index_uri"] == str(Path("rel/index").resolve()) and isinstance(args["model"], dict)
+    typed = typed_arguments(args)
+    assert typed["model"] == sent["model"] and typed["logging"] == sent["logging"]
+    with pytest.raises(ValueError, match="no argument shard_count"):
+        typed_arguments({"shard_count": 3})
