@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -265,7 +266,8 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
         True,
         [
             ("index", lambda o: o["index_uri"]),
-            ("examples", lambda o: o["examples"]),
+            ("index version", lambda o: o["index_version"]),
+            ("examples", lambda o: f"{o['examples']} ({o['examples_computed']} logged, {o['examples_reused']} kept)"),
             ("gradient dim", lambda o: o["dim"]),
             ("compression", lambda o: f"{o['compression_ratio']:.0f}×"),
             ("bytes stored", lambda o: o["bytes_stored"]),
@@ -277,6 +279,7 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
         False,
         [
             ("queries", lambda o: o["queries"]),
+            ("index version", lambda o: o["index_version"]),
             ("report", lambda o: o["report"]),
             ("top-k table", lambda o: o["topk_csv"]),
             ("scores table", lambda o: f"{o['results_uri']} (scores, run_id={o['score_run_id']})"),
@@ -303,16 +306,29 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
 _TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store", lambda o: o["tracking_uri"])]
 
 
+def _booting(api) -> bool:
+    """Whether EarlyAPI is still starting the API (its start thread runs)."""
+    thread = getattr(api, "_thread", None)
+    return thread is not None and thread.is_alive()
+
+
 def _run(command: str, config, progress: bool, log: RunLog | None = None) -> None:
     module, name, takes_progress, rows = _RUNS[command]
     from flows.runner import EarlyAPI, run_flow  # the task runner of config.runner (threads by default)
+    from flows.warmup import freeze_before_exit, imports_frozen, warm_steps, warm_while
 
     api = EarlyAPI()  # the ephemeral Prefect API boots in its own process while the flow's modules import
-    flow_fn = getattr(importlib.import_module(module), name)
-    if log is not None:
-        log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
+    with imports_frozen():
+        flow_fn = getattr(importlib.import_module(module), name)
+        if log is not None:
+            log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
+        warm_while(lambda: _booting(api), warm_steps(command, config))  # the flow's own first work, while the API boots
     api.wait()
-    out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
+    try:
+        out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
+    finally:
+        _send_prefect_events()
+        freeze_before_exit()  # the command ends after its flow
     summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
     if command == "demo":
         summary["see runs"] = f"mlflow ui --backend-store-uri {out['tracking_uri']}"
@@ -320,6 +336,15 @@ def _run(command: str, config, progress: bool, log: RunLog | None = None) -> Non
     for k, v in summary.items():
         if v is not None:
             print(f"  {k:<18} {v}")
+
+
+def _send_prefect_events(timeout: float = 10) -> None:
+    """Send the flow run's queued Prefect events now, before the command's closing lines: left to the exit, a run
+    that failed at once still has some queued, and Prefect reports them after the one-line error."""
+    from prefect.events.worker import EventsWorker
+
+    with contextlib.suppress(Exception):  # only the order of the output is at stake; exit sends what remains
+        EventsWorker.drain_all(timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
 from storage import IndexManifest, IndexStore, load_results, queries_table, results_store, scores_table, write_csv
+from storage.store import batch_buffer
 
 from .common import (
     CACHE,
@@ -64,30 +65,60 @@ def shard_batches(
     for one pair depends on the batch it is computed in). A shard's rows are contiguous in a scan (each shard is
     written by one commit); a shard that were not would be scored in more pieces, with the same scores to rounding.
     """
-    reader = store.iter_gradients(batch_size, version=version, shards=shards)
+    # depth=1, as gradient_batches: each batch more read ahead is one batch more in memory, at no measured gain.
+    pieces = store.iter_gradient_pieces(batch_size, version=version, shards=shards)
+    return prefetched(_shard_tensors(pieces, batch_size, shard_size), depth=1)
 
-    def pieces(ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = np.argsort(ids, kind="stable")
-        ids, vectors = ids[order], vectors[order]
-        for lo in range(0, len(ids), batch_size):
-            yield torch.from_numpy(ids[lo : lo + batch_size]), torch.from_numpy(vectors[lo : lo + batch_size])
 
-    def by_shard() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        held: list[tuple[np.ndarray, np.ndarray]] = []
-        current = None
-        for ids, vectors, _sq in reader:
+def _shard_tensors(
+    batches: Iterable[list[tuple[np.ndarray, ...]]], batch_size: int, shard_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # A shard's rows are held as the scanner's own read-only views (no copy) until the shard ends; each batch of
+    # the shard in id order is then one copy into Arrow's memory pool (batch_buffer), as gradient_batches does:
+    # merged and reordered numpy copies came from glibc, whose per-thread arenas kept them, and a scoring pass's
+    # resident memory grew with the table.
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    current = None
+    for pieces in batches:
+        for ids, vectors, _sq in pieces:
             keys = ids // shard_size
             cuts = np.flatnonzero(np.diff(keys)) + 1
             for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
                 if keys[lo] != current and held:
-                    yield from pieces(*map(np.concatenate, zip(*held)))
+                    yield from _sorted_batches(held, batch_size)
                     held = []
                 current = keys[lo]
                 held.append((ids[lo:hi], vectors[lo:hi]))
-        if held:
-            yield from pieces(*map(np.concatenate, zip(*held)))
+    if held:
+        yield from _sorted_batches(held, batch_size)
 
-    return prefetched(by_shard())
+
+def _sorted_batches(
+    held: list[tuple[np.ndarray, np.ndarray]], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of `held` (views laid end to end) sorted by id (stable), in batches of batch_size, each copied
+    from the views into its own batch_buffer: one copy per source view a batch draws on while the rows are
+    already in id order (as log_gradients writes a shard), an index gather per view otherwise."""
+    ids = np.concatenate([i for i, _ in held])
+    order = np.argsort(ids, kind="stable")
+    starts = np.cumsum([0] + [len(i) for i, _ in held])
+    # from_dlpack takes the read-only views without from_numpy's warning; they are only read.
+    sources = [torch.from_dlpack(v) for _, v in held]
+    dim = held[0][1].shape[1]
+    for lo in range(0, len(ids), batch_size):
+        take = order[lo : lo + batch_size]  # rows of the shard, in the batch's order
+        vectors = torch.from_numpy(batch_buffer(len(take), dim))
+        piece = np.searchsorted(starts, take, side="right") - 1
+        by_piece = np.argsort(piece, kind="stable")  # the batch's positions grouped by source view
+        for dest in np.split(by_piece, np.flatnonzero(np.diff(piece[by_piece])) + 1):
+            k = piece[dest[0]]
+            rows = take[dest] - starts[k]
+            first, n = int(dest[0]), len(dest)
+            if int(dest[-1]) - first == n - 1 and (n == 1 or bool((np.diff(rows) == 1).all())):
+                vectors[first : first + n].copy_(sources[k][int(rows[0]) : int(rows[0]) + n])
+            else:
+                vectors.index_copy_(0, torch.from_numpy(dest), sources[k].index_select(0, torch.from_numpy(rows)))
+        yield torch.from_numpy(ids[take]), vectors
 
 
 def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

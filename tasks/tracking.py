@@ -9,15 +9,15 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.utils.time import get_current_time_millis
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
 from dataworth.config import StageConfig, TrackingConfig, save_yaml
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 DEFAULT_WORKSPACE = "dataworth-runs"
 
@@ -28,6 +28,22 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     ws = Path(os.environ.get("DATAWORTH_WORKSPACE", DEFAULT_WORKSPACE)).absolute()
     ws.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{ws / 'mlflow.db'}"
+
+
+def tracking_client(uri: str) -> MlflowClient:
+    """An MLflow client of the store at `uri`. MLflow makes one store per URI per process (a new sqlite store
+    creates its tables then, seconds of work) and every later client shares it. mlflow is imported here, not with
+    this module: seconds of every command's start-up, which the CLI spends while Prefect's API boots (open_store)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def open_store(cfg: TrackingConfig) -> None:
+    """Make the MLflow store a run with `cfg` will log to (nothing when tracking is off): the run then finds it
+    made. Creates the store as the run would (a sqlite file and its tables)."""
+    if cfg.enabled:
+        tracking_client(resolve_tracking_uri(cfg))
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -53,7 +69,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, run_id: str | None = None):
         self.enabled = cfg.enabled
         self.uri = resolve_tracking_uri(cfg) if cfg.enabled else None
-        self.client = MlflowClient(self.uri) if cfg.enabled else None
+        self.client = tracking_client(self.uri) if cfg.enabled else None
         self.experiment = cfg.experiment
         self.parent_run_id = cfg.parent_run_id
         self.run_id = run_id
@@ -66,6 +82,8 @@ class Tracker:
         tags = dict(tags or {})
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
+        from mlflow.entities import Param
+
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         flat = flatten(params)
@@ -81,6 +99,9 @@ class Tracker:
     def metrics(self, values: Mapping[str, float | None], step: int = 0) -> None:
         if not self.enabled or not self.run_id:
             return
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
         now = get_current_time_millis()
         ms = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in values.items() if v is not None]
         if ms:
@@ -131,6 +152,8 @@ class Tracker:
 
     def finish(self, ok: bool) -> None:
         if self.enabled and self.run_id:
+            from mlflow.entities import RunStatus
+
             status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
             self.client.set_terminated(self.run_id, status)
 
