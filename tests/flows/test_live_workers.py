@@ -172,6 +172,9 @@ def live(assets, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
+        # setup_worker.sh and the workers run `prefect` and `python` from PATH: this interpreter's, as under an
+        # activated virtual environment (make test runs .venv/bin/python without activating it).
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
