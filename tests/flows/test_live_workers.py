@@ -182,6 +182,7 @@ def live(assets, tmp_path_factory):
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "DATAWORTH_ROOT": str(ROOT),
         "DATAWORTH_GPU_SLOTS": "4",
+        "DATAWORTH_WORKER_STOP_S": "5",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -377,3 +378,19 @@ def test_the_nightly_deployment_on_a_growing_corpus(live, assets, tmp_path):
     first, second = runs.to_dict("records")
     assert second["metrics.examples_reused"] == first["metrics.examples_computed"] > 0
     assert second["metrics.examples_computed"] == manifest.num_examples - first["metrics.examples_computed"] > 0
+
+
+def test_a_worker_stops_on_sigterm_after_its_server_is_gone(live):
+    """Last of the module's live tests: with the server stopped, a SIGTERM to a worker started by setup_worker.sh
+    ends it within its stop window (a bare `prefect worker` keeps retrying the dead server instead)."""
+    alive = [w for w in ("w1", "w2") if live.procs.started[w].poll() is None]
+    assert alive, "no worker left running"
+    script = live.procs.started[alive[0]]
+    worker = live.procs.descendants(script.pid)
+    assert worker, "setup_worker.sh runs no worker"
+    live.procs.stop("server")
+    started = time.monotonic()
+    script.send_signal(signal.SIGTERM)  # the script alone, as a service manager would signal it
+    script.wait(60)
+    assert time.monotonic() - started < 5 + 30
+    assert not wait_for_gone(worker), "the worker outlived its set-up script"
