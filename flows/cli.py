@@ -306,12 +306,6 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
 _TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store", lambda o: o["tracking_uri"])]
 
 
-def _booting(api) -> bool:
-    """Whether EarlyAPI is still starting the API (its start thread runs)."""
-    thread = getattr(api, "_thread", None)
-    return thread is not None and thread.is_alive()
-
-
 def _run(command: str, config, progress: bool, log: RunLog | None = None) -> None:
     module, name, takes_progress, rows = _RUNS[command]
     from flows.runner import EarlyAPI, run_flow  # the task runner of config.runner (threads by default)
@@ -322,7 +316,7 @@ def _run(command: str, config, progress: bool, log: RunLog | None = None) -> Non
         flow_fn = getattr(importlib.import_module(module), name)
         if log is not None:
             log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
-        warm_while(lambda: _booting(api), warm_steps(command, config))  # the flow's own first work, while the API boots
+        warm_while(api.booting, warm_steps(command, config))  # the flow's own first work, while the API boots
     api.wait()
     try:
         out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)

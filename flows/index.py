@@ -136,13 +136,13 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         for s in shards:
             run.metrics({"log_compute_seconds": s.compute_seconds, "log_write_seconds": s.write_seconds}, step=s.shard)
         workers = len({s.worker for s in shards})
-        reused = sum(s.reused for s in shards)
+        reused, computed = sum(s.reused for s in shards), sum(s.computed for s in shards)
         run.metrics(
             {
                 "log_workers": workers,
                 "log_wall_seconds": time.perf_counter() - logging_started,
                 "examples_reused": reused,
-                "examples_computed": sum(s.computed for s in shards),
+                "examples_computed": computed,
             }
         )
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
@@ -162,7 +162,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         )
         run.artifact_text("manifest.json", published.manifest.model_dump_json(indent=2))
 
-    tokens = sum(s.tokens if s.computed_tokens is None else s.computed_tokens for s in shards)
+    tokens = sum(s.tokens_computed for s in shards)
     seconds = sum(s.compute_seconds for s in shards)
     summary = {
         "index_uri": uri,
@@ -171,7 +171,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "shards": n_shards,
         "log_workers": workers,
         "examples_reused": reused,
-        "examples_computed": sum(s.computed for s in shards),
+        "examples_computed": computed,
         "index_version": manifest.gradients_version,
         "dim": manifest.dim,
         "compression_ratio": published.compression_ratio,

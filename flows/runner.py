@@ -144,6 +144,10 @@ class EarlyAPI:
         except BaseException as err:  # re-raised in the main thread by wait()
             self.error = err
 
+    def booting(self) -> bool:
+        """Whether the server is still being started (its start thread runs)."""
+        return self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the server answers; raise what made its start fail."""
         self._thread.join()

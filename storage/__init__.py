@@ -10,6 +10,7 @@ from storage.deferred import defer_package_init
 defer_package_init("lance_namespace_urllib3_client")
 
 from storage.errors import IndexStoreError  # noqa: E402
+from storage.gradients import squared_norms  # noqa: E402
 from storage.manifest import IndexBuildConfig, IndexManifest, IndexState  # noqa: E402
 from storage.results import load_results, results_store  # noqa: E402
 from storage.schemas import SCHEMA_VERSION  # noqa: E402
@@ -28,5 +29,6 @@ __all__ = [
     "queries_table",
     "results_store",
     "scores_table",
+    "squared_norms",
     "write_csv",
 ]

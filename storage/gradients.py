@@ -17,6 +17,11 @@ def show_ids(ids: np.ndarray, limit: int = 10) -> str:
     return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)} in all)"
 
 
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    """‖g‖² per row as the gradients table stores it (sq_norm): accumulated in float64, kept as float32."""
+    return np.square(np.asarray(vectors, dtype=np.float32), dtype=np.float64).sum(axis=1).astype(np.float32)
+
+
 def gradient_table(
     shard: int, example_ids: np.ndarray, vectors: np.ndarray, dtype: str, sq_norms: np.ndarray | None = None
 ) -> pa.Table:
@@ -63,14 +68,14 @@ def gradient_table(
             )
 
     schema = gradients_schema(int(vecs32.shape[1]), dtype)
-    sq_norm = np.square(vecs32, dtype=np.float64).sum(axis=1).astype(np.float32)
-    if sq_norms is not None:
-        given = np.asarray(sq_norms, dtype=np.float32)
-        if given.shape != sq_norm.shape or not np.isfinite(given).all():
+    if sq_norms is None:
+        sq_norm = squared_norms(vecs32)
+    else:
+        sq_norm = np.asarray(sq_norms, dtype=np.float32)
+        if sq_norm.shape != (len(ids),) or not np.isfinite(sq_norm).all():
             raise IndexStoreError(
-                f"shard {shard}: sq_norms must be {len(ids)} finite values, one per row, got shape {given.shape}"
+                f"shard {shard}: sq_norms must be {len(ids)} finite values, one per row, got shape {sq_norm.shape}"
             )
-        sq_norm = given
     stored = vecs32 if dtype == "float32" else vecs32.astype(np.float16)
     vector_col = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), vecs32.shape[1])
     return pa.Table.from_arrays(

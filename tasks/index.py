@@ -27,7 +27,15 @@ from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingCo
 from dataworth.data import Example, chunk_documents, load_documents
 from dataworth.fingerprint import data_fingerprint, model_fingerprint
 from dataworth.model import load_tokenizer
-from storage import IndexBuildConfig, IndexManifest, IndexState, IndexStore, IndexStoreError, examples_table
+from storage import (
+    IndexBuildConfig,
+    IndexManifest,
+    IndexState,
+    IndexStore,
+    IndexStoreError,
+    examples_table,
+    squared_norms,
+)
 
 from .common import (
     CACHE,
@@ -108,15 +116,19 @@ class LoggedShard(StageResult):
         """Examples whose gradients the model computed."""
         return self.examples - self.reused
 
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens of the examples the model computed (results from before reuse have no computed_tokens: all)."""
+        return self.tokens if self.computed_tokens is None else self.computed_tokens
+
     def as_cached(self) -> LoggedShard:
         """This result as a run that found it in Prefect's cache sees it: the shard is stored, nothing computed."""
         return self.model_copy(update={"reused": self.examples, "computed_tokens": 0, "compute_seconds": 0.0})
 
     def metrics(self) -> dict[str, float]:
         out = {"peak_memory_mb": self.peak_memory_mb, "examples_reused": self.reused}
-        tokens = self.tokens if self.computed_tokens is None else self.computed_tokens
         if self.computed and self.compute_seconds > 0:
-            out["log_tokens_per_s"] = tokens / self.compute_seconds
+            out["log_tokens_per_s"] = self.tokens_computed / self.compute_seconds
             out["log_examples_per_s"] = self.computed / self.compute_seconds
         return out
 
@@ -342,19 +354,10 @@ def log_gradients(
     examples = _read_examples(store, examples_version, f"example_id >= {lo} AND example_id < {hi}")
     if not examples:
         raise ValueError(f"shard {shard} (example ids {lo}..{hi - 1}) is empty; the examples table has fewer rows")
-    ids, rows, norms = [], [], []
-    if previous is not None:
-        copied = copy_unchanged(store, examples, previous, logging.shard_size)
-        if copied is not None:
-            ids.append(copied[0])
-            rows.append(copied[1])
-            norms.append(copied[2])
-            done = set(copied[0].tolist())
-            examples_left = [e for e in examples if e.example_id not in done]
-        else:
-            examples_left = examples
-    else:
-        examples_left = examples
+    copied = None if previous is None else copy_unchanged(store, examples, previous, logging.shard_size)
+    ids, rows, norms = ([part] for part in copied) if copied is not None else ([], [], [])
+    done = set(ids[0].tolist()) if ids else set()
+    examples_left = [e for e in examples if e.example_id not in done]
     fitted = load_projections(store, projections)
     lm, tokenizer = cached_model(model)
     compute_seconds = 0.0
@@ -364,7 +367,7 @@ def log_gradients(
             for batch_ids, grads in log_example_gradients(lm, tokenizer, examples_left, logging, progress, fitted):
                 ids.append(batch_ids.numpy())
                 rows.append(grads.numpy())
-                norms.append(np.square(rows[-1], dtype=np.float64).sum(axis=1).astype(np.float32))
+                norms.append(squared_norms(rows[-1]))
             compute_seconds = time.perf_counter() - start
     first_attempt = task_run.run_count <= 1  # 0 when called outside a task run (.fn)
     start = time.perf_counter()

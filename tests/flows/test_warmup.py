@@ -8,7 +8,7 @@ import sqlite3
 from functools import partial
 
 from dataworth.config import IndexConfig, QueryConfig, RunnerConfig, TrackingConfig
-from flows.cli import _booting
+from flows.runner import EarlyAPI
 from flows.warmup import freeze_before_exit, imports_frozen, warm_steps, warm_while
 
 
@@ -67,11 +67,13 @@ def test_gc_off_during_imports_and_restored(tmp_path):
     gc.unfreeze()  # the rest of the test session collects as usual
 
 
-def test_booting_reads_the_start_thread():
-    class Started:
-        class _thread:
-            @staticmethod
-            def is_alive():
-                return True
+def test_booting_is_true_while_the_api_starts(monkeypatch):
+    import threading
 
-    assert _booting(Started()) and not _booting(object())
+    release = threading.Event()
+    monkeypatch.setattr(EarlyAPI, "_start", lambda self: release.wait(30))
+    api = EarlyAPI()
+    assert api.booting()
+    release.set()
+    api.wait()
+    assert not api.booting()
