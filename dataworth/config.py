@@ -113,6 +113,16 @@ class LoggingConfig(StageConfig):
     loss_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Per-example loss: sum or mean over the example's label tokens."
     )
+    projection_dtype: Literal["float32", "model"] = Field(
+        "float32",
+        description="Dtype the hooks project in. float32: a layer's input activations and output gradients are "
+        "cast to float32 (float64 for a float64 model) and projected there. model: on a bfloat16/float16 model "
+        "they are projected in the model's dtype (the matmul accumulates in float32) and only the k-dim results "
+        "are cast to float32: the hooks then read each activation once instead of writing and reading a float32 "
+        "copy, for one rounding of the projected values to the model's precision. Identical to float32 on a "
+        "float32 or float64 model.",
+        exclude_if=lambda v: v == "float32",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
     shard_size: int = Field(512, ge=1, description="Examples per gradient-logging task (the unit of retry and cache).")
     storage_dtype: Literal["float32", "float16"] = Field("float32", description="Dtype of stored gradient vectors.")
@@ -400,10 +410,17 @@ class BenchmarkConfig(StageConfig):
         default_factory=lambda: ["gpt2-small", "llama-1b"],
         description="Shapes also timed in bfloat16 with --preset gpu (llama-1b: 16 layers, 2048 wide, MLP 8192).",
     )
-    seq_length: int = Field(128, ge=2, description="Tokens per sequence of the logging measurement.")
-    batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass of the logging measurement.")
+    seq_length: int = Field(
+        128, ge=2, description="Tokens per sequence of the logging measurement (gpu preset default: 512)."
+    )
+    batch_size: int = Field(
+        4, ge=1, description="Sequences per forward/backward pass of the logging measurement (gpu preset default: 8)."
+    )
     steps: int = Field(
-        2, ge=1, description="Timed batches per logging and per training measurement (after one warm-up)."
+        2,
+        ge=1,
+        description="Timed batches per logging and per training measurement, after one warm-up (gpu preset "
+        "default: 10).",
     )
     proj_dim: int = Field(16, ge=1, description="Projection size per side (k_in = k_out) of the logged gradients.")
     startup: bool = Field(
@@ -425,3 +442,13 @@ class BenchmarkConfig(StageConfig):
     @classmethod
     def _unique_peers(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _gpu_preset_defaults(self) -> "BenchmarkConfig":
+        """A GPU runs a 4 × 128-token batch in a few kernel launches each: the gpu preset times batches of
+        8 × 512 tokens, 10 of them, unless the fields were given."""
+        if self.preset == "gpu":
+            for name, value in (("seq_length", 512), ("batch_size", 8), ("steps", 10)):
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
+        return self

@@ -248,10 +248,16 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
                 f"gpt2-{config.model.layers}x{config.model.width}-float32",
                 {"family": "gpt2", **config.model.model_dump()},
                 "float32",
+                "float32",
             )
         ]
         if device == "cuda":
-            shapes += [(f"{name}-bfloat16", GPU_MODEL_SHAPES[name], "bfloat16") for name in config.gpu_models]
+            # each bfloat16 shape twice: projected in float32 (the default) and in the model's dtype
+            for name in config.gpu_models:
+                shapes += [
+                    (f"{name}-bfloat16", GPU_MODEL_SHAPES[name], "bfloat16", "float32"),
+                    (f"{name}-bfloat16-project-in-model-dtype", GPU_MODEL_SHAPES[name], "bfloat16", "model"),
+                ]
         logging = [
             run.log_result(
                 f"logging_{name}",
@@ -265,10 +271,11 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
                     dtype,
                     device,
                     config.seed,
+                    projection_dtype,
                     return_state=True,
                 ),
             )
-            for name, shape, dtype in shapes
+            for name, shape, dtype, projection_dtype in shapes
         ]
         model_peers = [peer for peer in config.peers if peer in PEERS]
         pairwise = None

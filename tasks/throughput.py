@@ -445,14 +445,21 @@ def measure_logging(
     dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
+    projection_dtype: str = "float32",
 ) -> LoggingMeasured:
-    """Tokens/s of log_example_gradients (random projections, every linear layer but the head) on a randomly
-    initialized model of `shape`, and of plain training forward+backward of the same model, batch and length."""
+    """Tokens/s of log_example_gradients (random projections, every linear layer but the head, projected in
+    `projection_dtype`) on a randomly initialized model of `shape`, and of plain training forward+backward of
+    the same model, batch and length."""
     torch_dtype = getattr(torch, dtype)
     model = random_causal_lm(**shape, seq_length=seq_length, dtype=torch_dtype, device=device, seed=seed)
     examples = random_examples(shape["vocab"], batch_size * (steps + 1), seq_length, seed)
     cfg = LoggingConfig(
-        projection="gaussian", proj_dim_in=proj_dim, proj_dim_out=proj_dim, precondition="none", batch_size=batch_size
+        projection="gaussian",
+        proj_dim_in=proj_dim,
+        proj_dim_out=proj_dim,
+        precondition="none",
+        batch_size=batch_size,
+        projection_dtype=projection_dtype,
     )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -36,9 +36,13 @@ class BackwardHooks(AbstractContextManager):
         param = next(model.parameters())
         self.device = param.device
         self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        # The dtype a module's input and output gradient are handed to _capture/_consume in (subclasses may
+        # keep the model's half precision there and cast only what they keep).
+        self.capture_dtype = self.dtype
         self._handles: list = []
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
         self._mask: torch.Tensor | None = None
+        self._padded = True
         self._active = False
 
     # -- context management -------------------------------------------------------------
@@ -77,10 +81,10 @@ class BackwardHooks(AbstractContextManager):
                     f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences; "
                     "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
                 )
-            kept = self._capture(name, x.to(self.dtype))
+            kept = self._capture(name, x.to(self.capture_dtype))
 
             def backward(grad_out: torch.Tensor):
-                dy = grad_out.to(self.dtype)
+                dy = grad_out.to(self.capture_dtype)
                 self._consume(name, kept, dy.unsqueeze(1) if dy.dim() == 2 else dy)
 
             output.register_hook(backward)
@@ -89,8 +93,8 @@ class BackwardHooks(AbstractContextManager):
 
     def _masked(self, t: torch.Tensor) -> torch.Tensor:
         """Zero the padded positions of a (batch, time, features) activation (applied after any projection:
-        cheaper on the smaller tensor)."""
-        return t * self._mask[:, :, None] if t.shape[1] == self._mask.shape[1] else t
+        cheaper on the smaller tensor); a batch without padding is returned as it is."""
+        return t * self._mask[:, :, None] if self._padded and t.shape[1] == self._mask.shape[1] else t
 
     def _capture(self, name: str, x: torch.Tensor):
         raise NotImplementedError
@@ -103,6 +107,7 @@ class BackwardHooks(AbstractContextManager):
         if not self._handles:
             raise RuntimeError(f"{type(self).__name__} must be entered (`with {type(self).__name__}(...) as c:`) first")
         input_ids = input_ids.to(self.device)
+        self._padded = not bool(attention_mask.all())  # read on the host, before the copy to the device
         attention_mask = attention_mask.to(self.device)
         labels = labels.to(self.device)
         self._mask = attention_mask.to(self.dtype)
@@ -125,6 +130,11 @@ class GradientCollector(BackwardHooks):
     (batch, layout.dim) tensor in the projection dtype: float64 when the model is float64,
     float32 otherwise. `fitted` holds the projections of an index whose projections were
     fitted to the data (`precondition="kfac"`, see `dataworth.attribution.kfac`).
+
+    The hooks only project (one matmul per side and module); the per-example products
+    Σ_t (P_out dy_t)(P_in x_t)ᵀ of all modules with the same shapes are formed after the
+    backward pass as one batched product, so a batch costs a few kernel launches per module,
+    not a dozen (on a GPU the launches, not the arithmetic, bound small batches).
     """
 
     def __init__(self, model: nn.Module, cfg: LoggingConfig, fitted: "FittedProjections | None" = None):
@@ -132,35 +142,62 @@ class GradientCollector(BackwardHooks):
         self.cfg = cfg
         self.projector = Projector(self.modules, cfg, fitted)
         self.layout: Layout = self.projector.layout
-        self._grads: dict[str, torch.Tensor] = {}
+        # name -> [(projected output gradient, projected input)] of each call of the module in this batch
+        self._pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        model_dtype = next(model.parameters()).dtype
+        if cfg.projection_dtype == "model" and model_dtype in (torch.bfloat16, torch.float16):
+            self.capture_dtype = model_dtype
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        self._grads.clear()
+        self._pairs.clear()
 
     def _capture(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        p_in = self.projector.get(name, "in", x.device, self.dtype)
-        return self._masked(x if p_in is None else x @ p_in.T)
+        # detached: the projection is no part of the model's graph, and must not keep x alive through one
+        x = x.detach()
+        p_in = self.projector.get(name, "in", x.device, self.capture_dtype)
+        return self._masked(x if p_in is None else x @ p_in.T)  # [B, T, d_in] @ [d_in, k_in] → [B, T, k_in]
 
     def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
-        p_out = self.projector.get(name, "out", dy.device, self.dtype)
-        dy_proj = dy if p_out is None else dy @ p_out.T
-        g = torch.einsum("bto,bti->boi", dy_proj, x_proj)
-        # A module called several times per forward (shared layers) sums its contributions.
-        self._grads[name] = g if name not in self._grads else self._grads[name] + g
+        p_out = self.projector.get(name, "out", dy.device, self.capture_dtype)
+        dy_proj = dy if p_out is None else dy @ p_out.T  # [B, T, d_out] → [B, T, k_out]
+        self._pairs.setdefault(name, []).append((dy_proj, x_proj))
+
+    @torch.no_grad()
+    def _products(self, batch: int) -> dict[str, torch.Tensor]:
+        """name -> (B, k_out·k_in) per-example gradient of every module that took part, from the projected
+        pairs the hooks kept: modules of equal shapes are stacked and multiplied at once, in self.dtype."""
+        groups: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for name, pairs in self._pairs.items():
+            # A module called several times per forward (shared layers) sums its calls: Σ over the calls'
+            # positions is one sum over their concatenated positions.
+            dy = pairs[0][0] if len(pairs) == 1 else torch.cat([p[0] for p in pairs], dim=1)
+            x = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=1)
+            groups.setdefault((tuple(dy.shape), tuple(x.shape)), []).append((name, dy, x))
+        out = {}
+        for members in groups.values():
+            dys = torch.stack([m[1] for m in members]).to(self.dtype)  # [M, B, T, k_out]
+            xs = torch.stack([m[2] for m in members]).to(self.dtype)  # [M, B, T, k_in]
+            g = torch.einsum("mbto,mbti->mboi", dys, xs)  # [M, B, k_out, k_in]
+            for j, (name, _, _) in enumerate(members):
+                out[name] = g[j].reshape(batch, -1)
+        return out
 
     def batch_gradients(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-example projected gradients (B, dim), per-example losses (B,))."""
-        self._grads = {}
-        losses = self._backward(input_ids, attention_mask, labels)
-        batch = input_ids.shape[0]
+        self._pairs = {}
+        try:
+            losses = self._backward(input_ids, attention_mask, labels)
+            batch = input_ids.shape[0]
+            grads = self._products(batch)
+        finally:
+            self._pairs = {}
         parts = []
         for block in self.layout.blocks:
-            g = self._grads.get(block.name)
+            g = grads.get(block.name)
             if g is None:  # the layer did not take part in this loss (e.g. an unused branch)
-                g = torch.zeros(batch, block.k_out, block.k_in, dtype=self.dtype, device=self.device)
-            parts.append(g.reshape(batch, -1))
-        self._grads = {}
+                g = torch.zeros(batch, block.k_out * block.k_in, dtype=self.dtype, device=self.device)
+            parts.append(g)
         return torch.cat(parts, dim=1), losses

@@ -86,6 +86,28 @@ def test_bfloat16_model_is_close_to_float32():
     assert (cos > 0.95).all()
 
 
+def test_projection_in_the_model_dtype():
+    """projection_dtype='model' projects a bfloat16 model's activations in bfloat16: the result stays float32,
+    within the bfloat16 model's own error of the float32 model's gradients and close to the float32 projection
+    of the same bfloat16 model; on a float32 or float64 model it is the same computation bit for bit."""
+    from tiny import make_tiny_llama
+
+    cfg = plain(projection="gaussian", proj_dim_in=4, proj_dim_out=4)
+    model_cfg = cfg.model_copy(update={"projection_dtype": "model"})
+    ref = hook_gradients(make_tiny_llama(dtype=torch.float32), cfg, SEQS)
+    low = make_tiny_llama(dtype=torch.bfloat16)
+    fp32_proj = hook_gradients(low, cfg, SEQS)
+    bf16_proj = hook_gradients(low, model_cfg, SEQS)
+    assert bf16_proj.dtype == torch.float32
+    assert not torch.equal(bf16_proj, fp32_proj)  # it did project in bfloat16
+    assert relative_error(bf16_proj, fp32_proj) < 0.05
+    assert (torch.nn.functional.cosine_similarity(bf16_proj, ref, dim=1) > 0.95).all()
+    for dtype in (torch.float32, torch.float64):
+        model = make_tiny_llama(dtype=dtype)
+        assert torch.equal(hook_gradients(model, model_cfg, SEQS), hook_gradients(model, cfg, SEQS))
+    assert "projection_dtype" not in cfg.model_dump()  # at its default: fingerprints of older indexes unchanged
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(tiny_model):
     cfg = plain(projection="gaussian", proj_dim_in=4, proj_dim_out=4)
@@ -93,3 +115,40 @@ def test_cuda_matches_cpu(tiny_model):
     gpu = hook_gradients(tiny_model.to("cuda"), cfg, SEQS)
     assert gpu.device.type == "cuda"
     assert relative_error(gpu.cpu(), cpu) < cross_device_tolerance(tiny_model)
+
+
+class _SharedLayerLM(torch.nn.Module):
+    """A causal LM whose `shared` Linear runs twice per forward and whose `pooled` Linear sees (batch,
+    features) inputs: the hooks' deferred products must sum a module's calls and handle T = 1."""
+
+    def __init__(self, vocab=31, width=8):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.shared = torch.nn.Linear(width, width)
+        self.wide = torch.nn.Linear(width, 2 * width)
+        self.pooled = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(2 * width, vocab)
+        self.double()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)  # [B, T, W]
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        mask = attention_mask[:, :, None].to(h.dtype)
+        pooled = self.pooled((h * mask).sum(1) / mask.sum(1))  # [B, W]: one call per example
+        h = torch.cumsum(h, dim=1) + pooled[:, None, :]  # causal mixing
+        return type("Out", (), {"logits": self.head(torch.tanh(self.wide(h)))})()
+
+
+@pytest.mark.parametrize("projection", ["identity", "gaussian"])
+def test_shared_layer_and_pooled_layer(projection):
+    model = _SharedLayerLM()
+    cfg = plain(projection=projection, proj_dim_in=3, proj_dim_out=5, exclude_modules=["head"])
+    expected = reference_gradients(model, cfg, SEQS)
+    got = hook_gradients(model, cfg, SEQS)
+    assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8)
+    for bs in (1, 3):
+        assert torch.allclose(hook_gradients(model, cfg, SEQS, batch_size=bs), expected, atol=1e-10, rtol=1e-8)
