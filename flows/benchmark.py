@@ -82,6 +82,7 @@ def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, p
         "write_ratio_last_first": largest["ingest"].write_ratio_last_first,
         "ingest_rows_per_s": largest["ingest"].rows_per_s,
         "scoring_vs_matmul": largest["score"].scoring_vs_matmul,
+        "scoring_vs_scan": largest["score"].scoring_vs_scan,
         "pairs_per_s": largest["score"].pairs_per_s,
     }
     if _positive(largest["score"].peak_rss_mb) and _positive(smallest["score"].peak_rss_mb):
@@ -144,6 +145,7 @@ def render(
             "pairs/s (4 modes)": score.pairs_per_s,
             "matmul pairs/s": score.matmul_scores_per_s / score.modes,
             "vs matmul": score.scoring_vs_matmul,
+            "vs scan": score.scoring_vs_scan,
             "peak RSS MB": score.peak_rss_mb,
         }
         for peer, p in r["peers"].items():

@@ -135,6 +135,10 @@ class Scored(StageResult):
     matmul_seconds: float = Field(description="In-memory matmul [modes·queries, dim] × [dim, rows].")
     matmul_scores_per_s: float = Field(description="queries × rows × modes ÷ matmul_seconds.")
     scoring_vs_matmul: float = Field(description="scores_per_s ÷ matmul_scores_per_s (1 = at the matmul bound).")
+    scan_seconds: float | None = Field(
+        None, description="The same pass reading the rows onto the scoring device without scoring them: the read bound."
+    )
+    scoring_vs_scan: float | None = Field(None, description="scan_seconds ÷ seconds (1 = at the read bound).")
     peak_rss_mb: float | None = Field(description="Peak resident memory of the scoring process (None: not isolated).")
     rss_growth_mb: float | None = Field(description="Peak RSS during scoring minus the peak before it.")
     peak_gpu_mb: float | None = Field(None, description="Peak CUDA memory of the scoring (gpu preset).")
@@ -148,6 +152,7 @@ class Scored(StageResult):
             p + "scores_per_s": self.scores_per_s,
             p + "matmul_scores_per_s": self.matmul_scores_per_s,
             p + "scoring_vs_matmul": self.scoring_vs_matmul,
+            p + "scoring_vs_scan": self.scoring_vs_scan,
             p + "peak_rss_mb": self.peak_rss_mb,
             p + "rss_growth_mb": self.rss_growth_mb,
             p + "peak_gpu_mb": self.peak_gpu_mb,
@@ -194,9 +199,16 @@ def score_synthetic(
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     if rows != size:
         raise RuntimeError(f"the scoring pass read {rows} rows of a {size}-row index")
+    # The read bound, measured after the peak: the same batches onto the device, nothing scored.
+    start = time.perf_counter()
+    for _, vectors in gradient_batches(store, batch):
+        vectors.to(device, non_blocking=True)
+    synchronize(device)
+    scan = time.perf_counter() - start
     bound = matmul_seconds(len(modes) * queries, dim, size, device)
     return {
         "seconds": seconds,
+        "scan_seconds": scan,
         "matmul_seconds": bound,
         "peak_rss_mb": peak,
         "rss_growth_mb": peak - rss_before,
@@ -256,6 +268,8 @@ def measure_scoring(
         matmul_seconds=out["matmul_seconds"],
         matmul_scores_per_s=scores / out["matmul_seconds"],
         scoring_vs_matmul=out["matmul_seconds"] / out["seconds"],
+        scan_seconds=out["scan_seconds"],
+        scoring_vs_scan=out["scan_seconds"] / out["seconds"],
         peak_rss_mb=out["peak_rss_mb"],
         rss_growth_mb=out["rss_growth_mb"],
         peak_gpu_mb=out["peak_gpu_mb"],

@@ -15,7 +15,13 @@ from dataworth.evaluation.peers import INSTALL_COMMANDS, PEERS, missing_peer
 from flows.benchmark import benchmark_flow, pairwise_job, render, summarize
 from tasks.throughput import measure_pairwise
 
-REQUIRED_KEYS = ("write_ratio_last_first", "scoring_vs_matmul", "logging_vs_training", "peak_rss_ratio")
+REQUIRED_KEYS = (
+    "write_ratio_last_first",
+    "scoring_vs_matmul",
+    "scoring_vs_scan",
+    "logging_vs_training",
+    "peak_rss_ratio",
+)
 
 
 @pytest.mark.slow
@@ -89,6 +95,14 @@ def test_gpu_preset_without_cuda_is_refused(monkeypatch, tmp_path):
         _device(BenchmarkConfig(preset="gpu", workspace=str(tmp_path)))
 
 
+def test_gpu_preset_times_bigger_batches_unless_told():
+    gpu = BenchmarkConfig(preset="gpu")
+    assert (gpu.seq_length, gpu.batch_size, gpu.steps) == (512, 8, 10)
+    assert (BenchmarkConfig().seq_length, BenchmarkConfig().batch_size, BenchmarkConfig().steps) == (128, 4, 2)
+    given = BenchmarkConfig(preset="gpu", seq_length=64, batch_size=2, steps=3)
+    assert (given.seq_length, given.batch_size, given.steps) == (64, 2, 3)
+
+
 def test_pairwise_job_caps_the_logging_model():
     job = pairwise_job(BenchmarkConfig())  # GPT-2-small shape, 128 tokens
     assert job.shape == {"family": "gpt2", "layers": 4, "width": 256, "heads": 4, "vocab": 8192}
@@ -127,7 +141,8 @@ def test_a_peer_not_installed_is_skipped_with_its_install_command(harness, tmp_p
     assert not any("bergson" in key for key in pairwise.metrics())
 
     class Ran:  # the per-size figures summarize and render read
-        write_ratio_last_first = rows_per_s = scoring_vs_matmul = pairs_per_s = matmul_scores_per_s = 1.0
+        write_ratio_last_first = rows_per_s = scoring_vs_matmul = scoring_vs_scan = pairs_per_s = 1.0
+        matmul_scores_per_s = 1.0
         peak_rss_mb, modes = None, 1
 
     per_size = {10: {"ingest": Ran(), "score": Ran(), "peers": {}}}
