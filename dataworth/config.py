@@ -135,12 +135,17 @@ class LoggingConfig(StageConfig):
 
 
 class CurvatureConfig(StageConfig):
-    kind: Literal["identity", "raw"] = Field(
-        "raw", description="identity: no curvature; raw: block-diagonal empirical Fisher of the projected gradients."
+    kind: Literal["identity", "raw", "ekfac"] = Field(
+        "raw",
+        description="identity: no curvature; raw: block-diagonal empirical Fisher of the projected gradients; "
+        "ekfac: that Fisher in a Kronecker eigenbasis Q_S ⊗ Q_A (of E[G Gᵀ] and E[Gᵀ G] of each layer's "
+        "k_out × k_in projected gradient) with eigenvalues corrected to diag(Qᵀ F Q), as kronfluence's EKFAC.",
     )
     damping_factor: float = Field(0.1, gt=0, description="λ = damping_factor × mean eigenvalue, per module block.")
     max_block_dim: int = Field(
-        16384, ge=1, description="Refuse Fisher blocks larger than this (proj_dim_in × proj_dim_out per module)."
+        16384,
+        ge=1,
+        description="Refuse Fisher blocks (raw, ekfac) larger than this (proj_dim_in × proj_dim_out per module).",
     )
 
 

@@ -2,6 +2,15 @@
 
 F_b = (1/N) Σ_i g_{i,b} g_{i,b}^T for each module block b, λ_b = factor × mean eigenvalue
 of F_b, and (F_b + λ_b I)^p applied through one eigendecomposition (p = -1 or -1/2).
+
+`ekfac` keeps a Kronecker eigenbasis instead of F_b's own: a block's gradient is a k_out × k_in
+matrix G_i (stored row-major), its factors are the partial traces S = E[G_i G_iᵀ] and A = E[G_iᵀ G_i]
+of F_b, the basis is Q = Q_S ⊗ Q_A of their eigenvectors, and the eigenvalues are corrected to
+Λ = diag(Qᵀ F_b Q) = E[(Q_Sᵀ G_i Q_A)²] (George et al. 2018, EKFAC; kronfluence's default), so
+(F_b + λ)^p ≈ Q (Λ + λ)^p Qᵀ. The stored gradients keep no per-token activations, so the factors
+come from the per-example gradients rather than from E[x xᵀ] and E[dy dyᵀ] over tokens; the
+eigenvalue correction makes the diagonal exact in that basis either way. The trace, and so λ, is
+that of the raw Fisher.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ class FisherAccumulator:
 
     def __init__(self, layout: Layout, cfg: CurvatureConfig):
         for b in layout.blocks:
-            if cfg.kind == "raw" and b.size > cfg.max_block_dim:
+            if cfg.kind in FITTED_KINDS and b.size > cfg.max_block_dim:
                 raise ConfigError(
                     f"module {b.name!r} has a {b.size}-dim gradient block ({b.k_out}×{b.k_in}); a raw Fisher of that "
                     f"size needs {b.size**2 * 8 / 2**30:.1f} GiB. Lower proj_dim_in/proj_dim_out, or raise "
@@ -32,7 +41,7 @@ class FisherAccumulator:
         self.count = 0
         self.sums = (
             {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in layout.blocks}
-            if cfg.kind == "raw"
+            if cfg.kind in FITTED_KINDS
             else {}
         )
 
@@ -40,7 +49,7 @@ class FisherAccumulator:
         if grads.shape[1] != self.layout.dim:
             raise IndexMismatchError(f"gradient batch has {grads.shape[1]} columns, the layout has {self.layout.dim}")
         self.count += grads.shape[0]
-        if self.cfg.kind != "raw":
+        if self.cfg.kind not in FITTED_KINDS:
             return
         g = grads.to(torch.float64)
         for b, sl in self.layout.slices():
@@ -56,10 +65,33 @@ class FisherAccumulator:
         for b in self.layout.blocks:
             fisher = self.sums[b.name] / self.count
             fisher = (fisher + fisher.T) / 2
-            evals, evecs = torch.linalg.eigh(fisher)
+            if self.cfg.kind == "ekfac":
+                evals, evecs = ekfac_eigen(fisher, b.k_out, b.k_in)
+            else:
+                evals, evecs = torch.linalg.eigh(fisher)
             evals = evals.clamp(min=0.0)  # round-off can leave tiny negatives on a PSD matrix
             blocks[b.name] = (evals, evecs)
-        return Curvature.from_eigen(self.layout, blocks, self.count, self.cfg.damping_factor)
+        return Curvature.from_eigen(self.layout, blocks, self.count, self.cfg.damping_factor, self.cfg.kind)
+
+
+# Kinds fitted from the stored gradients' per-block second moments.
+FITTED_KINDS = ("raw", "ekfac")
+
+
+def ekfac_eigen(fisher: torch.Tensor, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, Q) of one block's EKFAC: Q = Q_S ⊗ Q_A from the eigenvectors of the partial traces of `fisher`
+    (k_out·k_in square, rows and columns ordered (o, i) as the stored row-major G_i), Λ = diag(Qᵀ F Q)."""
+    f = fisher.reshape(k_out, k_in, k_out, k_in)  # F[(o, i), (p, j)] = E[G_oi G_pj]
+    a = torch.einsum("oioj->ij", f)  # E[Gᵀ G]  [k_in, k_in]
+    s = torch.einsum("oipi->op", f)  # E[G Gᵀ]  [k_out, k_out]
+    q_a = torch.linalg.eigh((a + a.T) / 2).eigenvectors
+    q_s = torch.linalg.eigh((s + s.T) / 2).eigenvectors
+    # Λ[s, a] = Σ Q_S[o, s] Q_A[i, a] F[o, i, p, j] Q_S[p, s] Q_A[j, a], one factor at a time (no b × b × b product)
+    t = torch.einsum("os,oipj->sipj", q_s, f)
+    t = torch.einsum("sipj,ps->sij", t, q_s)
+    t = torch.einsum("sij,ia->saj", t, q_a)
+    lam = torch.einsum("saj,ja->sa", t, q_a)
+    return lam.reshape(-1), torch.kron(q_s, q_a)
 
 
 @dataclass
@@ -72,13 +104,14 @@ class Curvature:
     damping: dict[str, float] | None = None
 
     @classmethod
-    def from_eigen(cls, layout, blocks, count, damping_factor) -> "Curvature":
+    def from_eigen(cls, layout, blocks, count, damping_factor, kind: str = "raw") -> "Curvature":
+        """A fitted curvature from its blocks' (eigenvalues, eigenvectors); `kind` says which fit (raw, ekfac)."""
         means = {n: float(e.mean()) for n, (e, _) in blocks.items()}
         positive = [m for m in means.values() if m > 0]
         # A block whose gradients were all zero has no scale of its own: borrow the global one.
         fallback = sum(positive) / len(positive) if positive else 1.0
         damping = {n: damping_factor * (m if m > 0 else fallback) for n, m in means.items()}
-        return cls(layout, "raw", blocks, count, damping_factor, damping)
+        return cls(layout, kind, blocks, count, damping_factor, damping)
 
     @classmethod
     def identity(cls, layout: Layout) -> "Curvature":
@@ -88,7 +121,7 @@ class Curvature:
         """Same fitted Fisher, another damping factor (cheap: no refit)."""
         if self.kind == "identity":
             return self
-        return Curvature.from_eigen(self.layout, self.blocks, self.count, damping_factor)
+        return Curvature.from_eigen(self.layout, self.blocks, self.count, damping_factor, self.kind)
 
     def apply(self, vectors: torch.Tensor, power: float) -> torch.Tensor:
         """(F + λI)^power applied blockwise to the rows of `vectors` (n, dim)."""
@@ -153,4 +186,4 @@ class Curvature:
         layout = Layout.from_json(state["layout"])
         if state["kind"] == "identity":
             return cls.identity(layout)
-        return cls.from_eigen(layout, state["blocks"], state["count"], state["damping_factor"])
+        return cls.from_eigen(layout, state["blocks"], state["count"], state["damping_factor"], state["kind"])

@@ -70,10 +70,10 @@ def test_dot_equals_explicit_autograd_gradient_products(model, tokenizer):
         assert [e.example_id for e, _ in result.top(q.id)] == ids
 
 
-@pytest.mark.parametrize("precondition", ["none", "kfac"])
-def test_scores_equal_the_pipeline_steps(model, tokenizer, precondition):
+@pytest.mark.parametrize(("precondition", "kind"), [("none", "raw"), ("kfac", "raw"), ("kfac", "ekfac")])
+def test_scores_equal_the_pipeline_steps(model, tokenizer, precondition, kind):
     logging = LoggingConfig(proj_dim_in=4, proj_dim_out=3, precondition=precondition, batch_size=3)
-    curvature = CurvatureConfig(kind="raw", damping_factor=0.1)
+    curvature = CurvatureConfig(kind=kind, damping_factor=0.1)
     modes = ["dot", "influence", "relatif", "cosine"]
     queries = [*QUERIES, "the dog ran"]  # the last one is completed greedily
     gen = GenerationConfig(max_new_tokens=4)
@@ -92,6 +92,7 @@ def test_scores_equal_the_pipeline_steps(model, tokenizer, precondition):
     accumulator = FisherAccumulator(layout, curvature)
     accumulator.update(grads)
     fisher = accumulator.finalize()
+    assert fisher.kind == kind
     specs = [QuerySpec(**q) for q in QUERIES] + [QuerySpec(id="q2", prompt="the dog ran")]
     encoded = encode_queries(model, tokenizer, specs, gen, 64)
     q_grads = query_gradients(model, encoded, logging, pad_token_id(tokenizer), 16, fitted)

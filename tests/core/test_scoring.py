@@ -22,8 +22,24 @@ def explicit_fisher(G, factor):
     return M
 
 
-def fit(G, factor=0.1, batch=7):
-    acc = FisherAccumulator(LAYOUT, CurvatureConfig(kind="raw", damping_factor=factor))
+def explicit_ekfac(G, factor, layout=LAYOUT):
+    """Dense block-diagonal EKFAC + λI from the per-example k_out × k_in gradient matrices: eigenvectors of
+    E[G Gᵀ] and E[Gᵀ G], eigenvalues E[(Q_Sᵀ G Q_A)²], λ = factor × trace(F_b) / b (the raw Fisher's)."""
+    D = G.shape[1]
+    M = torch.zeros(D, D, dtype=torch.float64)
+    for b, sl in layout.slices():
+        mats = G[:, sl].reshape(-1, b.k_out, b.k_in)  # the stored row-major layout of each example's block
+        q_s = torch.linalg.eigh((mats @ mats.transpose(1, 2)).mean(0)).eigenvectors
+        q_a = torch.linalg.eigh((mats.transpose(1, 2) @ mats).mean(0)).eigenvectors
+        lam = (q_s.T @ mats @ q_a).square().mean(0).reshape(-1)
+        basis = torch.kron(q_s, q_a)
+        damping = factor * torch.trace(G[:, sl].T @ G[:, sl] / G.shape[0]) / b.size
+        M[sl, sl] = basis @ torch.diag(lam + damping) @ basis.T
+    return M
+
+
+def fit(G, factor=0.1, batch=7, kind="raw", layout=LAYOUT):
+    acc = FisherAccumulator(layout, CurvatureConfig(kind=kind, damping_factor=factor))
     for s in range(0, G.shape[0], batch):
         acc.update(G[s : s + batch])
     return acc.finalize()
@@ -77,10 +93,37 @@ def explicit_norms(G, Minv):
 def curvature_and_inverse(G, kind, factor=0.2):
     if kind == "identity":
         return Curvature.identity(LAYOUT), torch.eye(LAYOUT.dim, dtype=torch.float64)
+    if kind == "ekfac":
+        return fit(G, factor, kind="ekfac"), torch.linalg.inv(explicit_ekfac(G, factor))
     return fit(G, factor), torch.linalg.inv(explicit_fisher(G, factor))
 
 
-@pytest.mark.parametrize("kind", ["raw", "identity"])
+def test_ekfac_matches_explicit(data):
+    G, _ = data
+    curv = fit(G, 0.3, kind="ekfac")
+    assert curv.kind == "ekfac"
+    M = explicit_ekfac(G, 0.3)
+    assert torch.allclose(curv.matrix(1.0), M, atol=1e-10)
+    assert torch.allclose(curv.matrix(-1.0), torch.linalg.inv(M), atol=1e-10)
+    assert not torch.allclose(M, explicit_fisher(G, 0.3), atol=1e-3)  # a 2×3 block is not a Kronecker product
+    # λ is the raw Fisher's: the corrected eigenvalues keep its trace
+    assert curv.damping == pytest.approx(fit(G, 0.3).damping, rel=1e-12)
+    again = Curvature.from_bytes(curv.to_bytes())
+    assert again.kind == "ekfac" and torch.allclose(again.matrix(-1.0), curv.matrix(-1.0), atol=1e-12)
+    redamped = curv.with_damping(1.0)
+    assert redamped.kind == "ekfac" and torch.allclose(redamped.matrix(1.0), explicit_ekfac(G, 1.0), atol=1e-10)
+
+
+def test_ekfac_of_a_one_row_block_is_the_raw_fisher():
+    """With k_out = 1, S is a scalar and Q_A diagonalizes F itself: EKFAC is the raw Fisher exactly."""
+    layout = Layout((Block("row", 1, 5, 0),))
+    torch.manual_seed(1)
+    G = torch.randn(30, 5, dtype=torch.float64)
+    ekfac, raw = fit(G, 0.2, kind="ekfac", layout=layout), fit(G, 0.2, layout=layout)
+    assert torch.allclose(ekfac.matrix(-1.0), raw.matrix(-1.0), atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["raw", "ekfac", "identity"])
 def test_whitened_norms_match_explicit(data, kind):
     G, Q = data
     curv, Minv = curvature_and_inverse(G, kind)
@@ -89,7 +132,7 @@ def test_whitened_norms_match_explicit(data, kind):
     assert torch.allclose(curv.whitened_norms(Q.float()), explicit_norms(Q, Minv).float(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["raw", "identity"])
+@pytest.mark.parametrize("kind", ["raw", "ekfac", "identity"])
 def test_stacked_matmul_is_every_mode(data, kind):
     """One matmul of at most two vectors per query, then per-column (1/n_i) and per-row (1/n_q) scales."""
     G, Q = data
@@ -110,7 +153,7 @@ def test_stacked_matmul_is_every_mode(data, kind):
 
 
 @pytest.mark.parametrize("norms", ["stored", "per-batch"])
-@pytest.mark.parametrize("kind", ["raw", "identity"])
+@pytest.mark.parametrize("kind", ["raw", "ekfac", "identity"])
 @pytest.mark.parametrize("mode", ["dot", "influence", "relatif", "cosine"])
 def test_score_modes_match_explicit(data, kind, mode, norms):
     G, Q = data
@@ -231,3 +274,21 @@ def test_zero_gradient_rows_score_zero(data, with_norms):
 def test_oversized_block_is_refused():
     with pytest.raises(ValueError, match="max_block_dim"):
         FisherAccumulator(LAYOUT, CurvatureConfig(kind="raw", max_block_dim=5))
+
+
+@pytest.mark.parametrize("kind", ["raw", "ekfac", "identity"])
+def test_relatif_and_cosine_rank_alike_and_identity_influence_is_dot(data, kind):
+    """What the README says of the modes: cosine = relatif ÷ ‖(F+λI)^-½ g_q‖ (the same order within a query,
+    not across queries), and with identity curvature influence is dot."""
+    G, Q = data
+    curv, Minv = curvature_and_inverse(G, kind)
+    scorer = Scorer(Q, curv, ["dot", "influence", "relatif", "cosine"], top_k=10, full_matrix_size=40)
+    scorer.update(torch.arange(40), G.float())
+    relatif, cosine = scorer.full["relatif"], scorer.full["cosine"]
+    query_norms = explicit_norms(Q, Minv)
+    assert torch.allclose(cosine * query_norms[:, None], relatif, rtol=1e-4, atol=1e-6)
+    assert torch.equal(scorer.topk["relatif"].ids, scorer.topk["cosine"].ids)
+    if kind == "identity":
+        assert torch.allclose(scorer.full["influence"], scorer.full["dot"], rtol=1e-6, atol=1e-6)
+    else:
+        assert not torch.allclose(scorer.full["influence"], scorer.full["dot"], rtol=1e-2)
