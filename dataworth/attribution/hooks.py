@@ -144,6 +144,7 @@ class GradientCollector(BackwardHooks):
         self.layout: Layout = self.projector.layout
         # name -> [(projected output gradient, projected input)] of each call of the module in this batch
         self._pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._done: dict[str, torch.Tensor] = {}  # name -> (B, k_out·k_in) of modules with an unprojected side
         model_dtype = next(model.parameters()).dtype
         if cfg.projection_dtype == "model" and model_dtype in (torch.bfloat16, torch.float16):
             self.capture_dtype = model_dtype
@@ -151,6 +152,7 @@ class GradientCollector(BackwardHooks):
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
         self._pairs.clear()
+        self._done.clear()
 
     def _capture(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # detached: the projection is no part of the model's graph, and must not keep x alive through one
@@ -161,6 +163,12 @@ class GradientCollector(BackwardHooks):
     def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
         p_out = self.projector.get(name, "out", dy.device, self.capture_dtype)
         dy_proj = dy if p_out is None else dy @ p_out.T  # [B, T, d_out] → [B, T, k_out]
+        if p_out is None or self.projector.get(name, "in", dy.device, self.capture_dtype) is None:
+            # An unprojected side is a full activation: its product is formed now, so that it is not held
+            # until the end of the backward pass (exact gradients, `projection: identity`).
+            g = torch.einsum("bto,bti->boi", dy_proj.to(self.dtype), x_proj.to(self.dtype)).reshape(dy.shape[0], -1)
+            self._done[name] = g if name not in self._done else self._done[name] + g
+            return
         self._pairs.setdefault(name, []).append((dy_proj, x_proj))
 
     @torch.no_grad()
@@ -174,7 +182,7 @@ class GradientCollector(BackwardHooks):
             dy = pairs[0][0] if len(pairs) == 1 else torch.cat([p[0] for p in pairs], dim=1)
             x = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=1)
             groups.setdefault((tuple(dy.shape), tuple(x.shape)), []).append((name, dy, x))
-        out = {}
+        out = dict(self._done)
         for members in groups.values():
             dys = torch.stack([m[1] for m in members]).to(self.dtype)  # [M, B, T, k_out]
             xs = torch.stack([m[2] for m in members]).to(self.dtype)  # [M, B, T, k_in]
@@ -187,13 +195,13 @@ class GradientCollector(BackwardHooks):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-example projected gradients (B, dim), per-example losses (B,))."""
-        self._pairs = {}
+        self._pairs, self._done = {}, {}
         try:
             losses = self._backward(input_ids, attention_mask, labels)
             batch = input_ids.shape[0]
             grads = self._products(batch)
         finally:
-            self._pairs = {}
+            self._pairs, self._done = {}, {}
         parts = []
         for block in self.layout.blocks:
             g = grads.get(block.name)
