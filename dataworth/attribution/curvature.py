@@ -24,6 +24,9 @@ from dataworth.attribution.projection import Layout
 from dataworth.config import CurvatureConfig
 from dataworth.errors import ConfigError, DataError, IndexMismatchError
 
+# Kinds fitted from the stored gradients' per-block second moments.
+FITTED_KINDS = ("raw", "ekfac")
+
 
 class FisherAccumulator:
     """Streams gradient batches into per-block second moments (float64 sums)."""
@@ -72,10 +75,6 @@ class FisherAccumulator:
             evals = evals.clamp(min=0.0)  # round-off can leave tiny negatives on a PSD matrix
             blocks[b.name] = (evals, evecs)
         return Curvature.from_eigen(self.layout, blocks, self.count, self.cfg.damping_factor, self.cfg.kind)
-
-
-# Kinds fitted from the stored gradients' per-block second moments.
-FITTED_KINDS = ("raw", "ekfac")
 
 
 def ekfac_eigen(fisher: torch.Tensor, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class BackwardHooks(AbstractContextManager):
         self.loss_reduction = loss_reduction
         param = next(model.parameters())
         self.device = param.device
+        self.model_dtype = param.dtype
         self.dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         # The dtype a module's input and output gradient are handed to _capture/_consume in (subclasses may
         # keep the model's half precision there and cast only what they keep).
@@ -145,9 +146,14 @@ class GradientCollector(BackwardHooks):
         # name -> [(projected output gradient, projected input)] of each call of the module in this batch
         self._pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._done: dict[str, torch.Tensor] = {}  # name -> (B, k_out·k_in) of modules with an unprojected side
-        model_dtype = next(model.parameters()).dtype
-        if cfg.projection_dtype == "model" and model_dtype in (torch.bfloat16, torch.float16):
-            self.capture_dtype = model_dtype
+        if cfg.projection_dtype == "model" and self.model_dtype in (torch.bfloat16, torch.float16):
+            self.capture_dtype = self.model_dtype
+        # Modules with a side kept whole (projection identity): their products are formed in their backward hook.
+        self._unprojected = {
+            name
+            for name in self.modules
+            if any(self.projector.get(name, side, self.device, self.capture_dtype) is None for side in ("in", "out"))
+        }
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
@@ -163,7 +169,7 @@ class GradientCollector(BackwardHooks):
     def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
         p_out = self.projector.get(name, "out", dy.device, self.capture_dtype)
         dy_proj = dy if p_out is None else dy @ p_out.T  # [B, T, d_out] → [B, T, k_out]
-        if p_out is None or self.projector.get(name, "in", dy.device, self.capture_dtype) is None:
+        if name in self._unprojected:
             # An unprojected side is a full activation: its product is formed now, so that it is not held
             # until the end of the backward pass (exact gradients, `projection: identity`).
             g = torch.einsum("bto,bti->boi", dy_proj.to(self.dtype), x_proj.to(self.dtype)).reshape(dy.shape[0], -1)
