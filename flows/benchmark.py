@@ -105,6 +105,10 @@ def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, p
     if startup is not None:
         out["startup_index_seconds"] = startup.index_seconds
         out["startup_query_seconds"] = startup.query_seconds
+        if startup.service_index_seconds is not None:
+            out["startup_service_index_seconds"] = startup.service_index_seconds
+            out["startup_service_query_seconds"] = startup.service_query_seconds
+            out["startup_service_ready_seconds"] = startup.service_ready_seconds
     return out
 
 
@@ -179,6 +183,12 @@ def render(
             f"start-up: `dataworth index` {startup.index_seconds:.1f} s, `dataworth query` "
             f"{startup.query_seconds:.1f} s on a tiny corpus (target ≤ 5 s)"
         )
+        if startup.service_index_seconds is not None:
+            notes.append(
+                f"start-up with `dataworth serve` running: `dataworth index` {startup.service_index_seconds:.1f} s, "
+                f"`dataworth query` {startup.service_query_seconds:.1f} s (the service took "
+                f"{startup.service_ready_seconds:.1f} s to start, once)"
+            )
     unisolated = [n for n, r in per_size.items() if r["score"].peak_rss_mb is None]
     if unisolated:
         notes.append(f"peak RSS not measured at {unisolated} rows (scored in-process: rss_max_size)")

@@ -29,6 +29,7 @@ from flows.cli_options import (  # noqa: E402
     walk,
 )
 from flows.failures import DEFAULT_LOG_DIR, LOG_DIR_ENV, RunLog, describe_failure, one_line  # noqa: E402
+from flows.service import HOME_ENV, SERVED, SERVICE_ENV, route, submit  # noqa: E402
 
 
 def _prompt_query(i: int, prompt: str) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> CommandParser:
     parser = CommandParser(prog="dataworth", description=__doc__, formatter_class=_Formatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*COMMANDS, "serve"]) + "}")
     for command, (name, _, help_, description) in COMMANDS.items():
         p = sub.add_parser(
             command,
@@ -220,6 +221,27 @@ def build_parser() -> CommandParser:
             help="print tracebacks on the terminal (otherwise a failure is one line, its traceback in a log file; "
             f"the log folder is ${LOG_DIR_ENV}, default {DEFAULT_LOG_DIR})",
         )
+        if command in SERVED:
+            p.add_argument(
+                "--no-service",
+                action="store_true",
+                help=f"run in this process even when a `dataworth serve` service is running (or set {SERVICE_ENV}=0)",
+            )
+    p = sub.add_parser(
+        "serve",
+        help="keep a process running that runs the other commands without their start-up",
+        description=textwrap.fill(
+            f"Run a service (a Prefect task worker) that runs `dataworth {' / '.join(SERVED)}` for every command "
+            f"started on this machine with the same ${HOME_ENV} (default ~/.dataworth), so a command costs its "
+            "submission and its work, not the imports and the Prefect server of a new process. It uses the Prefect "
+            "server of PREFECT_API_URL, else starts its own. A command whose code differs from the service's, or "
+            f"given --no-service, runs in its own process. Ctrl-C or SIGTERM stops the service.",
+            100,
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--stop", action="store_true", help="stop the running service and exit")
+    p.add_argument("--status", action="store_true", help="say whether a service runs, and where; exit 1 if none")
     parser.commands = sub.choices
     return parser
 
@@ -306,30 +328,49 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
 _TRACKING_ROWS = [("mlflow run", lambda o: o["mlflow_run_id"]), ("mlflow store", lambda o: o["tracking_uri"])]
 
 
+def run_command_flow(command: str, config, progress: bool) -> Any:
+    """Run the flow of `command` (its module already imported or imported now); returns the flow's output."""
+    from flows.runner import run_flow  # the task runner of config.runner (threads by default)
+
+    module, name, takes_progress, _ = _RUNS[command]
+    flow_fn = getattr(importlib.import_module(module), name)
+    return run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
+
+
+def flow_summary(command: str, out: dict) -> dict[str, Any]:
+    """The command's closing summary, label → value, from its flow's output."""
+    rows = _RUNS[command][3]
+    summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
+    if command == "demo":
+        summary["see runs"] = f"mlflow ui --backend-store-uri {out['tracking_uri']}"
+    return summary
+
+
+def print_summary(command: str, summary: dict[str, Any]) -> None:
+    print(f"\n== {command} ==")
+    for k, v in summary.items():
+        if v is not None:
+            print(f"  {k:<18} {v}")
+
+
 def _run(command: str, config, progress: bool, log: RunLog | None = None) -> None:
-    module, name, takes_progress, rows = _RUNS[command]
-    from flows.runner import EarlyAPI, run_flow  # the task runner of config.runner (threads by default)
+    module = _RUNS[command][0]
+    from flows.runner import EarlyAPI
     from flows.warmup import freeze_before_exit, imports_frozen, warm_steps, warm_while
 
     api = EarlyAPI()  # the ephemeral Prefect API boots in its own process while the flow's modules import
     with imports_frozen():
-        flow_fn = getattr(importlib.import_module(module), name)
+        importlib.import_module(module)
         if log is not None:
             log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
         warm_while(api.booting, warm_steps(command, config))  # the flow's own first work, while the API boots
     api.wait()
     try:
-        out = run_flow(flow_fn, config, progress=progress) if takes_progress else run_flow(flow_fn, config)
+        out = run_command_flow(command, config, progress)
     finally:
         _send_prefect_events()
         freeze_before_exit()  # the command ends after its flow
-    summary = {label: value(out) for label, value in [*rows, *_TRACKING_ROWS]}
-    if command == "demo":
-        summary["see runs"] = f"mlflow ui --backend-store-uri {out['tracking_uri']}"
-    print(f"\n== {command} ==")
-    for k, v in summary.items():
-        if v is not None:
-            print(f"  {k:<18} {v}")
+    print_summary(command, flow_summary(command, out))
 
 
 def _send_prefect_events(timeout: float = 10) -> None:
@@ -347,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     named on that line, or to the terminal with --debug (or DATAWORTH_DEBUG=1)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command == "serve":
+        if unknown:
+            parser.commands["serve"].error(f"unrecognized arguments: {' '.join(unknown)}")
+        return _serve(args)
     commands = command_parser(parser, args.command)
     if unknown:
         commands.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -364,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         what, fix = describe_failure(err)
         print(prefix, f"{what} — {fix}", file=sys.stderr)
         return 2
+    service = route(args.command, getattr(args, "no_service", False))
+    if service is not None:
+        return submit(service, args.command, config, debug, prefix)
     log = RunLog(args.command, debug)
     try:
         _run(args.command, config, progress=not args.no_progress, log=log)
@@ -384,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, ValueError) else 1  # bad input (never retried) or a failed run
     log.close(keep=False)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows import service
+
+    if args.stop:
+        return service.stop()
+    if args.status:
+        return service.status()
+    return service.serve()
 
 
 if __name__ == "__main__":

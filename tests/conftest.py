@@ -11,6 +11,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The ephemeral API server gets 20 s to start by default; on 2 busy cores that is sometimes too little.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dataworth-prefect-home-")
+# No test reaches a `dataworth serve` service the developer may have running (tests that need one start their own).
+os.environ["DATAWORTH_HOME"] = tempfile.mkdtemp(prefix="dataworth-home-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

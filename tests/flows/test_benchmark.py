@@ -58,6 +58,9 @@ def test_benchmark_flow_end_to_end(harness, tmp_path, monkeypatch):
     assert set(summary["sizes"]) == {"512", "2048"}
     assert summary["sizes"]["2048"]["shards"] == 16
     assert summary["startup"]["index_seconds"] > 0 and summary["startup"]["query_seconds"] > 0
+    # the same commands run by a `dataworth serve` service (the commands check that it ran them)
+    assert summary["startup_service_index_seconds"] > 0 and summary["startup_service_query_seconds"] > 0
+    assert summary["startup"]["service_ready_seconds"] > 0 and "with `dataworth serve` running" in out["table"]
     assert not (tmp_path / "ws" / "index-512").exists()  # indexes are removed after measuring
 
     printed = out["table"]  # what the flow prints
