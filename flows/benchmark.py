@@ -112,6 +112,10 @@ def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, p
     return out
 
 
+def _ratio(bound: float, seconds: float | None) -> float | None:
+    return None if seconds is None else bound / seconds
+
+
 def _round(value: float | None) -> float | None:
     """Three significant digits: throughputs span six orders of magnitude."""
     if not _positive(value):
@@ -149,6 +153,7 @@ def render(
             "pairs/s (4 modes)": score.pairs_per_s,
             "matmul pairs/s": score.matmul_scores_per_s / score.modes,
             "vs matmul": score.scoring_vs_matmul,
+            "first pass vs matmul": _ratio(score.matmul_seconds, score.first_pass_seconds),
             "vs scan": score.scoring_vs_scan,
             "peak RSS MB": score.peak_rss_mb,
         }

@@ -145,7 +145,7 @@ def test_a_peer_not_installed_is_skipped_with_its_install_command(harness, tmp_p
 
     class Ran:  # the per-size figures summarize and render read
         write_ratio_last_first = rows_per_s = scoring_vs_matmul = scoring_vs_scan = pairs_per_s = 1.0
-        matmul_scores_per_s = 1.0
+        matmul_scores_per_s = matmul_seconds = first_pass_seconds = 1.0
         peak_rss_mb, modes = None, 1
 
     per_size = {10: {"ingest": Ran(), "score": Ran(), "peers": {}}}
