@@ -13,8 +13,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ScoreMode = Literal["dot", "influence", "relatif", "cosine"]
-ALL_SCORE_MODES: tuple[ScoreMode, ...] = ("dot", "influence", "relatif", "cosine")
+GradientMode = Literal["dot", "influence", "relatif", "cosine"]
+# The gradient modes: one streaming pass over the stored gradients computes all of them (the Scorer).
+ALL_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cosine")
+# BM25 through the full-text index of the examples table (storage), and the two fusions of BM25 with a gradient
+# mode: reciprocal-rank fusion of both rankings, and BM25's candidates reranked by their exact gradient scores.
+LEXICAL_MODES = ("bm25",)
+HYBRID_KINDS = ("rrf", "rerank")
+HYBRID_MODES = tuple(f"hybrid-{kind}-{mode}" for kind in HYBRID_KINDS for mode in ALL_SCORE_MODES)
+ALL_MODES = (*ALL_SCORE_MODES, *LEXICAL_MODES, *HYBRID_MODES)
+ScoreMode = Literal[ALL_MODES]
 
 
 class StageConfig(BaseModel):
@@ -150,7 +158,15 @@ class CurvatureConfig(StageConfig):
 
 
 class ScoreConfig(StageConfig):
-    modes: list[ScoreMode] = Field(default_factory=lambda: list(ALL_SCORE_MODES), description="Score modes to compute.")
+    modes: list[ScoreMode] = Field(
+        default_factory=lambda: list(ALL_SCORE_MODES),
+        description="Score modes to compute. Gradient modes (one pass over the stored gradients): dot, influence, "
+        "relatif, cosine. bm25: Okapi BM25 of the query's prompt + completion against each example's text, from "
+        "the full-text index of the index's examples table. hybrid-rrf-<mode>: reciprocal-rank fusion of the "
+        "BM25 ranking and that gradient mode's, each cut at `candidates`: Σ 1/(rrf_k + rank). "
+        "hybrid-rerank-<mode>: BM25's top `candidates` examples reranked by their exact scores in that gradient "
+        "mode (only those rows are read).",
+    )
     top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
     report_rows: int = Field(
         50, ge=1, description="Rows per query and mode in the HTML report (the top-k CSV has all top_k of them)."
@@ -167,13 +183,61 @@ class ScoreConfig(StageConfig):
         description="Score the index in tasks of this many gradient shards each, run side by side by the flow's task "
         "runner, and merge their top-k exactly (same result); None: one task streams the whole index.",
     )
+    # The two hybrid fields are left out of dumps at their defaults, so the score run ids (and cache keys) of
+    # configs written before they existed read back unchanged.
+    candidates: int = Field(
+        100,
+        ge=1,
+        description="M of the hybrid modes: hybrid-rerank-* rescores BM25's top M examples per query, hybrid-rrf-* "
+        "fuses the BM25 and gradient rankings cut at rank M. At least top_k.",
+        exclude_if=lambda v: v == 100,
+    )
+    rrf_k: float = Field(
+        60.0,
+        ge=0,
+        description="k of reciprocal-rank fusion (hybrid-rrf-*): an example scores Σ 1/(k + rank) over the rankings "
+        "it is in (rank 1 = first); a larger k flattens the weight of the first ranks.",
+        exclude_if=lambda v: v == 60.0,
+    )
 
     @field_validator("modes")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError(f"modes is empty: choose from {list(ALL_SCORE_MODES)}")
+            raise ValueError(f"modes is empty: choose from {list(ALL_MODES)}")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _candidates_cover_top_k(self) -> "ScoreConfig":
+        hybrid = [m for m in self.modes if m in HYBRID_MODES]
+        if hybrid and self.candidates < self.top_k:
+            raise ValueError(
+                f"candidates={self.candidates} is below top_k={self.top_k}: {hybrid[0]} ranks at most `candidates` "
+                f"BM25 candidates per query; give --score.candidates {self.top_k} or more, or a smaller --top-k"
+            )
+        return self
+
+
+def hybrid_parts(mode: str) -> tuple[str, GradientMode] | None:
+    """("rrf" or "rerank", the gradient mode) of a hybrid mode's name; None for any other mode."""
+    if mode not in HYBRID_MODES:
+        return None
+    _, kind, gradient = mode.split("-", 2)
+    return kind, gradient
+
+
+def gradient_modes(modes: list[str], kinds: tuple[str, ...] = ("rrf",)) -> list[GradientMode]:
+    """The gradient modes these modes need, in order: those named, and those of their hybrid modes of `kinds`
+    (by default the RRF ones, which fuse a gradient ranking over the whole index; a rerank scores only its
+    candidates)."""
+    out = []
+    for mode in modes:
+        parts = hybrid_parts(mode)
+        if mode in ALL_SCORE_MODES:
+            out.append(mode)
+        elif parts is not None and parts[0] in kinds:
+            out.append(parts[1])
+    return list(dict.fromkeys(out))
 
 
 class GenerationConfig(StageConfig):

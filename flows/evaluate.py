@@ -1,6 +1,6 @@
 """The `evaluate` flow: is the attribution right? One table of methods × metrics, logged to MLflow.
 
-benchmark model → index → full score matrices (every mode, BM25, kronfluence) → fact tracing,
+benchmark model → index → full score matrices (every mode, BM25 and the hybrid modes, kronfluence) → fact tracing,
 tail-patch, LDS (one retrained model per random subset), brittleness (retrain without each
 query's top-k), leave-one-out on a convex problem, optional damping calibration → report.
 """
@@ -17,7 +17,6 @@ from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
 from tasks.benchmark import prepare_benchmark
 from tasks.evaluate import (
-    bm25_scores,
     calibrate_damping,
     choose_calibration,
     fact_tracing_eval,
@@ -141,11 +140,13 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             logging_cfg = logging_cfg.model_copy(update=calibration.get("logging", {}))
             state = index_state(index_uri)
 
+        # BM25 is scored by the query flow, beside the other modes, from the index's full-text index.
+        modes = list(dict.fromkeys([*config.score.modes, *(["bm25"] if "bm25" in config.baselines else [])]))
         query = query_flow(
             QueryConfig(
                 index_uri=index_uri,
                 queries=queries,
-                score=config.score.model_copy(update={"full_matrix": True}),
+                score=config.score.model_copy(update={"full_matrix": True, "modes": modes}),
                 report_dir=str(ws / "reports"),
                 tracking=sub_tracking,
             ),
@@ -153,8 +154,6 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             title=f"dataworth evaluate: {config.benchmark}",
         )
         matrices = [query["full_matrix"]]
-        if "bm25" in config.baselines:
-            matrices.append(bm25_scores(index_uri, state.examples_version, queries, str(ws / "eval" / "bm25.npz")))
         kron = None
         if "kronfluence" in config.baselines:
             kron = run.log_result(

@@ -21,7 +21,8 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import Bitmap
+from lancedb.index import FTS, Bitmap
+from lancedb.query import MatchQuery
 from pydantic import ValidationError
 
 from storage.errors import REBUILD_HINT, IndexStoreError
@@ -60,6 +61,25 @@ os.environ.setdefault("LANCE_DEFAULT_IO_BUFFER_SIZE", str(32 << 20))
 os.environ.setdefault("LANCE_USE_LITE_SCHEDULER", "1")
 # A B-tree index on the examples' document_id, for the lookups of an incremental run.
 _DOCUMENT_INDEX = "document_idx"
+# The full-text index of the examples' text, searched by the bm25 and hybrid score modes. Lance's BM25 has k1 = 1.2
+# and b = 0.75 built in, with Lucene's idf log(1 + (N - df + 0.5) / (df + 0.5)), and counts a repeated query word
+# each time. Its "simple" tokenizer splits at every character that is not a letter or digit; lowercased, and with
+# no stemming, stop words, ASCII folding or length cut, its words are those of dataworth.evaluation.baselines.bm25's
+# tokenize_words and its scores that oracle's at k1 = 1.2 to float32 rounding, except that an example whose text
+# holds no word is not indexed, so N and the mean length count only the others (tests/storage/test_text_search.py).
+_TEXT_INDEX = "text_idx"
+TEXT_INDEX = FTS(
+    base_tokenizer="simple",
+    lower_case=True,
+    stem=False,
+    remove_stop_words=False,
+    ascii_folding=False,
+    max_token_length=None,
+    with_position=False,
+)
+BM25_K1, BM25_B = 1.2, 0.75
+# Example ids per `IN (...)` filter of read_gradients_by_id.
+_IDS_PER_FILTER = 4096
 # Rows per batch Lance decodes: small decoded batches in flight, merged into the caller's batch_size.
 _READ_ROWS = 1024
 
@@ -221,7 +241,50 @@ class IndexStore:
         # An incremental run looks up a shard's documents in the version it replaces (previous_examples):
         # a B-tree on document_id keeps that lookup from scanning the whole table once per shard.
         written.create_scalar_index("document_id", index_type="BTREE", name=_DOCUMENT_INDEX)
+        # Built here, with the rows it indexes, so the version returned (the one a manifest pins) carries its own
+        # full-text index: a later version (a re-index) has its own, and a query never writes the index.
+        written.create_index("text", config=TEXT_INDEX, name=_TEXT_INDEX)
         return int(written.version)
+
+    def check_text_index(self, version: int | None = None) -> None:
+        """Raise unless the examples table (at `version`) has the full-text index search_text reads."""
+        self._text_table(version)
+
+    def _text_table(self, version: int | None) -> Any:
+        table = self._require(EXAMPLES, version)
+        if not any(i.name == _TEXT_INDEX for i in table.list_indices()):
+            at = f"version {version} of " if version is not None else ""
+            raise IndexStoreError(
+                f"{at}the examples table of {self.uri} has no full-text index, which the bm25 and hybrid score modes "
+                "search (the index was built before they existed): run `dataworth index` on it again with the same "
+                "options (the examples table is rewritten with one; stored gradients are reused)"
+            )
+        return table
+
+    def search_text(
+        self, texts: list[str], limit: int, version: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """BM25 of each text against the examples' text (at `version`), from the full-text index: per text, the
+        (example_ids int64, scores float64) of at most `limit` examples that share a word with it, higher score
+        first, equal scores by the smaller id. An example sharing no word with a text has score 0 and is not listed."""
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+            raise IndexStoreError(f"limit must be a positive int, got {limit!r}")
+        table = self._text_table(version)
+        out = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise IndexStoreError(f"search_text takes strings, got {type(text).__name__}")
+            hits = (
+                table.search(MatchQuery(text, "text"), query_type="fts")
+                .select(["example_id", "_score"])
+                .limit(int(limit))
+                .to_arrow()
+            )
+            ids = hits.column("example_id").to_numpy().astype(np.int64)
+            scores = hits.column("_score").to_numpy().astype(np.float64)
+            order = np.lexsort((ids, -scores))  # score descending, then id ascending
+            out.append((ids[order], scores[order]))
+        return out
 
     def read_examples(
         self, columns: list[str] | None = None, version: int | None = None, where: str | None = None
@@ -421,6 +484,32 @@ class IndexStore:
                 f"{sorted(set(shards))[:10]}; {REBUILD_HINT}"
             )
         return want, vectors[back], sq[back]
+
+    def read_gradients_by_id(self, example_ids: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [n, dim], sq_norm [n]) of these example ids at table `version`, in the order asked.
+
+        A filter on example_id: Lance reads the id column and then only the matching rows' vectors, so a few
+        hundred rows cost a read of the ids, not a scan of the vectors. Raises if an id is not there."""
+        want = np.asarray(example_ids, dtype=np.int64)
+        unique, back = np.unique(want, return_inverse=True)
+        table = self._require(GRADIENTS, version)
+        dim = vector_layout(table.schema)[0]
+        vectors = np.zeros((len(unique), dim), dtype=np.float32)
+        sq = np.zeros(len(unique), dtype=np.float32)
+        found = np.zeros(len(unique), dtype=bool)
+        for lo in range(0, len(unique), _IDS_PER_FILTER):
+            part = unique[lo : lo + _IDS_PER_FILTER]
+            where = f"example_id IN ({', '.join(str(int(i)) for i in part)})"
+            rows = table.search().where(where).select(["example_id", "vector", "sq_norm"]).to_arrow()
+            for batch in rows.to_batches():
+                ids, vecs, norms = batch_arrays(batch, dim)
+                at = np.searchsorted(unique, ids)
+                vectors[at], sq[at], found[at] = vecs, norms, True
+        if not found.all():
+            raise IndexStoreError(
+                f"gradients version {version} has no rows for example_ids {show_ids(unique[~found])}; {REBUILD_HINT}"
+            )
+        return vectors[back], sq[back]
 
     def _scan_gradients(
         self, batch_size: int, version: int | None, shards: list[int] | None

@@ -16,12 +16,11 @@ import torch
 from prefect import task
 from pydantic import Field
 
-from dataworth.config import GenerationConfig, QuerySpec
+from dataworth.config import ALL_SCORE_MODES, GenerationConfig, QuerySpec
 from dataworth.data import pad_token_id
-from dataworth.evaluation.baselines.bm25 import BM25, tokenize_words
 from dataworth.evaluation.fact_tracing import trace_facts_in_scores
 from dataworth.evaluation.lds import linear_datamodeling_score, sample_subsets
-from dataworth.evaluation.matrices import merge_matrices, save_matrices
+from dataworth.evaluation.matrices import attribution_values, merge_matrices, save_matrices
 from dataworth.evaluation.subsets import plan_removals, subset_key
 from dataworth.evaluation.tail_patch import completion_log_probs, tail_patch_scores
 from dataworth.training import RetrainConfig, train_causal_lm
@@ -110,15 +109,6 @@ def _examples(index_uri: str) -> dict:
     return {k: [t[k][i] for i in order] for k in t}
 
 
-@task(name="bm25_scores", cache_policy=CACHE, **PERSIST)
-def bm25_scores(index_uri: str, examples_version: int, queries: list[QuerySpec], out_path: str) -> str:
-    """BM25 of each query's prompt + completion against every training example's text."""
-    ex = _examples(index_uri)
-    bm25 = BM25([tokenize_words(t) for t in ex["text"]])
-    scores = np.stack([bm25.scores(tokenize_words(q.prompt + (q.completion or ""))) for q in queries])
-    return save_matrices(Path(out_path), {"bm25": scores.astype(np.float64)}, [q.id for q in queries])
-
-
 @task(name="fact_tracing_eval")
 def fact_tracing_eval(
     index_uri: str, matrix_paths: list[str], relevant: dict[str, list[str]], k: int = 10
@@ -152,17 +142,17 @@ def tail_patch_eval(
             for name, scores in methods.items()
         }
         picks["random"] = {q.id: rng.choice(len(seqs), size=min(top_k, len(seqs)), replace=False) for q in enc}
-        out = {}
-        for name, chosen in picks.items():
-            deltas = [
-                float(
-                    tail_patch_scores(
-                        lm.model, [seqs[i] for i in chosen[q.id]], [q], pad, lr=lr, optimizer=optimizer
-                    ).mean()
-                )
-                for q in enc
-            ]
-            out[name] = {"tail_patch": float(np.mean(deltas))}
+        deltas: dict[str, list[float]] = {name: [] for name in picks}
+        for q in enc:
+            # Each step starts from the same weights (restored exactly after every candidate), so an example that
+            # several methods retrieve (BM25 and its hybrids, relatif and cosine) is patched once for all of them.
+            chosen = {name: [int(i) for i in by_query[q.id]] for name, by_query in picks.items()}
+            union = sorted({i for ids in chosen.values() for i in ids})
+            step = tail_patch_scores(lm.model, [seqs[i] for i in union], [q], pad, lr=lr, optimizer=optimizer)[0]
+            delta = dict(zip(union, step.tolist()))
+            for name, ids in chosen.items():
+                deltas[name].append(float(np.mean([delta[i] for i in ids])))
+        out = {name: {"tail_patch": float(np.mean(d))} for name, d in deltas.items()}
     return MethodTable(table=out)
 
 
@@ -226,6 +216,7 @@ def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]]
     actual_arr = np.asarray(actual, dtype=np.float64).T  # (n_queries, n_subsets)
     out, predicted = {}, {}
     for name, scores in methods.items():
+        scores = attribution_values(scores)
         res = linear_datamodeling_score(scores, masks, actual_arr)
         out[name] = {"lds": float(res["lds"]), "lds_valid_queries": int(res["n_valid"])}
         predicted[name] = (scores @ masks.T.astype(np.float64))[0].tolist()
@@ -317,7 +308,7 @@ def calibrate_damping(
     query_ids = [q.id for q in encoded]
     fitted = index_curvature(store, manifest, manifest.config.curvature.damping_factor)
     n = manifest.num_examples
-    curv_modes = [m for m in modes if m != "dot"] or ["influence"]
+    curv_modes = [m for m in modes if m in ALL_SCORE_MODES and m != "dot"] or ["influence"]
     scorers = {
         df: Scorer(q_grads, fitted.with_damping(df), curv_modes, top_k=1, full_matrix_size=n) for df in damping_factors
     }

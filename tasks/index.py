@@ -210,7 +210,10 @@ def prune_index(
 def tokenize_corpus(
     index_uri: str, model: ModelConfig, data: DataConfig, data_fingerprint: str, shard_size: int
 ) -> Tokenized:
-    """Read documents, split them into ≤ max_length-token examples, write the examples table."""
+    """Read documents, split them into ≤ max_length-token examples, write the examples table (with the full-text
+    index of its text that the bm25 and hybrid score modes search)."""
+    # This docstring is part of the task's cache key (TASK_SOURCE): it changed when write_examples began to build
+    # the full-text index, so an index tokenized before that is rewritten by its next index run, which adds one.
     start = time.perf_counter()
     docs = load_documents(data)
     tokenizer = load_tokenizer(model)

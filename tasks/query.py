@@ -14,12 +14,22 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.hybrid import Ranking, complete_ranking, reciprocal_rank_fusion, rerank
 from dataworth.attribution.scoring import Scorer, merge_ranked, needs_norms
-from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
+from dataworth.config import LEXICAL_MODES, GenerationConfig, QuerySpec, ScoreConfig, gradient_modes, hybrid_parts
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
-from storage import IndexManifest, IndexStore, load_results, queries_table, results_store, scores_table, write_csv
+from storage import (
+    IndexManifest,
+    IndexStore,
+    IndexStoreError,
+    load_results,
+    queries_table,
+    results_store,
+    scores_table,
+    write_csv,
+)
 from storage.store import batch_buffer
 
 from .common import (
@@ -132,6 +142,134 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return ids.numpy(), scores.numpy()
 
 
+# Queries whose rerank candidates are read and scored together: their rows are held at once (float64).
+_RERANK_QUERIES = 64
+
+
+def streamed_modes(score: ScoreConfig) -> list[str]:
+    """The gradient modes the streaming pass computes: those asked for, and those a hybrid-rrf mode fuses."""
+    return gradient_modes(score.modes)
+
+
+def streamed_depth(score: ScoreConfig) -> int:
+    """How deep the streaming pass keeps each gradient ranking: top_k, or `candidates` when a hybrid-rrf mode fuses
+    it (the first top_k of an exact top-M are the exact top-k)."""
+    rrf = any((hybrid_parts(m) or ("",))[0] == "rrf" for m in score.modes)
+    return max(score.top_k, score.candidates) if rrf else score.top_k
+
+
+def _needs_norms(score: ScoreConfig) -> bool:
+    return needs_norms(gradient_modes(score.modes, kinds=("rrf", "rerank")))
+
+
+def check_text_index(store: IndexStore, manifest: IndexManifest, score: ScoreConfig) -> None:
+    """bm25 and the hybrid modes search the index's full-text index: an index built before they existed is said
+    before any model work."""
+    if any(m in LEXICAL_MODES or hybrid_parts(m) for m in score.modes):
+        try:
+            store.check_text_index(manifest.examples_version)
+        except IndexStoreError as exc:
+            raise ValueError(str(exc)) from None  # bad input: never retried
+
+
+def _rows(rankings: list[Ranking], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [Q, k], scores [Q, k]) of per-query rankings, each cut at k."""
+    return np.stack([r[0][:k] for r in rankings]), np.stack([r[1][:k] for r in rankings])
+
+
+def _matrix_row(n: int, ranking: Ranking, fill: float) -> np.ndarray:
+    row = np.full(n, fill)
+    row[ranking[0]] = ranking[1]
+    return row
+
+
+def lexical_and_hybrid(
+    store: IndexStore,
+    manifest: IndexManifest,
+    encoded: list[EncodedQuery],
+    q_grads: torch.Tensor,
+    curvature: Curvature,
+    norms: torch.Tensor | None,
+    score: ScoreConfig,
+    streamed: dict[str, tuple[np.ndarray, np.ndarray]],
+    full: bool = False,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """The top-k of bm25 and the hybrid modes (mode → (ids, scores), each [queries, k]), and with `full` their
+    full score matrices [queries, examples].
+
+    BM25 scores each query's prompt + completion from the index's full-text index (a full matrix holds 0 where an
+    example shares no word with the query). hybrid-rrf-<g>: RRF of BM25's ranking and the streamed ranking of g
+    (`streamed[g]`, ids and scores [queries, ≥ candidates]), both cut at `candidates` (0 for an example in
+    neither). hybrid-rerank-<g>: BM25's top `candidates` ranked by their exact scores in g, read from the
+    gradients table by id (a full matrix holds NaN, not scored, elsewhere). `norms` (by example id) are needed by
+    a rerank in relatif or cosine."""
+    modes = [m for m in score.modes if m in LEXICAL_MODES or hybrid_parts(m)]
+    if not modes:
+        return {}, {}
+    n, m_cut, k = manifest.num_examples, score.candidates, min(score.top_k, manifest.num_examples)
+    hybrid = [m for m in modes if hybrid_parts(m)]
+    depth = n if full else max(score.top_k, score.candidates if hybrid else 0)
+    hits = store.search_text([q.prompt + q.completion for q in encoded], depth, manifest.examples_version)
+    bm25 = [complete_ranking(ids, scores, n, depth) for ids, scores in hits]
+    rankings: dict[str, list[Ranking]] = {}
+    fills = {"bm25": 0.0}
+    if "bm25" in modes:
+        rankings["bm25"] = bm25
+    candidates = [ids[:m_cut] for ids, _ in bm25]
+    reranks = [g for kind, g in map(hybrid_parts, hybrid) if kind == "rerank"]
+    reranked = _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms) if reranks else {}
+    for mode in hybrid:
+        kind, gradient = hybrid_parts(mode)
+        if kind == "rrf":
+            ids = streamed[gradient][0]
+            rankings[mode] = [
+                reciprocal_rank_fusion([c, ids[q][:m_cut]], score.rrf_k) for q, c in enumerate(candidates)
+            ]
+            fills[mode] = 0.0
+        else:
+            rankings[mode], fills[mode] = reranked[gradient], np.nan
+    topk = {mode: _rows(r, k) for mode, r in rankings.items()}
+    matrices = (
+        {mode: np.stack([_matrix_row(n, x, fills[mode]) for x in r]) for mode, r in rankings.items()} if full else {}
+    )
+    return topk, matrices
+
+
+def _rerank(
+    store: IndexStore,
+    manifest: IndexManifest,
+    q_grads: torch.Tensor,
+    curvature: Curvature,
+    modes: list[str],
+    candidates: list[np.ndarray],
+    norms: torch.Tensor | None,
+) -> dict[str, list[Ranking]]:
+    """Each query's candidates ranked by their exact scores in each gradient mode: only the candidates' rows are
+    read (by example id, once for every mode), _RERANK_QUERIES queries at a time."""
+    out: dict[str, list[Ranking]] = {m: [] for m in modes}
+    for lo in range(0, len(candidates), _RERANK_QUERIES):
+        part = candidates[lo : lo + _RERANK_QUERIES]
+        ids = np.unique(np.concatenate(part))
+        vectors, _ = store.read_gradients_by_id(ids, manifest.gradients_version)
+        rows_norms = None if norms is None else norms[torch.from_numpy(ids)]
+        queries = q_grads[lo : lo + _RERANK_QUERIES]
+        for mode in modes:
+            out[mode] += rerank(queries, curvature, mode, part, ids, torch.from_numpy(vectors), rows_norms)
+    return out
+
+
+def _asked(score: ScoreConfig, *parts: dict) -> dict:
+    """The entries of the modes asked for, in the order asked (a hybrid-rrf mode streams a gradient mode that may
+    not be one of them)."""
+    merged = {k: v for part in parts for k, v in part.items()}
+    return {m: merged[m] for m in score.modes}
+
+
+def _save_matrices(path: str, matrices: dict[str, np.ndarray], query_ids: list[str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **matrices, query_ids=np.array(query_ids))
+
+
 class Scored(StageResult):
     """One scoring run written to the scores and queries tables by score_queries."""
 
@@ -141,10 +279,13 @@ class Scored(StageResult):
     pairs_per_s: float = Field(description="Scoring throughput, pairs per second.")
     query_gradient_seconds: float = Field(description="Time to encode the queries and take their gradients.")
     score_seconds: float = Field(description="Time of the streaming pass over the stored gradients.")
+    search_seconds: float = Field(
+        0.0, description="Time of bm25 and the hybrid modes: the full-text searches, fusions and reranks."
+    )
 
     @property
     def compute_seconds(self) -> float:
-        return self.query_gradient_seconds + self.score_seconds
+        return self.query_gradient_seconds + self.score_seconds + self.search_seconds
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -153,6 +294,7 @@ class Scored(StageResult):
             "score_seconds": self.score_seconds,
             "score_pairs_per_s": self.pairs_per_s,
             "score_pairs": self.pairs,
+            **({"search_seconds": self.search_seconds} if self.search_seconds else {}),
         }
 
 
@@ -179,14 +321,13 @@ def _query_side(
     """(encoded queries, their gradients, seconds taken, the damped curvature, the stored norms ‖(F+λI)^-½ g_i‖
     when a mode needs them). The norms are stored by fit_curvature for the index's damping; another damping
     computes and stores its own once."""
+    check_text_index(store, manifest, score)
     start = time.perf_counter()
     index = open_index_model(store, manifest)
     encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
     seconds = time.perf_counter() - start
     curvature = index_curvature(store, manifest, score.damping_factor)
-    norms = (
-        index_norms(store, manifest, curvature, score.train_batch_size, results) if needs_norms(score.modes) else None
-    )
+    norms = index_norms(store, manifest, curvature, score.train_batch_size, results) if _needs_norms(score) else None
     return encoded, q_grads, seconds, curvature, norms
 
 
@@ -201,7 +342,8 @@ def score_queries(
     model_fingerprint: str | None = None,
     results_uri: str | None = None,
 ) -> Scored:
-    """Query gradients (generating missing completions), then every mode over one streaming pass.
+    """Query gradients (generating missing completions), then every gradient mode over one streaming pass, then
+    bm25 and the hybrid modes (full-text searches of the index, fusions, reranks of the candidates' rows).
 
     `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only. Scores and
     queries go to the results store (results_uri, default the index's results/ folder), never into the index."""
@@ -213,25 +355,35 @@ def score_queries(
 
     version = manifest.gradients_version
     n_train = manifest.num_examples
-    full = n_train if full_matrix_path else None
-    scorer = Scorer(q_grads, curvature, score.modes, score.top_k, full, norms=norms)
+    full = full_matrix_path is not None
+    streamed, matrices, pairs = {}, {}, 0
     start = time.perf_counter()
-    shard_size = manifest.config.logging.shard_size
-    for ids, vectors in shard_batches(store, score.train_batch_size, shard_size, version):  # next batch read meanwhile
-        scorer.update(ids, vectors)
+    if streamed_modes(score):
+        scorer = Scorer(
+            q_grads, curvature, streamed_modes(score), streamed_depth(score), n_train if full else None, norms=norms
+        )
+        batches = shard_batches(store, score.train_batch_size, manifest.config.logging.shard_size, version)
+        for ids, vectors in batches:  # the next batch is read meanwhile
+            scorer.update(ids, vectors)
+        streamed = {mode: (top.ids.numpy(), top.scores.numpy()) for mode, top in scorer.topk.items()}
+        matrices = {m: v.numpy() for m, v in scorer.full.items()} if full else {}
+        pairs = scorer.pairs
     score_seconds = time.perf_counter() - start
+    searched, searched_full = lexical_and_hybrid(
+        store, manifest, encoded, q_grads, curvature, norms, score, streamed, full
+    )
+    search_seconds = time.perf_counter() - start - score_seconds
 
     srid = scoring_run_id(manifest, queries, score, generation)
     query_ids = [q.id for q in encoded]
-    topk = {mode: (top.ids.numpy(), top.scores.numpy()) for mode, top in scorer.topk.items()}
+    topk = _asked(
+        score, {m: (ids[:, : score.top_k], s[:, : score.top_k]) for m, (ids, s) in streamed.items()}, searched
+    )
     results.write_scores(srid, scores_table(srid, query_ids, topk, version))
     results.write_queries(srid, queries_table(srid, encoded))
     if full_matrix_path:
-        Path(full_matrix_path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            full_matrix_path, **{m: v.numpy() for m, v in scorer.full.items()}, query_ids=np.array(query_ids)
-        )
-    pairs_per_s = scorer.pairs / max(score_seconds, 1e-9)
+        _save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
+    pairs_per_s = pairs / max(score_seconds, 1e-9)
     log.info(
         "scored %d queries × %d examples × %d modes (%.0f pairs/s)",
         len(encoded),
@@ -242,10 +394,11 @@ def score_queries(
     return Scored(
         score_run_id=srid,
         queries=len(encoded),
-        pairs=scorer.pairs,
+        pairs=pairs,
         pairs_per_s=pairs_per_s,
         query_gradient_seconds=query_seconds,
         score_seconds=score_seconds,
+        search_seconds=search_seconds if searched else 0.0,
     )
 
 
@@ -300,6 +453,25 @@ def query_gradients(
     return QueryGradients(score_run_id=srid, artifact=key, encoded=encoded, seconds=seconds)
 
 
+def _stored_norms(
+    index_uri: str, store: IndexStore, manifest: IndexManifest, curvature: Curvature, score: ScoreConfig, results
+) -> torch.Tensor | None:
+    """The norms ‖(F+λI)^-½ g_i‖ that query_gradients made sure of, when a mode needs them."""
+    if not _needs_norms(score):
+        return None
+    stored = stored_norms(store, manifest, norms_key(manifest.curvature_artifact, curvature), results)
+    if stored is None:
+        raise ValueError(f"index {index_uri!r} lacks the stored norms of this damping; {REBUILD}")
+    return torch.from_numpy(stored)
+
+
+def _query_grads(index_uri: str, results: IndexStore, query: QueryGradients) -> torch.Tensor:
+    stored_grads = read_array(results, query.artifact)
+    if stored_grads is None:
+        raise ValueError(f"index {index_uri!r} has no query gradients {query.artifact!r}; score the queries again")
+    return torch.from_numpy(stored_grads)
+
+
 @task(name="score_shard_range", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
 def score_shard_range(
     index_uri: str,
@@ -311,21 +483,19 @@ def score_shard_range(
     results_uri: str | None = None,
 ) -> RangeScores:
     """Every mode's top-k of the queries over the stored gradients of `shards` (one streaming pass)."""
+    if not streamed_modes(score):  # bm25 and hybrid-rerank modes only: merge_scores searches, nothing is streamed
+        return RangeScores(shards=list(shards), topk={}, rows=0, pairs=0, seconds=0.0)
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
-    stored_grads = read_array(results, query.artifact)
-    if stored_grads is None:
-        raise ValueError(f"index {index_uri!r} has no query gradients {query.artifact!r}; score the queries again")
-    q_grads = torch.from_numpy(stored_grads)
+    q_grads = _query_grads(index_uri, results, query)
     curvature = index_curvature(store, manifest, score.damping_factor)
-    norms = None
-    if needs_norms(score.modes):
-        key = norms_key(manifest.curvature_artifact, curvature)
-        stored = stored_norms(store, manifest, key, results)
-        if stored is None:
-            raise ValueError(f"index {index_uri!r} lacks the stored norms of this damping; {REBUILD}")
-        norms = torch.from_numpy(stored)
+    norms = _stored_norms(index_uri, store, manifest, curvature, score, results)
     scorer = Scorer(
-        q_grads, curvature, score.modes, score.top_k, manifest.num_examples if full_matrix else None, norms=norms
+        q_grads,
+        curvature,
+        streamed_modes(score),
+        streamed_depth(score),
+        manifest.num_examples if full_matrix else None,
+        norms=norms,
     )
     batches = shard_batches(
         store, score.train_batch_size, manifest.config.logging.shard_size, manifest.gradients_version, shards
@@ -366,25 +536,40 @@ def merge_scores(
     log = get_run_logger()
     n_train = manifest.num_examples
     rows = sum(r.rows for r in ranges)
-    if rows != n_train:
-        raise ValueError(f"the shard ranges hold {rows} stored gradients, the index {n_train}; {REBUILD}")
     n_queries = len(query.encoded)
-    modes = list(ranges[0].topk) if ranges else list(dict.fromkeys(score.modes))
+    modes = streamed_modes(score)
+    if modes and rows != n_train:
+        raise ValueError(f"the shard ranges hold {rows} stored gradients, the index {n_train}; {REBUILD}")
     empty = (np.empty((n_queries, 0), np.int64), np.empty((n_queries, 0)))
-    topk = {m: merge_topk([empty, *(r.topk[m] for r in ranges)], score.top_k) for m in modes}
+    streamed = {m: merge_topk([empty, *(r.topk[m] for r in ranges)], streamed_depth(score)) for m in modes}
+    matrices = {}
+    if full_matrix_path:
+        matrices = {m: np.zeros((n_queries, n_train)) for m in modes}
+        for r in ranges:
+            for m in modes:
+                matrices[m][:, r.full_ids] = np.asarray(r.full[m], dtype=np.float64).reshape(n_queries, -1)
+    start = time.perf_counter()
+    searched, searched_full = {}, {}
+    if any(m not in modes for m in score.modes):  # bm25 and the hybrid modes, from the merged rankings
+        store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+        curvature = index_curvature(store, manifest, score.damping_factor)
+        norms = _stored_norms(index_uri, store, manifest, curvature, score, results)
+        q_grads = _query_grads(index_uri, results, query)
+        searched, searched_full = lexical_and_hybrid(
+            store, manifest, query.encoded, q_grads, curvature, norms, score, streamed, full_matrix_path is not None
+        )
+    search_seconds = time.perf_counter() - start
     results = results_store(index_uri, results_uri)
     query_ids = [q.id for q in query.encoded]
+    topk = _asked(
+        score, {m: (ids[:, : score.top_k], s[:, : score.top_k]) for m, (ids, s) in streamed.items()}, searched
+    )
     results.write_scores(
         query.score_run_id, scores_table(query.score_run_id, query_ids, topk, manifest.gradients_version)
     )
     results.write_queries(query.score_run_id, queries_table(query.score_run_id, query.encoded))
     if full_matrix_path:
-        full = {m: np.zeros((n_queries, n_train)) for m in modes}
-        for r in ranges:
-            for m in modes:
-                full[m][:, r.full_ids] = np.asarray(r.full[m], dtype=np.float64).reshape(n_queries, -1)
-        Path(full_matrix_path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(full_matrix_path, **full, query_ids=np.array(query_ids))
+        _save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
     pairs = sum(r.pairs for r in ranges)
     seconds = sum(r.seconds for r in ranges)
     pairs_per_s = pairs / max(seconds, 1e-9)
@@ -403,6 +588,7 @@ def merge_scores(
         pairs_per_s=pairs_per_s,
         query_gradient_seconds=query.seconds,
         score_seconds=seconds,
+        search_seconds=search_seconds if searched else 0.0,
     )
 
 

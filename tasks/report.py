@@ -10,7 +10,7 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
-from dataworth.config import LoggingConfig
+from dataworth.config import ALL_SCORE_MODES, HYBRID_MODES, LoggingConfig
 from dataworth.evaluation.config import EvaluateConfig
 from dataworth.evaluation.matrices import merge_matrices, rank_correlations
 from dataworth.evaluation.subsets import brittleness_curves
@@ -20,8 +20,8 @@ from dataworth.reports.terminal import format_evaluation, format_table
 
 from .common import IO_RETRIES, StageResult
 
-# Modes scored from the index: their compute time is the index's plus the query flow's (they share it).
-_INDEX_MODES = ("dot", "influence", "relatif", "cosine")
+# Modes scored from the index's gradients: their compute time is the index's plus the query flow's (they share it).
+_INDEX_MODES = (*ALL_SCORE_MODES, *HYBRID_MODES)
 
 
 class EvaluationReport(StageResult):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dataworth.attribution.curvature import Curvature
-from dataworth.config import ALL_SCORE_MODES, ScoreMode
+from dataworth.config import ALL_MODES, ALL_SCORE_MODES, ScoreMode
 from dataworth.errors import ConfigError
 
 # Rows with (numerically) zero gradient score 0 instead of dividing by zero.
@@ -53,6 +53,19 @@ class PreparedQueries:
     def needs_norms(self) -> bool:
         return needs_norms(self.modes)
 
+    def take(self, rows: list[int]) -> PreparedQueries:
+        """The prepared queries of these rows only (in this order)."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.stacked.device)
+        n, parts, plain, inverse = len(rows), [], None, None
+        if self.plain is not None:
+            parts.append(self.stacked[self.plain][rows_t])
+            plain = slice(0, n)
+        if self.inverse is not None:
+            parts.append(self.stacked[self.inverse][rows_t])
+            inverse = slice(len(parts) * n - n, len(parts) * n)
+        scale = None if self.query_scale is None else self.query_scale[rows_t]
+        return PreparedQueries(self.modes, torch.cat(parts), plain, inverse, scale, n)
+
 
 def prepare_queries(
     queries: torch.Tensor, curvature: Curvature, modes: list[ScoreMode], dtype: torch.dtype | None = None
@@ -60,6 +73,11 @@ def prepare_queries(
     """Query-side vectors of every mode (once per query set): transforms in float64, stored in `dtype`."""
     unknown = [m for m in modes if m not in ALL_SCORE_MODES] or ([] if modes else [None])
     if unknown:
+        if unknown[0] in ALL_MODES:  # bm25 and the hybrid modes search an index's text: the query flow has them
+            raise ConfigError(
+                f"score mode {unknown[0]!r} needs an index's full-text index (dataworth query); the Scorer computes "
+                f"the gradient modes {', '.join(ALL_SCORE_MODES)}"
+            )
         raise ConfigError(f"unknown score mode {unknown[0]!r}; choose {', '.join(ALL_SCORE_MODES)}")
     dtype = dtype or queries.dtype
     q64 = queries.to(torch.float64)

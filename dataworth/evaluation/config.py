@@ -7,7 +7,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from dataworth.benchmarks.presets import BENCHMARKS
-from dataworth.config import CurvatureConfig, LoggingConfig, ScoreConfig, StageConfig, TrackingConfig
+from dataworth.config import (
+    ALL_SCORE_MODES,
+    HYBRID_MODES,
+    CurvatureConfig,
+    LoggingConfig,
+    ScoreConfig,
+    StageConfig,
+    TrackingConfig,
+)
 from dataworth.training import RetrainConfig
 
 Baseline = Literal["bm25", "kronfluence"]
@@ -82,7 +90,11 @@ class EvaluateConfig(StageConfig):
         default_factory=lambda: LoggingConfig(proj_dim_in=32, proj_dim_out=32, batch_size=16, shard_size=256)
     )
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
-    score: ScoreConfig = Field(default_factory=lambda: ScoreConfig(top_k=10))
+    score: ScoreConfig = Field(
+        default_factory=lambda: ScoreConfig(top_k=10, modes=[*ALL_SCORE_MODES, *HYBRID_MODES]),
+        description="Scoring of the evaluated modes: every gradient and hybrid mode by default (BM25 comes with "
+        "baselines).",
+    )
     baselines: list[Baseline] = Field(default_factory=lambda: ["bm25"], description="Baselines in the same table.")
     fact_tracing: bool = Field(True, description="MRR / recall@10 of fact-stating documents (fact benchmarks).")
     tail_patch: TailPatchConfig = Field(default_factory=TailPatchConfig)

@@ -42,9 +42,16 @@ def merge_matrices(paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
     return merged, ids
 
 
+def attribution_values(scores: np.ndarray) -> np.ndarray:
+    """Scores as attributions to sum or correlate: an example a method did not score (NaN, as outside the
+    candidates of a hybrid-rerank mode) counts 0. Rankings keep the NaN, which sorts last."""
+    return np.nan_to_num(scores, nan=0.0, posinf=np.inf, neginf=-np.inf)
+
+
 def rank_correlations(methods: dict[str, np.ndarray], reference: str) -> dict[str, float]:
     """Mean per-query Spearman correlation of each method's scores with the reference method's."""
     ref = methods[reference]
+    methods = {n: attribution_values(s) for n, s in methods.items()}
     return {
         n: float(np.nanmean([spearman(s[i], ref[i]) for i in range(ref.shape[0])]))
         for n, s in methods.items()

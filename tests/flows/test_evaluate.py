@@ -37,8 +37,8 @@ def test_evaluate_flow_small_budget(harness, tmp_path):
     )
     out = evaluate_flow(config, progress=False)
     table = out["table"]
-    assert {"dot", "influence", "relatif", "cosine", "bm25"} <= set(table)
-    for method in ("influence", "bm25"):
+    assert {"dot", "influence", "relatif", "cosine", "bm25", "hybrid-rrf-influence", "hybrid-rerank-dot"} <= set(table)
+    for method in ("influence", "bm25", "hybrid-rrf-relatif", "hybrid-rerank-influence"):
         row = table[method]
         assert {"mrr", "recall@10", "tail_patch", "lds"} <= set(row)
         assert 0 <= row["mrr"] <= 1 and -1 <= row["lds"] <= 1 or math.isnan(row["lds"])

@@ -15,12 +15,12 @@ from storage import IndexStore
 from tasks.demo import FactTracing, evaluate_fact_tracing, summarize_demo
 from tasks.evaluate import (
     MethodTable,
-    bm25_scores,
     fact_tracing_eval,
     lds_eval,
     plan_brittleness,
     plan_subsets,
     record_calibration,
+    tail_patch_eval,
 )
 from tasks.index import publish_index
 from tasks.query import score_queries
@@ -45,13 +45,56 @@ def _documents(index_uri: str) -> list[str]:
 
 
 def test_bm25_ranks_the_document_sharing_the_words_first(published, tmp_path):
+    """The evaluated BM25 is the query flow's bm25 mode (the index's full-text index), as a full matrix."""
     cfg, manifest = published
-    path = bm25_scores.fn(cfg.index_uri, manifest.examples_version, QUERIES, str(tmp_path / "eval" / "bm25.npz"))
+    path = tmp_path / "eval" / "scores.npz"
+    score = ScoreConfig(modes=["bm25"], full_matrix=True)
+    score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(path))
     matrices, query_ids = load_matrices(path)
     assert query_ids == ["cats", "bread"] and set(matrices) == {"bm25"}
     assert matrices["bm25"].shape == (2, manifest.num_examples)
     docs = _documents(cfg.index_uri)
     assert [docs[int(np.argmax(row))] for row in matrices["bm25"]] == ["d1", "d2"]
+
+
+def test_tail_patch_eval_patches_each_retrieved_example_once_for_every_method(published, tmp_path):
+    """Methods that retrieve the same examples share their steps: the table equals each method patched alone."""
+    from dataworth.data import pad_token_id
+    from dataworth.evaluation.tail_patch import tail_patch_scores
+    from tasks.common import encode_index_queries, open_index_model
+
+    cfg, manifest = published
+    n = manifest.num_examples
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, n))
+    b = a.copy()
+    b[:, np.argsort(-a[0])[0]] -= 100.0  # b shares all but one of a's top-2 on the first query
+    c = np.full((2, n), np.nan)
+    c[:, :3] = a[:, :3]  # a rerank's row: NaN outside its candidates, which it ranks first
+    path = save_matrices(tmp_path / "m.npz", {"a": a, "b": b, "c": c}, [q.id for q in QUERIES])
+    table = tail_patch_eval.fn(cfg.index_uri, [path], QUERIES, 2, 0.01, "sgd").table
+    assert set(table) == {"a", "b", "c", "random"}
+
+    lm = open_index_model(cfg.index_uri, fresh=True)
+    enc = encode_index_queries(lm, QUERIES, GenerationConfig(), 16)
+    seqs = [
+        r["input_ids"]
+        for r in sorted(IndexStore(cfg.index_uri).read_examples().to_pylist(), key=lambda r: r["example_id"])
+    ]
+    for name, scores in (("a", a), ("b", b), ("c", c)):
+        alone = [
+            float(
+                tail_patch_scores(
+                    lm.model,
+                    [seqs[i] for i in np.argsort(-scores[qi], kind="stable")[:2]],
+                    [q],
+                    pad_token_id(lm.tokenizer),
+                    lr=0.01,
+                ).mean()
+            )
+            for qi, q in enumerate(enc)
+        ]
+        assert table[name]["tail_patch"] == pytest.approx(float(np.mean(alone)), rel=1e-9, abs=1e-12), name
 
 
 def test_fact_tracing_eval_reads_every_matrix(published, tmp_path):
@@ -109,6 +152,18 @@ def test_lds_eval_scores_a_linear_model_perfectly(tmp_path):
     assert set(result.metrics()) == {"influence.lds", "bm25.lds"}
     assert json.loads((tmp_path / "eval" / "lds_scatter.json").read_text()) == result.scatter
     assert result.scatter["query"] == "q0" and len(result.scatter["predicted"]["influence"]) == 5
+
+
+def test_lds_eval_counts_an_example_not_scored_as_zero(tmp_path):
+    """A hybrid-rerank row holds NaN outside its candidates: no attribution, 0 in a subset's sum."""
+    paths, masks_path, actual = _lds_inputs(tmp_path)
+    scores, query_ids = load_matrices(paths[0])
+    sparse = scores["influence"].copy()
+    sparse[:, ::2] = np.nan
+    zeros = np.nan_to_num(sparse)
+    path = save_matrices(tmp_path / "sparse.npz", {"rerank": sparse, "zeros": zeros}, query_ids)
+    table = lds_eval.fn([path], masks_path, actual, str(tmp_path / "eval")).table
+    assert table["rerank"] == table["zeros"] and np.isfinite(table["rerank"]["lds"])
 
 
 def test_assemble_evaluation_report_writes_the_table_and_its_plots(tmp_path):

@@ -1,0 +1,96 @@
+"""Lexical and hybrid rankings: BM25's ranking taken to a fixed depth, reciprocal-rank fusion of BM25 with a gradient
+mode (`hybrid-rrf-<mode>`), and BM25's candidates reranked by their exact gradient scores (`hybrid-rerank-<mode>`).
+
+A ranking here is one query's (example ids, scores), best first, equal scores by the smaller id: the order of
+`dataworth.attribution.scoring.TopK`, so that every mode's top-k is the same whether it came from a streaming pass,
+a full matrix or these functions. BM25 itself is computed by the index's full-text index (storage); its oracle is
+`dataworth.evaluation.baselines.bm25`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.scoring import prepare_queries, score_batch
+from dataworth.config import GradientMode
+
+Ranking = tuple[np.ndarray, np.ndarray]  # (example ids int64 [n], scores float64 [n]), best first
+
+
+def ranked(ids, scores) -> Ranking:
+    """(ids, scores) ordered by score, higher first, equal scores by the smaller id."""
+    ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((ids, -scores))
+    return ids[order], scores[order]
+
+
+def complete_ranking(ids, scores, n_examples: int, depth: int) -> Ranking:
+    """The first `depth` entries (at most n_examples) of a ranking of every example: `ids` (the examples with a
+    positive score, e.g. those sharing a word with a BM25 query), then the others at score 0 in id order."""
+    ids, scores = ranked(ids, scores)
+    depth = min(int(depth), int(n_examples))
+    if len(ids) >= depth:
+        return ids[:depth], scores[:depth]
+    rest = np.setdiff1d(np.arange(n_examples, dtype=np.int64), ids, assume_unique=True)[: depth - len(ids)]
+    return np.concatenate([ids, rest]), np.concatenate([scores, np.zeros(len(rest))])
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: float = 60.0) -> Ranking:
+    """RRF of one query's rankings (example ids, best first): an example scores Σ 1/(k + rank) over the rankings
+    that hold it (rank 1 = first); returned best first, equal scores by the smaller id.
+
+    Only the ids a ranking holds count: cut each to the same depth (`candidates`) before fusing."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, example in enumerate(np.asarray(ranking, dtype=np.int64).tolist(), start=1):
+            fused[example] = fused.get(example, 0.0) + 1.0 / (k + rank)
+    return ranked(list(fused), list(fused.values()))
+
+
+def score_candidates(
+    queries: torch.Tensor,
+    curvature: Curvature,
+    mode: GradientMode,
+    candidates: Sequence[np.ndarray],
+    train: torch.Tensor,
+    norms: torch.Tensor | None = None,
+) -> list[np.ndarray]:
+    """Each query's exact scores in a gradient mode against its own candidates only, in float64.
+
+    queries [Q, dim]: query gradients; candidates[q]: positions of query q's candidates in `train` [U, dim] (the
+    stored gradients of every query's candidates); norms [U]: their ‖(F+λI)^-1/2 g_i‖ (relatif and cosine),
+    computed here when not given. The mode's formula is score_batch's, so a candidate's score is the one a full
+    pass gives it (to the rounding of that pass's dtype)."""
+    prepared = prepare_queries(queries, curvature, [mode], torch.float64)
+    train = train.to(torch.float64)
+    if prepared.needs_norms:
+        norms = curvature.whitened_norms(train) if norms is None else norms.to(torch.float64)
+    out = []
+    for q, positions in enumerate(candidates):
+        rows = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        scores = score_batch(prepared.take([q]), train[rows], None if norms is None else norms[rows])[mode]
+        out.append(scores[0].numpy())  # [1, M] → [M]
+    return out
+
+
+def rerank(
+    queries: torch.Tensor,
+    curvature: Curvature,
+    mode: GradientMode,
+    candidates: Sequence[np.ndarray],
+    candidate_ids: np.ndarray,
+    train: torch.Tensor,
+    norms: torch.Tensor | None = None,
+) -> list[Ranking]:
+    """Each query's candidates (example ids) ranked by their exact scores in a gradient mode.
+
+    candidate_ids [U]: the example ids of the rows of `train` [U, dim] (and `norms` [U]); candidates[q]: query q's
+    candidate example ids, each one of candidate_ids."""
+    order = np.argsort(candidate_ids, kind="stable")
+    positions = [order[np.searchsorted(candidate_ids, c, sorter=order)] for c in candidates]
+    scores = score_candidates(queries, curvature, mode, positions, train, norms)
+    return [ranked(c, s) for c, s in zip(candidates, scores)]
