@@ -67,6 +67,8 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--damping", ("score.damping_factor",), commands=("query",)),
     Alias("--modes", ("score.modes",)),
     Alias("--top-k", ("score.top_k",)),
+    Alias("--candidates", ("score.candidates",)),
+    Alias("--rrf-k", ("score.rrf_k",)),
     Alias("--full-matrix", ("score.full_matrix",)),
     Alias("--size", ("corpus_size",)),
     Alias("--epochs", ("train_epochs",)),
