@@ -22,6 +22,7 @@ This module is imported by every command's client: it imports nothing heavy at m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -128,7 +129,9 @@ class CommandFailed(RuntimeError):
         return path.removesuffix(")") if sep else None
 
 
-def _run_command_task():
+@functools.cache
+def run_command_task():
+    """The one task the service serves (defined on first use, so the client imports prefect only to submit)."""
     from prefect import task
     from prefect.cache_policies import INPUTS
 
@@ -142,17 +145,6 @@ def _run_command_task():
         return _execute(command, config, cwd, debug)
 
     return run_command
-
-
-_TASK = None
-
-
-def run_command_task():
-    """The one task the service serves (defined on first use, so the client imports prefect only to submit)."""
-    global _TASK
-    if _TASK is None:
-        _TASK = _run_command_task()
-    return _TASK
 
 
 def _execute(command: str, config: dict, cwd: str, debug: bool) -> dict:

@@ -17,6 +17,7 @@ from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.hybrid import Ranking, complete_ranking, reciprocal_rank_fusion, rerank
 from dataworth.attribution.scoring import Scorer, merge_ranked, needs_norms
 from dataworth.config import LEXICAL_MODES, GenerationConfig, QuerySpec, ScoreConfig, gradient_modes, hybrid_parts
+from dataworth.evaluation.matrices import save_matrices
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
 from dataworth.reports.query_report import render_query_report
@@ -265,9 +266,11 @@ def _asked(score: ScoreConfig, *parts: dict) -> dict:
     return {m: merged[m] for m in score.modes}
 
 
-def _save_matrices(path: str, matrices: dict[str, np.ndarray], query_ids: list[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **matrices, query_ids=np.array(query_ids))
+def _topk(score: ScoreConfig, streamed: dict, searched: dict) -> dict:
+    """The top-k of every mode asked for: the streamed rankings (kept `streamed_depth` deep) cut at top_k, and those
+    of bm25 and the hybrid modes."""
+    k = score.top_k
+    return _asked(score, {m: (ids[:, :k], s[:, :k]) for m, (ids, s) in streamed.items()}, searched)
 
 
 class Scored(StageResult):
@@ -376,13 +379,11 @@ def score_queries(
 
     srid = scoring_run_id(manifest, queries, score, generation)
     query_ids = [q.id for q in encoded]
-    topk = _asked(
-        score, {m: (ids[:, : score.top_k], s[:, : score.top_k]) for m, (ids, s) in streamed.items()}, searched
-    )
+    topk = _topk(score, streamed, searched)
     results.write_scores(srid, scores_table(srid, query_ids, topk, version))
     results.write_queries(srid, queries_table(srid, encoded))
     if full_matrix_path:
-        _save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
+        save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
     pairs_per_s = pairs / max(score_seconds, 1e-9)
     log.info(
         "scored %d queries × %d examples × %d modes (%.0f pairs/s)",
@@ -550,8 +551,9 @@ def merge_scores(
                 matrices[m][:, r.full_ids] = np.asarray(r.full[m], dtype=np.float64).reshape(n_queries, -1)
     start = time.perf_counter()
     searched, searched_full = {}, {}
+    results = results_store(index_uri, results_uri)
     if any(m not in modes for m in score.modes):  # bm25 and the hybrid modes, from the merged rankings
-        store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+        store = IndexStore(index_uri)
         curvature = index_curvature(store, manifest, score.damping_factor)
         norms = _stored_norms(index_uri, store, manifest, curvature, score, results)
         q_grads = _query_grads(index_uri, results, query)
@@ -559,17 +561,14 @@ def merge_scores(
             store, manifest, query.encoded, q_grads, curvature, norms, score, streamed, full_matrix_path is not None
         )
     search_seconds = time.perf_counter() - start
-    results = results_store(index_uri, results_uri)
     query_ids = [q.id for q in query.encoded]
-    topk = _asked(
-        score, {m: (ids[:, : score.top_k], s[:, : score.top_k]) for m, (ids, s) in streamed.items()}, searched
-    )
+    topk = _topk(score, streamed, searched)
     results.write_scores(
         query.score_run_id, scores_table(query.score_run_id, query_ids, topk, manifest.gradients_version)
     )
     results.write_queries(query.score_run_id, queries_table(query.score_run_id, query.encoded))
     if full_matrix_path:
-        _save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
+        save_matrices(full_matrix_path, _asked(score, matrices, searched_full), query_ids)
     pairs = sum(r.pairs for r in ranges)
     seconds = sum(r.seconds for r in ranges)
     pairs_per_s = pairs / max(seconds, 1e-9)

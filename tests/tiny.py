@@ -53,6 +53,19 @@ TINY_CORPUS = [
 ]
 
 
+# Two queries of TINY_CORPUS: one with its completion, one the model completes.
+TINY_QUERIES = [
+    {"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"},
+    {"id": "gen", "prompt": "Bread is baked"},
+]
+
+
+def write_tiny_queries(path: Path) -> Path:
+    """TINY_QUERIES as a queries JSONL file at `path`."""
+    path.write_text("".join(json.dumps(q) + "\n" for q in TINY_QUERIES))
+    return path
+
+
 def write_tiny_assets(root: Path, texts: list[str]) -> Path:
     """A BPE tokenizer and a float32 tiny GPT-2 saved under root/model, the texts as root/docs.jsonl."""
     from dataworth.benchmarks.tiny_model import train_tokenizer

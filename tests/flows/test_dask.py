@@ -2,11 +2,9 @@
 single-process result: the same stored gradients per example id, the same top-k ids and scores; both
 processes log shards of the one index, and each shard is stored exactly once."""
 
-import json
-
 import numpy as np
 import pytest
-from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets, write_tiny_queries
 
 from dataworth.config import QueryConfig, RunnerConfig, ScoreConfig
 from storage import IndexStore, results_store
@@ -20,12 +18,7 @@ DASK = RunnerConfig(kind="dask", n_workers=2, threads_per_worker=1)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = write_tiny_assets(tmp_path_factory.mktemp("dask"), TEXTS)
-    (root / "queries.jsonl").write_text(
-        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
-        + "\n"
-        + json.dumps({"id": "gen", "prompt": "Bread is baked"})
-        + "\n"
-    )
+    write_tiny_queries(root / "queries.jsonl")
     return root
 
 

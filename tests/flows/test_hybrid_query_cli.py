@@ -3,7 +3,6 @@ against the test harness's Prefect server, writing the top-k CSV and the HTML re
 it before any work."""
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 from prefect.settings import PREFECT_API_URL
-from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets, write_tiny_queries
 
 from flows.cli import main
 
@@ -27,13 +26,7 @@ def test_query_with_bm25_and_hybrid_modes_writes_them_to_the_csv_and_report(harn
     assets = write_tiny_assets(tmp_path / "assets", TINY_CORPUS)
     cfg = tiny_index_config(assets, tmp_path)
     index_flow(cfg, progress=False)
-    queries = tmp_path / "queries.jsonl"
-    queries.write_text(
-        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
-        + "\n"
-        + json.dumps({"id": "gen", "prompt": "Bread is baked"})
-        + "\n"
-    )
+    queries = write_tiny_queries(tmp_path / "queries.jsonl")
     reports = tmp_path / "reports"
     env = {
         **os.environ,

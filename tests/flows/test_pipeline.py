@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flowstates import task_states
-from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets, write_tiny_queries
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.gradients import query_gradients
@@ -29,13 +29,7 @@ TEXTS = TINY_CORPUS
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = write_tiny_assets(tmp_path_factory.mktemp("pipeline"), TEXTS)
-    queries = root / "queries.jsonl"
-    queries.write_text(
-        json.dumps({"id": "cats", "prompt": "Tova keeps three", "completion": " grey cats"})
-        + "\n"
-        + json.dumps({"id": "gen", "prompt": "Bread is baked"})
-        + "\n"
-    )
+    write_tiny_queries(root / "queries.jsonl")
     return root
 
 
