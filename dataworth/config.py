@@ -118,6 +118,17 @@ class LoggingConfig(StageConfig):
         "(wide_layers='project_then_whiten'); capped at max_factor_dim, raised to the side's projection size.",
         exclude_if=lambda v: v == 1024,
     )
+    optimizer_state: str | None = Field(
+        None,
+        description="TrackStar's optimizer-state correction: the saved state of the Adam/AdamW optimizer that trained "
+        "the model (torch.save(optimizer.state_dict()), or a Trainer checkpoint directory with its optimizer.pt). "
+        "Every per-example gradient G is divided by the square root of the optimizer's bias-corrected second moment "
+        "in Adafactor's factored row × column form, diag(1/a) G diag(1/b), folded into the projections (fitted and "
+        "stored with the index, so queries are corrected the same way). KFAC whitening (precondition='kfac') undoes "
+        "any such per-coordinate rescaling up to its damping: the correction matters with precondition='none', as "
+        "in TrackStar. None: no correction.",
+        exclude_if=lambda v: v is None,
+    )
     loss_reduction: Literal["sum", "mean"] = Field(
         "sum", description="Per-example loss: sum or mean over the example's label tokens."
     )
@@ -140,6 +151,12 @@ class LoggingConfig(StageConfig):
         if not self.modules:
             raise ValueError("modules is empty: give at least one pattern, e.g. ['*'] for every linear layer")
         return self
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the projections depend on the model and data (KFAC whitening, optimizer-state correction), so
+        they are fitted once per index and stored with it rather than redrawn from the seed."""
+        return self.precondition != "none" or self.optimizer_state is not None
 
 
 class CurvatureConfig(StageConfig):

@@ -13,7 +13,7 @@ import glob
 import hashlib
 import os
 
-from dataworth.config import DataConfig, ModelConfig
+from dataworth.config import DataConfig, LoggingConfig, ModelConfig
 from dataworth.errors import IndexMismatchError
 
 
@@ -80,6 +80,15 @@ def check_model_fingerprint(model: ModelConfig, recorded: str, index_uri: str) -
             fix="restore the model the index was built with, or rebuild the index (`dataworth index --overwrite`)",
         )
     return current
+
+
+def optimizer_fingerprint(logging: LoggingConfig) -> str | None:
+    """Content fingerprint of the optimizer state an index's gradients are corrected by (None: no correction),
+    so projections fitted with one state are not reused for another saved at the same path."""
+    if logging.optimizer_state is None:
+        return None
+    path = os.path.expanduser(logging.optimizer_state)
+    return _content_fingerprint(path)[:16] if _local_files(path) else None
 
 
 def data_fingerprint(cfg: DataConfig) -> str:

@@ -85,6 +85,11 @@ class RetrainConfig(StageConfig):
         return self
 
 
+# What a transformers Trainer checkpoint calls the optimizer's state; the models dataworth trains save theirs
+# under the same name (the optimizer-state correction and the optimizer-consistent tail-patch read it).
+OPTIMIZER_FILE = "optimizer.pt"
+
+
 def check_sequences(sequences: list[list[int]], vocab_size: int, context: int | None, what: str) -> None:
     """Refuse empty sequences, sequences longer than the context and token ids outside the vocabulary."""
     for i, seq in enumerate(sequences):
@@ -165,12 +170,15 @@ def fit_sequences(
     progress: bool = False,
     desc: str = "retrain",
     on_step: Callable[[int, int], None] | None = None,
+    optimizer_state: dict | None = None,
 ) -> int:
     """The training loop of every model dataworth trains: the demo model and the retrained ones.
 
     AdamW (betas 0.9, 0.98), linear warm-up then cosine decay to 10% of lr, optional gradient
     clipping, a shuffle of `sequences` per epoch drawn from `order_rng`; mean token loss per batch.
-    `on_step(step, total)` runs after every optimizer step. Returns the steps taken.
+    `on_step(step, total)` runs after every optimizer step. Returns the steps taken; with `optimizer_state` (a
+    dict), it is filled with the optimizer's final `state_dict()`, whose groups name their parameters
+    (`param_names`), for the optimizer-state correction and the optimizer-consistent tail-patch step.
     """
     device = next(model.parameters()).device
     batches_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
@@ -183,7 +191,7 @@ def fit_sequences(
         done = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
     model.train()
@@ -210,6 +218,8 @@ def fit_sequences(
             if on_step is not None:
                 on_step(step, total)
     bar.close()
+    if optimizer_state is not None:
+        optimizer_state.update(optimizer.state_dict())
     return step
 
 

@@ -60,6 +60,7 @@ ALIASES: tuple[Alias, ...] = (
         "--proj-dim", ("logging.proj_dim_in", "logging.proj_dim_out"), help="Projection size per side (k_in = k_out)."
     ),
     Alias("--precondition", ("logging.precondition",)),
+    Alias("--optimizer-state", ("logging.optimizer_state",)),
     Alias("--batch-size", ("logging.batch_size",)),
     Alias("--shard-size", ("logging.shard_size",)),
     Alias("--curvature", ("curvature.kind",)),

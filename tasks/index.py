@@ -21,11 +21,12 @@ from pydantic import Field
 
 from dataworth.attribution.curvature import FisherAccumulator
 from dataworth.attribution.gradients import log_example_gradients
-from dataworth.attribution.kfac import fit_kfac_projections, sample_indices
+from dataworth.attribution.kfac import fit_projections as fit_data_projections
+from dataworth.attribution.kfac import sample_indices
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
-from dataworth.fingerprint import data_fingerprint, model_fingerprint
+from dataworth.fingerprint import data_fingerprint, model_fingerprint, optimizer_fingerprint
 from dataworth.model import load_tokenizer
 from storage import (
     IndexBuildConfig,
@@ -261,7 +262,9 @@ def _read_examples(store: IndexStore, examples_version: int, where: str) -> list
 
 
 def projections_key(logging: LoggingConfig, model_fingerprint: str) -> str:
-    return f"projections-{logging.fingerprint()}-{model_fingerprint}"
+    key = f"projections-{logging.fingerprint()}-{model_fingerprint}"
+    optimizer = optimizer_fingerprint(logging)  # the state file's content, not only its path
+    return key if optimizer is None else f"{key}-{optimizer}"
 
 
 @task(name="fit_projections", tags=["gpu"], **IO_RETRIES)
@@ -274,12 +277,13 @@ def fit_projections(
     num_examples: int,
     progress: bool = True,
 ) -> FittedProjectionsResult | None:
-    """KFAC-whitened projections (logging.precondition='kfac'), fitted once per index and model.
+    """Projections fitted to the model (KFAC-whitened with logging.precondition='kfac', corrected by the optimizer
+    state with logging.optimizer_state), fitted once per index and model.
 
     Every stored gradient must share one projection, so a corpus that grows keeps the
     projections fitted when the index was created; --overwrite (or a new checkpoint) refits.
     """
-    if logging.precondition == "none":
+    if not logging.fitted:
         return None
     store = IndexStore(index_uri)
     key = projections_key(logging, model_fingerprint)
@@ -291,15 +295,25 @@ def fit_projections(
     examples = _read_examples(store, examples_version, f"example_id IN ({', '.join(map(str, ids))})")
     with MODEL_LOCK:
         start = time.perf_counter()
-        fitted = fit_kfac_projections(lm, tokenizer, examples, logging, progress=progress)
+        fitted = fit_data_projections(lm, tokenizer, examples, logging, progress=progress)
         seconds = time.perf_counter() - start
     store.write_artifact(key, fitted.to_bytes())
-    get_run_logger().info(
-        "fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
-        fitted.meta["examples"],
-        fitted.meta["tokens"],
-        seconds,
-    )
+    log = get_run_logger()
+    if "examples" in fitted.meta:
+        log.info(
+            "fitted KFAC-whitened projections on %d examples (%d tokens) in %.1f s",
+            fitted.meta["examples"],
+            fitted.meta["tokens"],
+            seconds,
+        )
+    if "optimizer" in fitted.meta:
+        errors = fitted.meta["optimizer"]["factored_error"].values()
+        log.info(
+            "corrected by the optimizer state %s (step %d); factored vs exact 1/√v: %.3f mean relative error",
+            fitted.meta["optimizer"]["file"],
+            fitted.meta["optimizer"]["step"],
+            sum(errors) / max(len(errors), 1),
+        )
     return _projections_result(key, fitted, seconds, reused=False)
 
 

@@ -1,8 +1,8 @@
 """Attribution in memory, for notebooks and small corpora: one call from texts and queries to scores.
 
 It runs the pipeline's own steps, without Prefect, LanceDB or MLflow: chunk the texts
-(`chunk_documents`), fit KFAC-whitened projections when `logging.precondition='kfac'`
-(`fit_kfac_projections`), log a projected gradient per example (`log_example_gradients`),
+(`chunk_documents`), fit projections to the model (KFAC whitening, optimizer-state correction)
+(`fit_projections`), log a projected gradient per example (`log_example_gradients`),
 fit the curvature on those gradients as stored (`FisherAccumulator`), encode the queries
 (`encode_queries`, completing those without a completion greedily), take their gradients
 (`query_gradients`) and score every mode over all examples (`Scorer`). The same model, data
@@ -21,7 +21,7 @@ import torch
 
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
 from dataworth.attribution.gradients import log_example_gradients, query_gradients
-from dataworth.attribution.kfac import fit_kfac_projections
+from dataworth.attribution.kfac import fit_projections
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import CurvatureConfig, GenerationConfig, LoggingConfig, QuerySpec, ScoreConfig, ScoreMode
@@ -146,9 +146,7 @@ def attribute(
     was_training = model.training
     model.eval()
     try:
-        fitted = None
-        if logging.precondition == "kfac":
-            fitted = fit_kfac_projections(model, tokenizer, examples, logging, progress)
+        fitted = fit_projections(model, tokenizer, examples, logging, progress)
         layout, _ = describe_layout(model, logging)
         # Gradients as the index stores them (storage_dtype), and the curvature fitted on those, as fit_curvature does.
         stored = torch.empty(len(examples), layout.dim, dtype=DTYPES[logging.storage_dtype])

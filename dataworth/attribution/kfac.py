@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataworth.attribution.hooks import BackwardHooks
+from dataworth.attribution.optimizer_state import optimizer_scales
 from dataworth.attribution.projection import (
     FittedProjections,
     Projector,
@@ -82,37 +83,50 @@ def pre_projection_dims(modules: dict, cfg: LoggingConfig) -> dict[str, dict[str
 
 
 class CovarianceCollector(BackwardHooks):
-    """Hooks that sum x xᵀ of each tracked layer's input and dy dyᵀ of its output gradient over tokens."""
+    """Hooks that sum x xᵀ of each tracked layer's input and dy dyᵀ of its output gradient over tokens.
 
-    def __init__(self, model, cfg: LoggingConfig):
+    With `scales` ({module: (s_in, s_out)}, the optimizer-state correction) the sums are of diag(s_in) x and
+    diag(s_out) dy: the factors of the corrected gradient diag(s_out) G diag(s_in)."""
+
+    def __init__(self, model, cfg: LoggingConfig, scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         modules = select_modules(model, cfg.modules, cfg.exclude_modules)
         self.pre_dims = pre_projection_dims(modules, cfg)
         super().__init__(model, modules, cfg.loss_reduction)
         # R0 of each side too wide for an exact factor, in the hooks' dtype on the model's device: the sums are
         # of R0 x and R0 dy, m×m, and the d×d one is never formed.
         self.pre: dict[tuple[str, str], torch.Tensor] = {}
+        self.scale: dict[tuple[str, str], torch.Tensor] = {}  # per-coordinate scales of exactly whitened sides
         self.a_sums: dict[str, torch.Tensor] = {}
         self.s_sums: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
             for side, d, sums in zip(SIDES, layer_dims(module), (self.a_sums, self.s_sums)):
                 m = self.pre_dims.get(name, {}).get(side)
+                s = None if scales is None else scales[name][SIDES.index(side)].to(torch.float64)
                 if m is not None:
                     r0 = draw_pre_projection(cfg.projection, m, d, cfg.seed, name, side)
-                    self.pre[name, side] = r0.to(self.device, self.dtype)
+                    self.pre[name, side] = (r0 if s is None else r0 * s[None, :]).to(self.device, self.dtype)
+                elif s is not None:
+                    self.scale[name, side] = s.to(self.device, self.dtype)
                 # float64 sums on the model's device: no host transfer per batch, no round-off over many tokens
                 sums[name] = torch.zeros(m or d, m or d, dtype=torch.float64, device=self.device)
         self.tokens = 0
         self.examples = 0
 
+    def _side(self, name: str, side: str, t: torch.Tensor) -> torch.Tensor:
+        """R0 t for a pre-projected side, diag(s) t for a corrected one, else t ([B, T, d])."""
+        r0 = self.pre.get((name, side))
+        if r0 is not None:
+            return t @ r0.T  # [B, T, d] @ [d, m] → [B, T, m]
+        s = self.scale.get((name, side))
+        return t if s is None else t * s
+
     def _capture(self, name: str, x: torch.Tensor) -> None:
-        r0 = self.pre.get((name, "in"))
-        x = self._masked(x.detach() if r0 is None else x.detach() @ r0.T)  # [B, T, d] @ [d, m] → [B, T, m]
+        x = self._masked(self._side(name, "in", x.detach()))
         flat = x.reshape(-1, x.shape[-1])
         self.a_sums[name] += (flat.T @ flat).to(torch.float64)
 
     def _consume(self, name: str, _kept, dy: torch.Tensor) -> None:
-        r0 = self.pre.get((name, "out"))
-        dy = dy.detach() if r0 is None else dy.detach() @ r0.T
+        dy = self._side(name, "out", dy.detach())
         flat = dy.reshape(-1, dy.shape[-1])
         self.s_sums[name] += (flat.T @ flat).to(torch.float64)
 
@@ -151,13 +165,21 @@ def sample_examples(examples: list[Example], n: int) -> list[Example]:
     return [examples[i] for i in sample_indices(len(examples), n)]
 
 
-def fit_kfac_factors(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
-    """(factors per module, tokens, examples) over the given examples (m×m factors of pre-projected sides)."""
+def fit_kfac_factors(
+    model,
+    tokenizer,
+    examples: list[Example],
+    cfg: LoggingConfig,
+    progress: bool = False,
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+):
+    """(factors per module, tokens, examples) over the given examples (m×m factors of pre-projected sides; of
+    the corrected sides diag(s) x, diag(s) dy with the optimizer-state `scales`)."""
     if not examples:
         raise DataError("no examples to fit the KFAC factors on; the corpus is empty")
     pad = pad_token_id(tokenizer)
     ordered = sorted(examples, key=lambda e: e.num_tokens)  # less padding
-    with CovarianceCollector(model, cfg) as collector:
+    with CovarianceCollector(model, cfg, scales) as collector:
         bar = tqdm(total=len(ordered), desc="fit KFAC factors", unit="ex", disable=not progress)
         for start in range(0, len(ordered), cfg.batch_size):
             batch = ordered[start : start + cfg.batch_size]
@@ -168,11 +190,17 @@ def fit_kfac_factors(model, tokenizer, examples: list[Example], cfg: LoggingConf
 
 
 def whitened_projections(
-    model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: LoggingConfig, meta: dict | None = None
+    model,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: LoggingConfig,
+    meta: dict | None = None,
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> FittedProjections:
     """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (R = identity for projection='identity'),
     returned on the CPU; P = R (R0 A R0ᵀ + λ)^-½ R0 for a side in `pre_projection_dims`, whose factor is then
-    the m×m one of R0 x (or R0 dy). The meta records those sides as `pre_projected`.
+    the m×m one of R0 x (or R0 dy). The meta records those sides as `pre_projected`. With the optimizer-state
+    `scales` (s_in, s_out) each side ends in diag(s), and its factor must be that of diag(s) x (or dy):
+    P = R (D A D + λ)^-½ D, as `fit_kfac_factors` with the same scales fits it.
 
     The eigendecompositions run where the factors are: a float64 eigh of a 3072-wide factor takes seconds
     on CPU cores and a fraction of that on a GPU, and a model has two factors per tracked layer.
@@ -180,7 +208,7 @@ def whitened_projections(
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
     pre_dims = pre_projection_dims(modules, cfg)
     # The random part must be the one a no-preconditioning run draws, so ask a plain projector.
-    plain = Projector(modules, cfg.model_copy(update={"precondition": "none"}))
+    plain = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
     matrices = {}
     for name in modules:
         sides = []
@@ -196,11 +224,14 @@ def whitened_projections(
             w = inverse_sqrt(factor, cfg.precondition_damping)
             if m is None:
                 r = plain.random(name, side)
-                sides.append((w if r is None else r.to(w.device) @ w).cpu())
+                p = w if r is None else r.to(w.device) @ w
             else:
                 r = draw_projection(cfg.projection, k[side], m, cfg.seed, name, side).to(w.device)
                 r0 = draw_pre_projection(cfg.projection, m, d[side], cfg.seed, name, side).to(w.device)
-                sides.append((r @ w @ r0).cpu())  # [k, m] @ [m, m] @ [m, d] → [k, d]
+                p = r @ w @ r0  # [k, m] @ [m, m] @ [m, d] → [k, d]
+            if scales is not None:
+                p = p * scales[name][SIDES.index(side)].to(p)[None, :]  # P diag(s)
+            sides.append(p.cpu())
         matrices[name] = tuple(sides)
     return FittedProjections(
         matrices,
@@ -214,12 +245,55 @@ def whitened_projections(
     )
 
 
-def fit_kfac_projections(model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False):
+def fit_kfac_projections(
+    model,
+    tokenizer,
+    examples: list[Example],
+    cfg: LoggingConfig,
+    progress: bool = False,
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    meta: dict | None = None,
+):
     """Fit KFAC factors on (a sample of) the examples and return the whitened projections."""
     if cfg.precondition != "kfac":
         raise ConfigError(
             f"fit_kfac_projections called with logging.precondition={cfg.precondition!r}; set it to 'kfac'"
         )
     sample = sample_examples(examples, cfg.precondition_examples)
-    factors, tokens, n = fit_kfac_factors(model, tokenizer, sample, cfg, progress)
-    return whitened_projections(model, factors, cfg, {"examples": n, "tokens": tokens})
+    factors, tokens, n = fit_kfac_factors(model, tokenizer, sample, cfg, progress, scales)
+    return whitened_projections(model, factors, cfg, {"examples": n, "tokens": tokens, **(meta or {})}, scales)
+
+
+def corrected_projections(
+    model, cfg: LoggingConfig, scales: dict[str, tuple[torch.Tensor, torch.Tensor]], meta: dict | None = None
+) -> FittedProjections:
+    """P_in = R_in diag(s_in), P_out = R_out diag(s_out): the random projections of the optimizer-corrected
+    gradient diag(s_out) G diag(s_in) (diag(s) itself for projection='identity'); precondition='none'."""
+    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
+    plain = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
+    matrices = {}
+    for name in modules:
+        sides = []
+        for side, s in zip(SIDES, scales[name]):
+            r = plain.random(name, side)
+            s = s.to(torch.float64)
+            sides.append(torch.diag(s) if r is None else r * s[None, :])
+        matrices[name] = tuple(sides)
+    return FittedProjections(matrices, {"kind": "optimizer", **(meta or {})})
+
+
+def fit_projections(
+    model, tokenizer, examples: list[Example], cfg: LoggingConfig, progress: bool = False
+) -> FittedProjections | None:
+    """The projections an index with this logging config stores (None: plain random ones, redrawn from the seed):
+    KFAC-whitened (precondition='kfac'), and/or corrected by the optimizer state (optimizer_state), whose
+    factored scales are read here and recorded in the meta as `optimizer`."""
+    if not cfg.fitted:
+        return None
+    scales, meta = None, {}
+    if cfg.optimizer_state is not None:
+        scales, info = optimizer_scales(model, cfg)
+        meta = {"optimizer": info}
+    if cfg.precondition == "kfac":
+        return fit_kfac_projections(model, tokenizer, examples, cfg, progress, scales, meta)
+    return corrected_projections(model, cfg, scales, meta)

@@ -181,12 +181,17 @@ class Projector:
             blocks.append(Block(name, k_out, k_in, offset))
             offset += k_out * k_in
         self.layout = Layout(tuple(blocks))
-        if cfg.precondition != "none" and fitted is None:
+        if cfg.fitted and fitted is None:
+            what = (
+                f"logging.precondition={cfg.precondition!r}"
+                if cfg.precondition != "none"
+                else "logging.optimizer_state"
+            )
             raise ConfigError(
-                f"logging.precondition={cfg.precondition!r} needs projections fitted to the data "
-                "(dataworth.attribution.kfac.fit_kfac_projections; the index flow fits and stores them): "
+                f"{what} needs projections fitted to the model "
+                "(dataworth.attribution.kfac.fit_projections; the index flow fits and stores them): "
                 "pass them as `fitted`, "
-                "or set logging.precondition='none' for plain random projections"
+                "or set logging.precondition='none' and no optimizer_state for plain random projections"
             )
         if fitted is not None:
             self._check_fitted(fitted)
@@ -235,5 +240,5 @@ def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
     """(layout of the stored vector, number of weights it compresses) without running the model."""
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
     # The layout does not depend on the fitted matrices, only on the dimensions.
-    projector = Projector(modules, cfg.model_copy(update={"precondition": "none"}))
+    projector = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
     return projector.layout, sum(d_in * d_out for d_in, d_out in projector.dims.values())

@@ -24,7 +24,7 @@ from dataworth.data import collate, pad_token_id
 from dataworth.errors import ConfigError, DataError, ModelError
 from dataworth.losses import IGNORE_INDEX, mean_token_loss
 from dataworth.queries import greedy_generate
-from dataworth.training import RetrainConfig, fit_sequences, save_staged
+from dataworth.training import OPTIMIZER_FILE, RetrainConfig, fit_sequences, save_staged
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -161,6 +161,7 @@ def train_tiny_gpt2(
         if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
             evals.append((step, _run_eval(eval_fn, model, tokenizer)))
 
+    optimizer_state: dict = {}
     step = fit_sequences(
         model,
         examples,
@@ -170,13 +171,14 @@ def train_tiny_gpt2(
         progress=progress,
         desc="train tiny gpt2",
         on_step=after_step,
+        optimizer_state=optimizer_state,
     )
     if eval_fn is not None:
         evals.append((step, _run_eval(eval_fn, model, tokenizer)))
     final_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
 
     model.eval()
-    _save(model, tokenizer, out)
+    _save(model, tokenizer, out, optimizer_state)
     return TrainResult(
         path=out,
         final_loss=final_loss,
@@ -241,10 +243,12 @@ def _encode(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_length
     return examples
 
 
-def _save(model, tokenizer, out: Path) -> None:
+def _save(model, tokenizer, out: Path, optimizer_state: dict | None = None) -> None:
     def write(folder: Path) -> None:
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
+        if optimizer_state:  # as a Trainer checkpoint keeps it: the optimizer-state correction reads it
+            torch.save(optimizer_state, folder / OPTIMIZER_FILE)
 
     save_staged(out, write)
 

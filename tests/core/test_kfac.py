@@ -2,12 +2,21 @@
 
 import pytest
 import torch
-from gradcheck import SEQS, cross_device_tolerance, hook_gradients, reference_gradients, relative_error
+from gradcheck import (
+    SEQS,
+    _Tok,
+    cross_device_tolerance,
+    examples,
+    explicit_factors,
+    hook_gradients,
+    reference_gradients,
+    relative_error,
+)
 from tiny import make_tiny_gpt2, make_tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from dataworth import attribute
-from dataworth.attribution.hooks import GradientCollector, per_example_loss
+from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.kfac import (
     CovarianceCollector,
     fit_kfac_factors,
@@ -28,47 +37,7 @@ from dataworth.attribution.projection import (
 )
 from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import LoggingConfig
-from dataworth.data import Example, collate
-
-
-class _Tok:
-    pad_token_id = 0
-    eos_token_id = 0
-
-
-def examples(seqs):
-    return [Example(i, f"d{i}", 0, 0, len(s), s) for i, s in enumerate(seqs)]
-
-
-def explicit_factors(model, cfg, seqs):
-    """Token-averaged x xᵀ and dy dyᵀ, one unpadded sequence at a time, dy from autograd.grad."""
-    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-    a = {n: 0.0 for n in modules}
-    s = {n: 0.0 for n in modules}
-    tokens = 0
-    for seq in seqs:
-        seen = {}
-        handles = [
-            m.register_forward_hook(lambda _m, i, o, n=n, seen=seen: seen.__setitem__(n, (i[0], o)))
-            for n, m in modules.items()
-        ]
-        ids, att, labels = collate([seq], 0)
-        emb = model.get_input_embeddings()
-        hook = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        logits = model(input_ids=ids, attention_mask=att).logits
-        loss = per_example_loss(logits, labels, cfg.loss_reduction).sum()
-        outs = [seen[n][1] for n in modules]
-        dys = torch.autograd.grad(loss, outs, allow_unused=True)
-        for h in [*handles, hook]:
-            h.remove()
-        for n, dy in zip(modules, dys):
-            x = seen[n][0].detach().reshape(-1, seen[n][0].shape[-1])
-            a[n] = a[n] + x.T @ x
-            if dy is not None:
-                dy = dy.detach().reshape(-1, dy.shape[-1])
-                s[n] = s[n] + dy.T @ dy
-        tokens += len(seq)
-    return {n: (a[n] / tokens, s[n] / tokens) for n in modules}, tokens
+from dataworth.data import collate
 
 
 def test_covariances_match_explicit(tiny_model):
