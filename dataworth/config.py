@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-GradientMode = Literal["dot", "influence", "relatif", "cosine"]
+GradientMode = Literal["dot", "influence", "relatif", "cosine", "trackstar"]
 # The gradient modes: one streaming pass over the stored gradients computes all of them (the Scorer).
-ALL_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cosine")
+ALL_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cosine", "trackstar")
+# Those a query computes unless told: trackstar's curvature is fitted on each query set, so it is asked for by name.
+DEFAULT_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cosine")
 # BM25 through the full-text index of the examples table (storage), and the two fusions of BM25 with a gradient
 # mode: reciprocal-rank fusion of both rankings, and BM25's candidates reranked by their exact gradient scores.
 LEXICAL_MODES = ("bm25",)
@@ -176,11 +178,13 @@ class CurvatureConfig(StageConfig):
 
 class ScoreConfig(StageConfig):
     modes: list[ScoreMode] = Field(
-        default_factory=lambda: list(ALL_SCORE_MODES),
+        default_factory=lambda: list(DEFAULT_SCORE_MODES),
         description="Score modes to compute. Gradient modes (one pass over the stored gradients): dot, influence, "
-        "relatif, cosine. bm25: Okapi BM25 of the query's prompt + completion against each example's text, from "
-        "the full-text index of the index's examples table. hybrid-rrf-<mode>: reciprocal-rank fusion of the "
-        "BM25 ranking and that gradient mode's, each cut at `candidates`: Σ 1/(rrf_k + rank). "
+        "relatif, cosine, and trackstar (cosine under a curvature mixed with the query set's own Fisher, "
+        "task_mix; with an index logged under logging.optimizer_state, TrackStar's score). bm25: Okapi BM25 of "
+        "the query's prompt + completion against each example's text, from the full-text index of the index's "
+        "examples table. hybrid-rrf-<mode>: reciprocal-rank fusion of the BM25 ranking and that gradient mode's, "
+        "each cut at `candidates`: Σ 1/(rrf_k + rank). "
         "hybrid-rerank-<mode>: BM25's top `candidates` examples reranked by their exact scores in that gradient "
         "mode (only those rows are read).",
     )
@@ -215,6 +219,16 @@ class ScoreConfig(StageConfig):
         description="k of reciprocal-rank fusion (hybrid-rrf-*): an example scores Σ 1/(k + rank) over the rankings "
         "it is in (rank 1 = first); a larger k flattens the weight of the first ranks.",
         exclude_if=lambda v: v == 60.0,
+    )
+
+    task_mix: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="trackstar's task-specific curvature: the share of the query set's Fisher (its per-block "
+        "(1/Q) Σ g_q g_qᵀ, scaled to the train Fisher's trace) in the curvature, (1 - w) F_train + w F_queries. "
+        "Directions every query shares then count less. `dataworth evaluate --calibrate` chooses it.",
+        exclude_if=lambda v: v == 0.5,
     )
 
     @field_validator("modes")

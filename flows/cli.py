@@ -70,6 +70,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--top-k", ("score.top_k",)),
     Alias("--candidates", ("score.candidates",)),
     Alias("--rrf-k", ("score.rrf_k",)),
+    Alias("--task-mix", ("score.task_mix",)),
     Alias("--full-matrix", ("score.full_matrix",)),
     Alias("--size", ("corpus_size",)),
     Alias("--epochs", ("train_epochs",)),

@@ -65,6 +65,7 @@ def _calibrate(config: EvaluateConfig, run, build, logging_cfg, built: tuple[str
             config.seed,
             config.score.modes,
             record=False,
+            task_mixes=cal.task_mixes,
             **proxy,
         )
         for name, (_cfg, uri, _summary) in candidates.items()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.gradients import query_gradients
 from dataworth.attribution.projection import FittedProjections
-from dataworth.config import GenerationConfig, ModelConfig, QuerySpec
+from dataworth.config import GenerationConfig, ModelConfig, QuerySpec, ScoreConfig
 from dataworth.data import pad_token_id
 from dataworth.errors import is_retryable
 from dataworth.fingerprint import check_model_fingerprint
@@ -191,6 +191,14 @@ def index_curvature(store: IndexStore, manifest: IndexManifest, damping_factor: 
     if damping_factor is None and manifest.calibration:
         damping_factor = manifest.calibration["damping_factor"]
     return curvature if damping_factor is None else curvature.with_damping(damping_factor)
+
+
+def index_task_mix(score: ScoreConfig, manifest: IndexManifest) -> float:
+    """trackstar's score.task_mix: the one given, else the calibrated one recorded in the manifest (`dataworth
+    evaluate --calibrate` with trackstar), else the default."""
+    if "task_mix" not in score.model_fields_set and manifest.calibration and "task_mix" in manifest.calibration:
+        return float(manifest.calibration["task_mix"])
+    return score.task_mix
 
 
 T = TypeVar("T")

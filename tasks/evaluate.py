@@ -289,9 +289,11 @@ def calibrate_damping(
     masks_path: str | None = None,
     actual: list[list[float]] | None = None,
     record: bool = True,
+    task_mixes: list[float] | None = None,
 ) -> dict:
     """Choose the damping factor that maximizes a proxy on a random half of the queries, report it on the
-    other half, and record the choice in the index manifest (queries then use it by default).
+    other half, and record the choice in the index manifest (queries then use it by default). With trackstar
+    among the modes, also choose its task_mix among `task_mixes` at that damping (recorded as `task_mix`).
     """
     from dataworth.attribution.scoring import Scorer
 
@@ -344,6 +346,24 @@ def calibrate_damping(
         "tune_queries": len(tune),
         "test_queries": len(test),
     }
+    if "trackstar" in curv_modes and task_mixes:
+        # trackstar's query-set share of the curvature, at the chosen damping (one more pass, all shares at once)
+        mixers = {
+            w: Scorer(q_grads, fitted.with_damping(best), ["trackstar"], top_k=1, full_matrix_size=n, task_mix=w)
+            for w in task_mixes
+        }
+        for ids, vectors, _ in store.iter_gradients(4096, version=manifest.gradients_version):
+            for sc in mixers.values():
+                sc.update(torch.tensor(ids), torch.tensor(vectors))
+        mix_sweep = {
+            str(w): {
+                split: _proxy(sc.full["trackstar"].numpy(), rows, query_ids, proxy, docs, relevant, masks, act)
+                for split, rows in (("tune", tune), ("test", test))
+            }
+            for w, sc in mixers.items()
+        }
+        result["task_mix"] = max(task_mixes, key=lambda w: mix_sweep[str(w)]["tune"])
+        result["task_mix_sweep"] = mix_sweep
     if record:
         record_calibration.fn(index_uri, result)
     return result

@@ -42,6 +42,7 @@ from .common import (
     index_curvature,
     index_norms,
     index_query_gradients,
+    index_task_mix,
     norms_key,
     open_index_model,
     prefetched,
@@ -218,7 +219,11 @@ def lexical_and_hybrid(
         rankings["bm25"] = bm25
     candidates = [ids[:m_cut] for ids, _ in bm25]
     reranks = [g for kind, g in map(hybrid_parts, hybrid) if kind == "rerank"]
-    reranked = _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms) if reranks else {}
+    reranked = (
+        _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms, index_task_mix(score, manifest))
+        if reranks
+        else {}
+    )
     for mode in hybrid:
         kind, gradient = hybrid_parts(mode)
         if kind == "rrf":
@@ -244,10 +249,13 @@ def _rerank(
     modes: list[str],
     candidates: list[np.ndarray],
     norms: torch.Tensor | None,
+    task_mix: float,
 ) -> dict[str, list[Ranking]]:
     """Each query's candidates ranked by their exact scores in each gradient mode: only the candidates' rows are
     read (by example id, once for every mode), _RERANK_QUERIES queries at a time."""
     out: dict[str, list[Ranking]] = {m: [] for m in modes}
+    # trackstar's curvature is the whole query set's, not that of each part reranked
+    task = curvature.mixed(q_grads, task_mix) if "trackstar" in modes else None
     for lo in range(0, len(candidates), _RERANK_QUERIES):
         part = candidates[lo : lo + _RERANK_QUERIES]
         ids = np.unique(np.concatenate(part))
@@ -255,7 +263,7 @@ def _rerank(
         rows_norms = None if norms is None else norms[torch.from_numpy(ids)]
         queries = q_grads[lo : lo + _RERANK_QUERIES]
         for mode in modes:
-            out[mode] += rerank(queries, curvature, mode, part, ids, torch.from_numpy(vectors), rows_norms)
+            out[mode] += rerank(queries, curvature, mode, part, ids, torch.from_numpy(vectors), rows_norms, task)
     return out
 
 
@@ -363,7 +371,13 @@ def score_queries(
     start = time.perf_counter()
     if streamed_modes(score):
         scorer = Scorer(
-            q_grads, curvature, streamed_modes(score), streamed_depth(score), n_train if full else None, norms=norms
+            q_grads,
+            curvature,
+            streamed_modes(score),
+            streamed_depth(score),
+            n_train if full else None,
+            norms=norms,
+            task_mix=index_task_mix(score, manifest),
         )
         batches = shard_batches(store, score.train_batch_size, manifest.config.logging.shard_size, version)
         for ids, vectors in batches:  # the next batch is read meanwhile
@@ -497,6 +511,7 @@ def score_shard_range(
         streamed_depth(score),
         manifest.num_examples if full_matrix else None,
         norms=norms,
+        task_mix=index_task_mix(score, manifest),
     )
     batches = shard_batches(
         store, score.train_batch_size, manifest.config.logging.shard_size, manifest.gradients_version, shards

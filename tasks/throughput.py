@@ -39,7 +39,7 @@ from dataworth.benchmarks.throughput import (
     synthetic_vectors,
     training_step_seconds,
 )
-from dataworth.config import ALL_SCORE_MODES, CurvatureConfig, LoggingConfig
+from dataworth.config import DEFAULT_SCORE_MODES, CurvatureConfig, LoggingConfig
 from dataworth.errors import ConfigError
 from dataworth.evaluation.peers import KRONFLUENCE_STRATEGY, PEERS, PairwiseJob, missing_peer, time_pairwise_rounds
 from storage import IndexStore
@@ -189,7 +189,7 @@ def score_synthetic(
     saved = torch.load(prepared, weights_only=True)
     curvature, norms = Curvature.from_bytes(saved["curvature"]), saved["norms"]
     store = IndexStore(index_uri)
-    modes = list(ALL_SCORE_MODES)
+    modes = list(DEFAULT_SCORE_MODES)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = max_rss_mb()
@@ -264,7 +264,7 @@ def measure_scoring(
     else:
         out = score_synthetic(*args)
         out["peak_rss_mb"] = out["rss_growth_mb"] = None  # this process's peak is not the scoring's
-    modes = len(ALL_SCORE_MODES)
+    modes = len(DEFAULT_SCORE_MODES)
     scores = modes * queries * size
     get_run_logger().info(
         "score %d rows × %d queries × %d modes: %.3g scores/s, %.2f× the matmul",

@@ -124,6 +124,7 @@ def attribute(
     generation: GenerationConfig | None = None,
     query_batch_size: int = 16,
     progress: bool = False,
+    task_mix: float = 0.5,
 ) -> Attribution:
     """Attribute each query's completion to the training data, in memory.
 
@@ -132,13 +133,13 @@ def attribute(
     string (its completion is generated greedily), a dict with 'prompt' and optionally
     'completion' and 'id', or a QuerySpec; string and dict queries without an id are named
     q0, q1, ... by position. `logging`, `curvature`, `modes` and `top_k` mean what they mean
-    in the `index` and `query` configs (their defaults when None). Dropout is off while
-    attributing; the model's train/eval mode is restored.
+    in the `index` and `query` configs (their defaults when None), as does `task_mix` (trackstar's).
+    Dropout is off while attributing; the model's train/eval mode is restored.
     """
     logging = logging or LoggingConfig()
     curvature = curvature or CurvatureConfig()
     generation = generation or GenerationConfig()
-    score = ScoreConfig(modes=list(modes), top_k=top_k, query_batch_size=query_batch_size)
+    score = ScoreConfig(modes=list(modes), top_k=top_k, query_batch_size=query_batch_size, task_mix=task_mix)
     max_length = max_length or context_length(model, _DEFAULT_MAX_LENGTH)
     examples = _as_examples(train, tokenizer, max_length)
     specs = _as_query_specs(queries)
@@ -165,7 +166,9 @@ def attribute(
         model.train(was_training)
 
     # Columns are positions in `examples`; the top-k ids are mapped back to example ids below.
-    scorer = Scorer(q_grads, fitted_curvature, score.modes, score.top_k, full_matrix_size=len(examples))
+    scorer = Scorer(
+        q_grads, fitted_curvature, score.modes, score.top_k, full_matrix_size=len(examples), task_mix=score.task_mix
+    )
     scorer.update(torch.arange(len(examples)), stored)
     example_ids = torch.tensor([e.example_id for e in examples], dtype=torch.long)
     return Attribution(

@@ -122,6 +122,38 @@ class Curvature:
             return self
         return Curvature.from_eigen(self.layout, self.blocks, self.count, damping_factor, self.kind)
 
+    def mixed(self, queries: torch.Tensor, weight: float) -> "Curvature":
+        """TrackStar's task-specific curvature: each block's Fisher mixed with the Fisher of the query gradients,
+
+            F_task = (1 - w) F + w · (tr F / tr F_q) F_q,    F_q = (1/Q) Σ_q g_q g_qᵀ  (per block),
+
+        so that the directions every query shares (a template, a relation) weigh more in F_task and so less in
+        (F_task + λ)^-1: they stop deciding which training examples score high. F_q is scaled to F's trace, so w is
+        the query set's share of the curvature, and the mean eigenvalue, hence λ, stays F's. An identity curvature
+        has no Fisher to mix with and is returned as it is, as is any curvature at w = 0. Kind "task": used for one
+        query set, never stored."""
+        if not 0.0 <= weight < 1.0:
+            raise ConfigError(f"the task-curvature weight is {weight}; give a share in [0, 1) (score.task_mix)")
+        if self.kind == "identity" or weight == 0.0:
+            return self
+        if queries.shape[1] != self.layout.dim:
+            raise IndexMismatchError(
+                f"query gradients have {queries.shape[1]} columns, the layout has {self.layout.dim}"
+            )
+        q = queries.detach().to("cpu", torch.float64)
+        blocks = {}
+        for b, sl in self.layout.slices():
+            evals, evecs = self.blocks[b.name]
+            fisher = (evecs * evals) @ evecs.T
+            qb = q[:, sl]
+            task = qb.T @ qb / max(q.shape[0], 1)
+            t_f, t_q = float(evals.sum()), float(task.trace())
+            if t_q > 0 and t_f > 0:
+                fisher = (1.0 - weight) * fisher + weight * (t_f / t_q) * task
+            e, v = torch.linalg.eigh((fisher + fisher.T) / 2)
+            blocks[b.name] = (e.clamp(min=0.0), v)
+        return Curvature(self.layout, "task", blocks, self.count, self.damping_factor, dict(self.damping))
+
     def apply(self, vectors: torch.Tensor, power: float) -> torch.Tensor:
         """(F + λI)^power applied blockwise to the rows of `vectors` (n, dim)."""
         if self.kind == "identity":

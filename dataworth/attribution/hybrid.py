@@ -58,21 +58,29 @@ def score_candidates(
     candidates: Sequence[np.ndarray],
     train: torch.Tensor,
     norms: torch.Tensor | None = None,
+    task: Curvature | None = None,
 ) -> list[np.ndarray]:
     """Each query's exact scores in a gradient mode against its own candidates only, in float64.
 
     queries [Q, dim]: query gradients; candidates[q]: positions of query q's candidates in `train` [U, dim] (the
     stored gradients of every query's candidates); norms [U]: their ‖(F+λI)^-1/2 g_i‖ (relatif and cosine),
     computed here when not given. The mode's formula is score_batch's, so a candidate's score is the one a full
-    pass gives it (to the rounding of that pass's dtype)."""
-    prepared = prepare_queries(queries, curvature, [mode], torch.float64)
+    pass gives it (to the rounding of that pass's dtype). `task` is trackstar's curvature (`Curvature.mixed` of
+    the run's whole query set; fitted on `queries` when not given)."""
+    prepared = prepare_queries(queries, curvature, [mode], torch.float64, task=task)
     train = train.to(torch.float64)
     if prepared.needs_norms:
         norms = curvature.whitened_norms(train) if norms is None else norms.to(torch.float64)
+    task_norms = None if prepared.task_curvature is None else prepared.task_curvature.whitened_norms(train)
     out = []
     for q, positions in enumerate(candidates):
         rows = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        scores = score_batch(prepared.take([q]), train[rows], None if norms is None else norms[rows])[mode]
+        scores = score_batch(
+            prepared.take([q]),
+            train[rows],
+            None if norms is None else norms[rows],
+            None if task_norms is None else task_norms[rows],
+        )[mode]
         out.append(scores[0].numpy())  # [1, M] → [M]
     return out
 
@@ -85,6 +93,7 @@ def rerank(
     candidate_ids: np.ndarray,
     train: torch.Tensor,
     norms: torch.Tensor | None = None,
+    task: Curvature | None = None,
 ) -> list[Ranking]:
     """Each query's candidates (example ids) ranked by their exact scores in a gradient mode.
 
@@ -92,5 +101,5 @@ def rerank(
     candidate example ids, each one of candidate_ids."""
     order = np.argsort(candidate_ids, kind="stable")
     positions = [order[np.searchsorted(candidate_ids, c, sorter=order)] for c in candidates]
-    scores = score_candidates(queries, curvature, mode, positions, train, norms)
+    scores = score_candidates(queries, curvature, mode, positions, train, norms, task)
     return [ranked(c, s) for c, s in zip(candidates, scores)]

@@ -5,12 +5,18 @@
 | influence | (F+λI)^-1 g_q              | g_i                                  |
 | relatif   | (F+λI)^-1 g_q              | g_i / n_i                            |
 | cosine    | (F+λI)^-1 g_q / n_q        | g_i / n_i                            |
+| trackstar | (T+λI)^-1 g_q / t_q        | g_i / t_i                            |
 
-with n = ‖(F+λI)^-1/2 g‖ = sqrt(g^T (F+λI)^-1 g). The modes differ only by a transform of the
-query and one scalar per stored example, so a stored batch is scored by one matmul of at most two
-vectors per query (g_q and (F+λI)^-1 g_q) followed by a per-column scale 1/n_i (and, for cosine, a
-per-row 1/n_q). The n_i are computed once per (curvature, damping) and kept with the index; given
-none, the Scorer computes them per batch.
+with n = ‖(F+λI)^-1/2 g‖ = sqrt(g^T (F+λI)^-1 g). `trackstar` is TrackStar's score (Chang et al. 2024): unit norm
+on both sides after a task-specific curvature T = `Curvature.mixed` (the train Fisher mixed with the Fisher of the
+run's query gradients, weight score.task_mix) and t = ‖(T+λI)^-1/2 g‖; with an index logged under
+logging.optimizer_state its gradients are also corrected by the optimizer's second moment, as TrackStar's are. T
+depends on the query set, so its t_i are computed per batch (one [B, b] @ [b, b] product per block), not stored.
+
+The modes differ only by a transform of the query and one scalar per stored example, so a stored batch is scored
+by one matmul of at most three vectors per query (g_q, (F+λI)^-1 g_q and, for trackstar, (T+λI)^-1 g_q) followed
+by a per-column scale 1/n_i (and, for cosine, a per-row 1/n_q). The n_i are computed once per (curvature,
+damping) and kept with the index; given none, the Scorer computes them per batch.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataworth.errors import ConfigError
 _EPS = 1e-30
 NORM_MODES = ("relatif", "cosine")
 _INVERSE_MODES = ("influence", "relatif", "cosine")
+# The share of the query set's Fisher in trackstar's curvature when none is given (score.task_mix's default).
+DEFAULT_TASK_MIX = 0.5
 
 
 def needs_norms(modes) -> bool:
@@ -48,6 +56,9 @@ class PreparedQueries:
     inverse: slice | None  # rows of (F+λI)^-1 g_q in `stacked`
     query_scale: torch.Tensor | None  # [Q] 1/‖(F+λI)^-1/2 g_q‖ (0 for a zero query); cosine only
     n_queries: int
+    task: slice | None = None  # rows of (T+λI)^-1 g_q in `stacked` (trackstar)
+    task_scale: torch.Tensor | None = None  # [Q] 1/‖(T+λI)^-1/2 g_q‖ (trackstar)
+    task_curvature: Curvature | None = None  # T, whose norms of the stored rows trackstar divides by
 
     @property
     def needs_norms(self) -> bool:
@@ -56,21 +67,35 @@ class PreparedQueries:
     def take(self, rows: list[int]) -> PreparedQueries:
         """The prepared queries of these rows only (in this order)."""
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.stacked.device)
-        n, parts, plain, inverse = len(rows), [], None, None
+        n, parts, plain, inverse, task = len(rows), [], None, None, None
         if self.plain is not None:
             parts.append(self.stacked[self.plain][rows_t])
             plain = slice(0, n)
         if self.inverse is not None:
             parts.append(self.stacked[self.inverse][rows_t])
             inverse = slice(len(parts) * n - n, len(parts) * n)
+        if self.task is not None:
+            parts.append(self.stacked[self.task][rows_t])
+            task = slice(len(parts) * n - n, len(parts) * n)
         scale = None if self.query_scale is None else self.query_scale[rows_t]
-        return PreparedQueries(self.modes, torch.cat(parts), plain, inverse, scale, n)
+        task_scale = None if self.task_scale is None else self.task_scale[rows_t]
+        return PreparedQueries(
+            self.modes, torch.cat(parts), plain, inverse, scale, n, task, task_scale, self.task_curvature
+        )
 
 
 def prepare_queries(
-    queries: torch.Tensor, curvature: Curvature, modes: list[ScoreMode], dtype: torch.dtype | None = None
+    queries: torch.Tensor,
+    curvature: Curvature,
+    modes: list[ScoreMode],
+    dtype: torch.dtype | None = None,
+    task_mix: float = DEFAULT_TASK_MIX,
+    task: Curvature | None = None,
 ) -> PreparedQueries:
-    """Query-side vectors of every mode (once per query set): transforms in float64, stored in `dtype`."""
+    """Query-side vectors of every mode (once per query set): transforms in float64, stored in `dtype`.
+
+    trackstar's curvature is `task`, else `curvature.mixed(queries, task_mix)`: give `task` when these queries are
+    a part of the run's query set (T is the whole set's)."""
     unknown = [m for m in modes if m not in ALL_SCORE_MODES] or ([] if modes else [None])
     if unknown:
         if unknown[0] in ALL_MODES:  # bm25 and the hybrid modes search an index's text: the query flow has them
@@ -91,16 +116,30 @@ def prepare_queries(
         inverse = slice(len(parts) * n - n, len(parts) * n)
     if "cosine" in modes:
         query_scale = _reciprocal(curvature.whitened_norms(q64)).to(dtype)
+    task_rows = task_scale = None
+    if "trackstar" in modes:
+        task = task if task is not None else curvature.mixed(q64, task_mix)
+        parts.append(task.apply(q64, -1.0))
+        task_rows = slice(len(parts) * n - n, len(parts) * n)
+        task_scale = _reciprocal(task.whitened_norms(q64)).to(dtype)
+    else:
+        task = None
     stacked = torch.cat(parts).to(dtype).contiguous()
-    return PreparedQueries(tuple(dict.fromkeys(modes)), stacked, plain, inverse, query_scale, n)
+    return PreparedQueries(
+        tuple(dict.fromkeys(modes)), stacked, plain, inverse, query_scale, n, task_rows, task_scale, task
+    )
 
 
 def score_batch(
-    prepared: PreparedQueries, train: torch.Tensor, norms: torch.Tensor | None = None
+    prepared: PreparedQueries,
+    train: torch.Tensor,
+    norms: torch.Tensor | None = None,
+    task_norms: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """(n_queries, n_train) scores per mode for one batch of stored gradients [n_train, dim].
 
-    `norms` [n_train] are the rows' ‖(F+λI)^-1/2 g_i‖, needed by relatif and cosine.
+    `norms` [n_train] are the rows' ‖(F+λI)^-1/2 g_i‖, needed by relatif and cosine; `task_norms` their
+    ‖(T+λI)^-1/2 g_i‖ under trackstar's curvature, computed here when not given.
     """
     if prepared.needs_norms and norms is None:
         raise ValueError("relatif and cosine need the stored rows' norms ‖(F+λI)^-1/2 g_i‖; pass norms")
@@ -116,8 +155,13 @@ def score_batch(
             scores[mode] = raw[prepared.inverse]
         elif mode == "relatif":
             scores[mode] = relatif
-        else:
+        elif mode == "cosine":
             scores[mode] = relatif * prepared.query_scale[:, None]  # per-row scale 1/n_q
+        else:  # trackstar: the same two scales, under the task curvature
+            if task_norms is None:
+                task_norms = prepared.task_curvature.whitened_norms(train.to(raw.dtype))
+            scale = _reciprocal(task_norms.to(raw))[None, :] * prepared.task_scale[:, None]
+            scores[mode] = raw[prepared.task] * scale
     return scores
 
 
@@ -184,7 +228,8 @@ class Scorer:
     """Scores query gradients against batches of stored gradients, for several modes at once.
 
     `norms` (optional) are ‖(F+λI)^-1/2 g_i‖ indexed by example id, for this curvature and damping
-    (the index keeps them); without them relatif and cosine compute them per batch.
+    (the index keeps them); without them relatif and cosine compute them per batch. trackstar's curvature is
+    fitted on these queries (`task_mix`, see `Curvature.mixed`), so a Scorer must see the whole query set.
     Scores are computed in `dtype` on `device` (default: the queries' device).
     """
 
@@ -198,11 +243,12 @@ class Scorer:
         dtype: torch.dtype = torch.float32,
         norms: torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        task_mix: float = DEFAULT_TASK_MIX,
     ):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else queries.device
         self.curvature = curvature
-        self.prepared = prepare_queries(queries.to(self.device), curvature, modes, dtype)
+        self.prepared = prepare_queries(queries.to(self.device), curvature, modes, dtype, task_mix)
         self.norms = norms.to(self.device, dtype) if norms is not None and self.prepared.needs_norms else None
         n = queries.shape[0]
         self.topk = {m: TopK(n, top_k) for m in self.prepared.modes}

@@ -66,8 +66,20 @@ class CalibrateConfig(StageConfig):
         default_factory=list,
         description="Also sweep the projection size per side (one index each, k_in = k_out); empty: keep logging's.",
     )
+    task_mixes: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9],
+        description="trackstar's score.task_mix values tried (at the chosen damping), when trackstar is scored.",
+        exclude_if=lambda v: v == [0.0, 0.25, 0.5, 0.75, 0.9],
+    )
     proxy: Literal["fact_mrr", "lds"] = Field("fact_mrr", description="Held-out proxy maximized.")
     holdout_fraction: float = Field(0.5, gt=0, lt=1, description="Share of queries used to choose (rest reports).")
+
+    @field_validator("task_mixes")
+    @classmethod
+    def _mixes(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= w < 1 for w in v):
+            raise ValueError(f"calibrate.task_mixes={v} must hold shares in [0, 1)")
+        return sorted(set(v))
 
     @field_validator("proj_dims")
     @classmethod

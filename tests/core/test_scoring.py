@@ -1,12 +1,15 @@
 """Fisher, damping and every score mode against explicit matrix formulas (fp64)."""
 
+import numpy as np
 import pytest
 import torch
 
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
+from dataworth.attribution.hybrid import rerank, score_candidates
 from dataworth.attribution.projection import Block, Layout
 from dataworth.attribution.scoring import Scorer, TopK, prepare_queries, score_batch
-from dataworth.config import CurvatureConfig
+from dataworth.config import ALL_SCORE_MODES, DEFAULT_SCORE_MODES, HYBRID_MODES, CurvatureConfig, ScoreConfig
+from dataworth.errors import ConfigError
 
 LAYOUT = Layout((Block("a", 2, 3, 0), Block("b", 2, 2, 6)))
 
@@ -292,3 +295,113 @@ def test_relatif_and_cosine_rank_alike_and_identity_influence_is_dot(data, kind)
         assert torch.allclose(scorer.full["influence"], scorer.full["dot"], rtol=1e-6, atol=1e-6)
     else:
         assert not torch.allclose(scorer.full["influence"], scorer.full["dot"], rtol=1e-2)
+
+
+# trackstar: cosine under TrackStar's task-specific curvature, against dense explicit matrices (fp64).
+
+
+@pytest.fixture
+def shared_queries():
+    torch.manual_seed(1)
+    G = torch.randn(40, LAYOUT.dim, dtype=torch.float64)
+    # queries that share a direction, as the queries of one template do
+    shared = torch.randn(1, LAYOUT.dim, dtype=torch.float64)
+    Q = torch.randn(5, LAYOUT.dim, dtype=torch.float64) * 0.3 + 2.0 * shared
+    return G, Q
+
+
+def explicit_task(G, Q, w, kind, factor=0.2):
+    """Dense T + λI: per block (1-w) F + w (tr F / tr F_q) F_q, λ the train Fisher's (F raw or EKFAC)."""
+    dense = explicit_fisher(G, factor) if kind == "raw" else explicit_ekfac(G, factor)
+    M = torch.zeros_like(dense)
+    for b, sl in LAYOUT.slices():
+        lam = factor * torch.trace(G[:, sl].T @ G[:, sl] / G.shape[0]) / b.size
+        F = dense[sl, sl] - lam * torch.eye(b.size, dtype=torch.float64)
+        Fq = Q[:, sl].T @ Q[:, sl] / Q.shape[0]
+        T = (1 - w) * F + w * torch.trace(F) / torch.trace(Fq) * Fq
+        M[sl, sl] = T + lam * torch.eye(b.size, dtype=torch.float64)
+    return M
+
+
+@pytest.mark.parametrize("kind", ["raw", "ekfac"])
+@pytest.mark.parametrize("w", [0.3, 0.8])
+def test_trackstar_is_cosine_under_the_task_curvature(shared_queries, kind, w):
+    G, Q = shared_queries
+    curv, _ = curvature_and_inverse(G, kind)
+    task = curv.mixed(Q, w)
+    Tinv = torch.linalg.inv(explicit_task(G, Q, w, kind))
+    assert torch.allclose(task.matrix(-1.0), Tinv, atol=1e-9)
+    # the mix keeps the trace, so λ is the train Fisher's
+    assert task.damping == curv.damping
+    for b, _sl in LAYOUT.slices():
+        assert float(task.blocks[b.name][0].sum()) == pytest.approx(float(curv.blocks[b.name][0].sum()), rel=1e-10)
+    expected = explicit_scores(G, Q, Tinv, "cosine")
+    scorer = Scorer(Q, curv, ["trackstar", "cosine"], top_k=5, full_matrix_size=40, dtype=torch.float64, task_mix=w)
+    ids = torch.arange(40)
+    for s in range(0, 40, 9):
+        scorer.update(ids[s : s + 9], G[s : s + 9])
+    assert torch.allclose(scorer.full["trackstar"], expected, atol=1e-9)
+    top = torch.topk(expected, 5, dim=1)
+    assert torch.equal(scorer.topk["trackstar"].ids, top.indices)
+    # and it is not cosine under the train Fisher: the shared direction was discounted
+    assert not torch.allclose(scorer.full["trackstar"], scorer.full["cosine"], atol=1e-3)
+
+
+def test_no_mix_is_cosine_and_identity_is_plain_cosine(shared_queries):
+    G, Q = shared_queries
+    curv, Minv = curvature_and_inverse(G, "raw")
+    prepared = prepare_queries(Q, curv, ["cosine", "trackstar"], task_mix=0.0)
+    scores = score_batch(prepared, G, curv.whitened_norms(G))
+    assert torch.allclose(scores["trackstar"], scores["cosine"], atol=1e-12)
+    ident, eye = curvature_and_inverse(G, "identity")
+    assert ident.mixed(Q, 0.5) is ident
+    scores = score_batch(prepare_queries(Q, ident, ["trackstar"]), G)
+    assert torch.allclose(scores["trackstar"], explicit_scores(G, Q, eye, "cosine"), atol=1e-12)
+
+
+def test_stacked_rows_and_query_parts(shared_queries):
+    """trackstar adds one row per query to the stacked matmul; a part of the queries, given the whole set's T,
+    scores as the whole set does."""
+    G, Q = shared_queries
+    curv, _ = curvature_and_inverse(G, "raw")
+    whole = prepare_queries(Q, curv, ["dot", "influence", "trackstar"])
+    assert whole.stacked.shape == (3 * 5, LAYOUT.dim)
+    full = score_batch(whole, G)["trackstar"]
+    part = prepare_queries(Q[1:3], curv, ["trackstar"], task=whole.task_curvature)
+    assert torch.allclose(score_batch(part, G)["trackstar"], full[1:3], atol=1e-12)
+    taken = whole.take([4, 0])
+    assert torch.allclose(score_batch(taken, G)["trackstar"], full[[4, 0]], atol=1e-12)
+    # fitted on the part alone, T differs: the curvature is the query set's
+    alone = prepare_queries(Q[1:3], curv, ["trackstar"])
+    assert not torch.allclose(score_batch(alone, G)["trackstar"], full[1:3], atol=1e-6)
+
+
+def test_rerank_scores_candidates_as_the_full_pass(shared_queries):
+    G, Q = shared_queries
+    curv, _ = curvature_and_inverse(G, "ekfac")
+    task = curv.mixed(Q, 0.5)
+    full = score_batch(prepare_queries(Q, curv, ["trackstar"], task=task), G)["trackstar"]
+    rng = np.random.default_rng(0)
+    candidates = [np.sort(rng.choice(40, 8, replace=False)) for _ in range(5)]
+    ids = np.unique(np.concatenate(candidates))
+    got = score_candidates(Q, curv, "trackstar", [np.searchsorted(ids, c) for c in candidates], G[ids], task=task)
+    for q, c in enumerate(candidates):
+        assert np.allclose(got[q], full[q, c].numpy(), atol=1e-10)
+    ranked = rerank(Q[:2], curv, "trackstar", candidates[:2], ids, G[ids], task=task)
+    for q in range(2):
+        assert set(ranked[q][0]) == set(candidates[q])
+        assert np.all(np.diff(ranked[q][1]) <= 0)
+
+
+def test_config_and_errors(shared_queries):
+    G, Q = shared_queries
+    assert "trackstar" in ALL_SCORE_MODES and "trackstar" not in DEFAULT_SCORE_MODES
+    assert ScoreConfig().modes == list(DEFAULT_SCORE_MODES)
+    assert {"hybrid-rrf-trackstar", "hybrid-rerank-trackstar"} <= set(HYBRID_MODES)
+    assert "task_mix" not in ScoreConfig().model_dump()  # old score run ids unchanged
+    with pytest.raises(ValueError, match="task_mix"):
+        ScoreConfig(task_mix=1.0)
+    curv, _ = curvature_and_inverse(G, "raw")
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        curv.mixed(Q, 1.5)
+    assert isinstance(curv.mixed(Q, 0.0), Curvature) and curv.mixed(Q, 0.0) is curv
