@@ -16,6 +16,7 @@ import torch
 from prefect import task
 from pydantic import Field
 
+from dataworth.attribution.optimizer_state import load_second_moments
 from dataworth.config import ALL_SCORE_MODES, GenerationConfig, QuerySpec
 from dataworth.data import pad_token_id
 from dataworth.evaluation.fact_tracing import trace_facts_in_scores
@@ -131,6 +132,10 @@ def tail_patch_eval(
     seqs = _examples(index_uri)["input_ids"]
     # A private copy of the model: tail-patch steps on it.
     lm = open_index_model(index_uri, fresh=True)
+    moments = None
+    if optimizer == "state":  # the index's optimizer state, else the one saved beside the model
+        state = lm.manifest.config.logging.optimizer_state or lm.manifest.config.model.name_or_path
+        moments = load_second_moments(state, lm.model)
     with MODEL_LOCK:
         enc = encode_index_queries(lm, queries, GenerationConfig(), _ENCODE_BATCH)
         pad = pad_token_id(lm.tokenizer)
@@ -148,7 +153,9 @@ def tail_patch_eval(
             # several methods retrieve (BM25 and its hybrids, relatif and cosine) is patched once for all of them.
             chosen = {name: [int(i) for i in by_query[q.id]] for name, by_query in picks.items()}
             union = sorted({i for ids in chosen.values() for i in ids})
-            step = tail_patch_scores(lm.model, [seqs[i] for i in union], [q], pad, lr=lr, optimizer=optimizer)[0]
+            step = tail_patch_scores(
+                lm.model, [seqs[i] for i in union], [q], pad, lr=lr, optimizer=optimizer, second_moments=moments
+            )[0]
             delta = dict(zip(union, step.tolist()))
             for name, ids in chosen.items():
                 deltas[name].append(float(np.mean([delta[i] for i in ids])))

@@ -51,8 +51,12 @@ class TailPatchConfig(StageConfig):
     lr: float = Field(0.01, gt=0, description="Learning rate of the single step.")
     # SGD keeps the step first-order interpretable (Δ log p ≈ lr · ∇loss_q · ∇loss_z); Adam's first
     # step is lr · sign(g) on every weight and mostly measures damage.
-    optimizer: Literal["sgd", "adam", "normalized"] = Field(
-        "sgd", description="Optimizer of the single step; normalized: SGD whose step length is lr × ‖θ‖."
+    optimizer: Literal["sgd", "adam", "normalized", "state"] = Field(
+        "sgd",
+        description="Optimizer of the single step; normalized: SGD whose step length is lr × ‖θ‖; state: the "
+        "training optimizer's own step from its saved state (the model directory's optimizer.pt, or the index's "
+        "logging.optimizer_state), -lr · g / (√v̂ + ε) without momentum (give lr the final learning rate of "
+        "training).",
     )
     max_queries: int = Field(40, ge=1, description="Queries evaluated (first ones in order).")
 
@@ -116,6 +120,12 @@ class EvaluateConfig(StageConfig):
         None, description="How LDS/brittleness retrain a model; default: the benchmark model's own recipe."
     )
     loo: bool = Field(True, description="Leave-one-out agreement on a convex problem (softmax regression).")
+    optimizer_correction: bool = Field(
+        False,
+        description="Index the benchmark with TrackStar's optimizer-state correction: logging.optimizer_state is "
+        "set to the optimizer state the benchmark model saved with its weights.",
+        exclude_if=lambda v: v is False,
+    )
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -70,12 +70,22 @@ def _trainable(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, optimizer: str) -> None:
+def _patch_step(
+    model, params, example_ids: list[int], pad_id: int, lr: float, optimizer: str, precondition=None
+) -> None:
     device = params[0].device
     input_ids, attention, labels = collate([example_ids], pad_id)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
     loss = per_example_loss(logits, labels.to(device), "mean").sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if optimizer == "state":
+        # The training optimizer's own step without its momentum: Adam's update of this example's gradient under
+        # the second moment at the end of training, Δθ = -lr · g / (√v̂ + ε) (`precondition` = 1/(√v̂ + ε)).
+        with torch.no_grad():
+            for p, g, scale in zip(params, grads, precondition):
+                if g is not None:
+                    p.sub_(lr * g * scale)
+        return
     if optimizer == "normalized":
         # A step of relative size lr: ‖Δθ‖ = lr · ‖θ‖ along −g. Like Adafactor's relative step (TrackStar's
         # optimizer), it does not depend on the model's or the example's gradient scale.
@@ -94,34 +104,60 @@ def _patch_step(model, params, example_ids: list[int], pad_id: int, lr: float, o
         p.grad = None
 
 
+def _state_precondition(model, params, second_moments) -> list[torch.Tensor]:
+    """1/(√v̂ + ε) per trainable parameter, from the saved optimizer state."""
+    if second_moments is None:
+        raise ConfigError(
+            "tail-patch optimizer 'state' needs the training optimizer's saved state: pass second_moments "
+            "(dataworth.attribution.optimizer_state.load_second_moments), or choose optimizer 'sgd'"
+        )
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for p in params:
+        v = second_moments.moments.get(names[id(p)])
+        if v is None or tuple(v.shape) != tuple(p.shape):
+            raise ModelError(
+                f"the optimizer state has no second moment of shape {tuple(p.shape)} for {names[id(p)]!r}: it was "
+                "saved for another model; give the state of the checkpoint being patched"
+            )
+        out.append((1.0 / (v.sqrt() + second_moments.eps)).to(device=p.device, dtype=p.dtype))
+    return out
+
+
 def tail_patch_scores(
     model,
     candidate_sequences: list[list[int]],
     queries: list[EncodedQuery],
     pad_id: int,
     lr: float = 1e-3,
-    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
+    optimizer: Literal["sgd", "adam", "normalized", "state"] = "sgd",
     batch_size: int = 16,
     progress: bool = False,
+    second_moments=None,
 ) -> torch.Tensor:
     """(n_queries, n_candidates) float64 tail-patch scores (TrackStar, Chang et al. 2024).
 
     Column j: one optimizer step on candidate j alone (mean token loss), then the change
     in each query's completion log-probability, after − before. With SGD and a small lr
     this is ≈ lr · ∇loss_q · ∇loss_j, so positive means the example teaches the completion;
-    "normalized" is SGD with the step length fixed to lr · ‖θ‖ (lr is then a relative step).
+    "normalized" is SGD with the step length fixed to lr · ‖θ‖ (lr is then a relative step); "state" is the
+    step of the optimizer that trained the model, from its saved state (`second_moments`, a
+    `dataworth.attribution.optimizer_state.SecondMoments`): Δθ = -lr · g / (√v̂ + ε) with v̂ its bias-corrected
+    second moment and no momentum, so the step depends on this example alone (give lr the final learning rate
+    of training).
     Dropout is off for the step and the measurements. The weights (and any .grad) are
     restored exactly after every candidate.
     """
     if lr <= 0:
         raise ConfigError(f"lr={lr} must be positive (TrackStar uses the final learning rate of training)")
-    if optimizer not in ("sgd", "adam", "normalized"):
-        raise ConfigError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized'")
+    if optimizer not in ("sgd", "adam", "normalized", "state"):
+        raise ConfigError(f"optimizer={optimizer!r} is not one of 'sgd', 'adam', 'normalized', 'state'")
     if not candidate_sequences:
         raise DataError("candidate_sequences is empty: pass the token ids of the training examples to patch with")
     _check_queries(queries, model)
     check_sequences(candidate_sequences, model.config.vocab_size, context_length(model), "candidate")
     params = _trainable(model)
+    precondition = _state_precondition(model, params, second_moments) if optimizer == "state" else None
     was_training = model.training
     saved_grads = [p.grad for p in params]
     # Snapshot once, restore after every candidate: copy_ writes the very same values back, so
@@ -139,7 +175,7 @@ def tail_patch_scores(
         for j, seq in enumerate(candidate_sequences):
             try:
                 with torch.enable_grad():
-                    _patch_step(model, params, seq, pad_id, lr, optimizer)
+                    _patch_step(model, params, seq, pad_id, lr, optimizer, precondition)
                 with torch.no_grad():
                     scores[:, j] = _log_probs(model, queries, pad_id, batch_size) - before
             finally:
@@ -163,8 +199,9 @@ def tail_patch(
     queries: list[EncodedQuery],
     pad_id: int,
     lr: float = 1e-3,
-    optimizer: Literal["sgd", "adam", "normalized"] = "sgd",
+    optimizer: Literal["sgd", "adam", "normalized", "state"] = "sgd",
     batch_size: int = 16,
+    second_moments=None,
 ) -> torch.Tensor:
     """(n_queries,) float64: change in each query's completion log-probability after one
     optimizer step on the single training sequence `example_ids`; weights restored exactly."""
@@ -173,4 +210,6 @@ def tail_patch(
             "example_ids must be one non-empty training sequence (a list of token ids); "
             "use tail_patch_scores for several candidates"
         )
-    return tail_patch_scores(model, [example_ids], queries, pad_id, lr, optimizer, batch_size)[:, 0]
+    return tail_patch_scores(
+        model, [example_ids], queries, pad_id, lr, optimizer, batch_size, second_moments=second_moments
+    )[:, 0]

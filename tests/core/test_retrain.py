@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import make_tiny_gpt2, make_tiny_llama  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from dataworth.attribution.optimizer_state import load_second_moments  # noqa: E402
 from dataworth.benchmarks.facts import generate_fact_corpus  # noqa: E402
 from dataworth.benchmarks.tiny_model import train_tiny_gpt2, train_tokenizer  # noqa: E402
 from dataworth.data import Documents, chunk_documents  # noqa: E402
@@ -233,6 +234,41 @@ def test_normalized_tail_patch_is_sgd_with_a_relative_step(tokenizer, queries, s
     expected = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=sgd_lr, optimizer="sgd")
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     assert got.abs().max() > 0
+
+
+def test_state_tail_patch_is_the_training_optimizers_step(tokenizer, queries, sequences, tmp_path):
+    """optimizer='state': Δθ = -lr · g / (√v̂ + ε) with the saved AdamW state, checked against the first-order
+    prediction with that explicit preconditioner, and against weights moved by hand."""
+    model = _tiny("gpt2", tokenizer, dtype=torch.float64)
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3, betas=(0.9, 0.98))
+    for seq in sequences[:3]:
+        logits = model(input_ids=torch.tensor([seq])).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, torch.tensor(seq[1:])).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    moments = load_second_moments(str(tmp_path), model)
+    scale = torch.cat(
+        [(1 / ((opt.state[p]["exp_avg_sq"] / (1 - 0.98**3)).sqrt() + 1e-8)).reshape(-1) for p in model.parameters()]
+    )
+    example, lr = sequences[3], 1e-5
+    logits = model(input_ids=torch.tensor([example])).logits[0, :-1]
+    g_example = _flat_grad(model, torch.nn.functional.cross_entropy(logits, torch.tensor(example[1:])))
+    predicted = []
+    for q in queries:
+        ids = q.prompt_ids + q.completion_ids
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+        logp_q = sum(logp[t - 1, ids[t]] for t in range(len(q.prompt_ids), len(ids)))
+        predicted.append(-lr * float(_flat_grad(model, logp_q) @ (scale * g_example)))
+    predicted = torch.tensor(predicted, dtype=torch.float64)
+    got = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=lr, optimizer="state", second_moments=moments)
+    assert predicted.abs().max() > 1e-6
+    torch.testing.assert_close(got, predicted, rtol=2e-2, atol=2e-2 * float(predicted.abs().max()))
+    # it is not the SGD step: the preconditioner reweighs the coordinates
+    sgd = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=lr, optimizer="sgd")
+    assert not torch.allclose(got, sgd, rtol=0.1)
+    with pytest.raises(ValueError, match="second_moments"):
+        tail_patch(model, example, queries, tokenizer.pad_token_id, lr=lr, optimizer="state")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "normalized"])
