@@ -20,10 +20,12 @@ from dataworth.attribution.optimizer_state import (
 )
 from dataworth.attribution.projection import draw_projection, select_modules
 from dataworth.benchmarks.tiny_model import train_tokenizer
-from dataworth.config import CurvatureConfig, LoggingConfig
-from dataworth.data import collate
+from dataworth.config import CurvatureConfig, GenerationConfig, LoggingConfig, QuerySpec
+from dataworth.data import Documents, chunk_documents, collate
 from dataworth.errors import ConfigError, ModelError
+from dataworth.evaluation.optimizer_fidelity import correction_fidelity
 from dataworth.losses import mean_token_loss
+from dataworth.queries import encode_queries
 
 EPS = 1e-8
 
@@ -251,3 +253,33 @@ def test_optimizer_state_is_left_out_of_old_dumps():
     assert "optimizer_state" not in LoggingConfig().model_dump()
     assert LoggingConfig(optimizer_state="x.pt").model_dump()["optimizer_state"] == "x.pt"
     assert LoggingConfig(optimizer_state="x.pt").fitted and not LoggingConfig(precondition="none").fitted
+
+
+def test_correction_fidelity_is_perfect_for_rank_one_moments(tmp_path):
+    """With every second moment of rank one the factored form is exact, so the rankings agree fully; with a real
+    AdamW state the measure is a correlation, not a constant."""
+    texts = ["the cat sat on the mat.", "a fox ran past the dog.", "the dog sat in the sun.", "rain on the town."]
+    tokenizer = train_tokenizer(texts * 4, vocab_size=300)
+    model = make_tiny_gpt2(torch.float64, vocab=len(tokenizer), seed=2)
+    names = [n for n, _ in model.named_parameters()]
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for i, (_n, p) in enumerate(model.named_parameters()):
+        v = torch.rand(p.shape[0], generator=gen, dtype=torch.float64) + 0.1
+        if p.dim() == 2:
+            v = torch.outer(v, torch.rand(p.shape[1], generator=gen, dtype=torch.float64) + 0.1)
+        state[i] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v}
+    groups = [{"params": list(range(len(names))), "param_names": names, "betas": (0.9, 0.98), "eps": 1e-8}]
+    torch.save({"state": state, "param_groups": groups}, tmp_path / "rank1.pt")
+    examples = chunk_documents(Documents(texts, [str(i) for i in range(4)], [""] * 4), tokenizer, 16, True)
+    queries = encode_queries(
+        model, tokenizer, [QuerySpec(id="q", prompt="the cat sat", completion=" on the mat")], GenerationConfig(), 64
+    )
+    perfect = correction_fidelity(model, tokenizer, examples, queries, str(tmp_path / "rank1.pt"), k=2)
+    assert perfect.spearman == pytest.approx(1.0) and perfect.topk_overlap == 1.0
+    assert max(perfect.layer_error.values()) < 1e-3  # only ε keeps it from 0
+    opt = train_adamw(model, steps=2)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    real = correction_fidelity(model, tokenizer, examples, queries, str(tmp_path), k=2)
+    assert -1.0 <= real.spearman <= 1.0 and min(real.layer_error.values()) > 0
+    assert set(real.as_dict()) >= {"spearman", "topk_overlap", "uncorrected_spearman", "mean_layer_error"}
