@@ -75,12 +75,30 @@ class LoggingConfig(StageConfig):
         default_factory=lambda: ["lm_head", "*.lm_head", "embed_out"],
         description="fnmatch patterns removed from the selection (the vocabulary head by default).",
     )
-    projection: Literal["gaussian", "rademacher", "identity"] = Field(
+    projection: Literal["gaussian", "rademacher", "identity", "rapidgrad"] = Field(
         "gaussian",
-        description="Kronecker projection: random (seeded from the module name) or identity (exact gradients).",
+        description="Kronecker projection: random (seeded from the module name) or identity (exact gradients); "
+        "rapidgrad: RapidIn's compression of each layer's whole gradient instead (see rapidgrad_dim).",
     )
     proj_dim_in: int = Field(16, ge=1, description="Rows of P_in (projected input-activation size) per module.")
     proj_dim_out: int = Field(16, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
+    # The two rapidgrad fields are left out of dumps at their defaults, so existing configs' fingerprints hold.
+    rapidgrad_dim: int | None = Field(
+        None,
+        ge=1,
+        description="projection='rapidgrad': K, the size each layer's per-example gradient G (d_out × d_in) is "
+        "folded to after its fixed random permutation and signs (dataworth.attribution.rapidgrad); compression "
+        "d_out·d_in / K per layer, K capped at d_out·d_in. None: LoGra's block size of the layer, "
+        "min(proj_dim_out, d_out) × min(proj_dim_in, d_in), so both store the same bytes. Needs precondition='none'.",
+        exclude_if=lambda v: v is None,
+    )
+    rapidgrad_normalize: bool = Field(
+        True,
+        description="projection='rapidgrad': divide each layer's G by its norm before folding (RapidIn's layer-wise "
+        "normalization), so a dot product of stored gradients is about a sum of per-layer cosines: loss scale and "
+        "gradient norm drop out of every score. False: fold G as it is (inner products approximate the raw ones).",
+        exclude_if=lambda v: v is True,
+    )
     seed: int = Field(0, description="Seed mixed with each module name to draw its projections.")
     precondition: Literal["none", "kfac"] = Field(
         "kfac",
@@ -391,6 +409,20 @@ class QueryConfig(StageConfig):
         "`dataworth index` report) instead of the current one, while the retention window keeps it.",
     )
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    checkpoint_indexes: list[IndexUri] = Field(
+        default_factory=list,
+        description="Indexes of the same corpus built from other checkpoints of the model (one `dataworth index` "
+        "per checkpoint, each with its own projections and curvature): every gradient mode is then summed over "
+        "the checkpoints, Σ_c w_c score_c (TracIn over checkpoints). They must hold the same examples in the same "
+        "shards as index_uri (same data and shard_size); each index's model takes its own query gradients.",
+        exclude_if=lambda v: not v,
+    )
+    checkpoint_weights: list[float] | None = Field(
+        None,
+        description="w_c of the checkpoint sum, index_uri's first, then checkpoint_indexes' in order (TracIn weighs "
+        "each checkpoint by its learning rate); None: all 1.",
+        exclude_if=lambda v: v is None,
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     results_uri: str | None = Field(
         None,
@@ -404,6 +436,36 @@ class QueryConfig(StageConfig):
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
     )
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> "QueryConfig":
+        if self.checkpoint_weights is not None and len(self.checkpoint_weights) != 1 + len(self.checkpoint_indexes):
+            raise ValueError(
+                f"checkpoint_weights has {len(self.checkpoint_weights)} weights for {1 + len(self.checkpoint_indexes)} "
+                "indexes (index_uri, then checkpoint_indexes): give one weight per index, or none for all 1"
+            )
+        if self.checkpoint_indexes:
+            if self.score.shards_per_task is not None:
+                raise ValueError(
+                    "score.shards_per_task with checkpoint_indexes is not supported: a checkpoint sum is scored in "
+                    "one task; leave shards_per_task unset"
+                )
+            reranks = [m for m in self.score.modes if (hybrid_parts(m) or ("",))[0] == "rerank"]
+            if reranks:
+                raise ValueError(
+                    f"{reranks[0]} with checkpoint_indexes is not supported (a rerank reads one index's rows); use "
+                    "the hybrid-rrf-* modes or drop the checkpoint indexes"
+                )
+            if self.index_uri in self.checkpoint_indexes or len(set(self.checkpoint_indexes)) < len(
+                self.checkpoint_indexes
+            ):
+                raise ValueError("checkpoint_indexes repeats an index: give each checkpoint's index once")
+        return self
+
+    @property
+    def checkpoint_weight_list(self) -> list[float]:
+        """w_c of index_uri and each checkpoint index (all 1 unless given)."""
+        return list(self.checkpoint_weights or [1.0] * (1 + len(self.checkpoint_indexes)))
 
     @property
     def results_location(self) -> str:

@@ -14,7 +14,14 @@ from dataworth.fingerprint import check_model_fingerprint
 from dataworth.queries import load_queries
 from storage import IndexStore
 from tasks.index import index_state
-from tasks.query import merge_scores, query_gradients, render_report, score_queries, score_shard_range
+from tasks.query import (
+    check_checkpoint_indexes,
+    merge_scores,
+    query_gradients,
+    render_report,
+    score_queries,
+    score_shard_range,
+)
 from tasks.tracking import tracked_run
 
 
@@ -94,6 +101,14 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         )
     # Before any cached task: a replaced model must fail here, not return the old model's cached scores.
     model_fp = check_model_fingerprint(manifest.config.model, manifest.model_fingerprint, config.index_uri)
+    checkpoints = []
+    for uri in config.checkpoint_indexes:  # other checkpoints' indexes of the same corpus: a TracIn sum
+        other = index_state(uri).manifest
+        if other is None:
+            raise ValueError(f"no published index at checkpoint index {uri!r}; build it first with `dataworth index`")
+        check_model_fingerprint(other.config.model, other.model_fingerprint, uri)
+        checkpoints.append((uri, other))
+    check_checkpoint_indexes(config.index_uri, manifest, checkpoints)
     results_uri = config.results_location
     check_writable(results_uri)
     report_dir = config.report_dir or default_report_dir(results_uri)
@@ -115,6 +130,8 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
                     full_matrix_path=full_path,
                     model_fingerprint=model_fp,
                     results_uri=results_uri,
+                    checkpoints=checkpoints or None,
+                    checkpoint_weights=config.checkpoint_weight_list if checkpoints else None,
                     return_state=True,
                 ),
             )
@@ -128,6 +145,16 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             "index version": str(manifest.gradients_version),
             "projection": f"{build.logging.projection} → {manifest.dim} dims",
             "curvature": build.curvature.kind,
+            **(
+                {
+                    "checkpoints": ", ".join(
+                        f"{u} (w {w:g})"
+                        for u, w in zip([config.index_uri, *config.checkpoint_indexes], config.checkpoint_weight_list)
+                    )
+                }
+                if checkpoints
+                else {}
+            ),
             "mlflow run": str(run.run_id),
             "score run": scored.score_run_id,
         }

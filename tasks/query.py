@@ -15,8 +15,9 @@ from pydantic import Field
 
 from dataworth.attribution.curvature import Curvature
 from dataworth.attribution.hybrid import Ranking, complete_ranking, reciprocal_rank_fusion, rerank
-from dataworth.attribution.scoring import Scorer, merge_ranked, needs_norms
+from dataworth.attribution.scoring import Scorer, checkpoint_sum, merge_ranked, needs_norms
 from dataworth.config import LEXICAL_MODES, GenerationConfig, QuerySpec, ScoreConfig, gradient_modes, hybrid_parts
+from dataworth.errors import IndexMismatchError
 from dataworth.evaluation.matrices import save_matrices
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
@@ -58,12 +59,83 @@ def score_run_id(*parts) -> str:
 
 
 def scoring_run_id(
-    manifest: IndexManifest, queries: list[QuerySpec], score: ScoreConfig, generation: GenerationConfig
+    manifest: IndexManifest,
+    queries: list[QuerySpec],
+    score: ScoreConfig,
+    generation: GenerationConfig,
+    checkpoints: list[tuple[str, IndexManifest]] | None = None,
+    checkpoint_weights: list[float] | None = None,
 ) -> str:
     """Run id of one scoring: the same whether it ran as one task or in shard ranges (shards_per_task is left out).
 
-    The whole manifest (it carries published_at): table versions alone restart after an overwrite."""
-    return score_run_id(manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task"}), generation)
+    The whole manifest (it carries published_at): table versions alone restart after an overwrite. A checkpoint
+    sum adds its indexes' manifests and weights (a run without them keeps the id it always had)."""
+    parts = [manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task"}), generation]
+    if checkpoints:
+        parts += [[m for _uri, m in checkpoints], checkpoint_weights]
+    return score_run_id(*parts)
+
+
+@task(name="check_checkpoint_indexes")
+def check_checkpoint_indexes(index_uri: str, manifest: IndexManifest, checkpoints: list[tuple[str, IndexManifest]]):
+    """Refuse, before any model work, checkpoint indexes that do not hold the queried index's examples in the
+    same shards (another corpus, another chunking or shard_size): their scores could not be summed."""
+    for uri, other in checkpoints:
+        fix = "build every checkpoint's index with the same data config and shard_size (`dataworth index`)"
+        if other.data_fingerprint != manifest.data_fingerprint:
+            raise IndexMismatchError(
+                f"checkpoint index {uri!r} was built from other data than {index_uri!r} (data fingerprint "
+                f"{other.data_fingerprint} against {manifest.data_fingerprint})",
+                fix=fix,
+            )
+        if (other.num_examples, other.config.logging.shard_size) != (
+            manifest.num_examples,
+            manifest.config.logging.shard_size,
+        ):
+            raise IndexMismatchError(
+                f"checkpoint index {uri!r} has {other.num_examples} examples in shards of "
+                f"{other.config.logging.shard_size}, {index_uri!r} {manifest.num_examples} in shards of "
+                f"{manifest.config.logging.shard_size}",
+                fix=fix,
+            )
+
+
+def _score_checkpoints(
+    scorer: Scorer, store: IndexStore, manifest: IndexManifest, others: list, score: ScoreConfig, weights: list[float]
+) -> None:
+    """The checkpoint sum of every streamed mode, kept by `scorer` (this index's). Each index's scan order is its
+    own (shards are committed as they finish), so the indexes are read a few shards at a time, the same shards from
+    each (a bitmap-indexed filter), and summed shard by shard: each shard's rows in id order, the same ids in every
+    index (checked), memory that of those few shards."""
+    scorers = [scorer] + [
+        Scorer(grads, curv, streamed_modes(score), 1, norms=norms, task_mix=index_task_mix(score, m))
+        for _store, m, grads, curv, norms in others
+    ]
+    sources = [(store, manifest)] + [(o_store, m) for o_store, m, *_ in others]
+    shard_size = manifest.config.logging.shard_size
+    seen = 0
+    for chunk in manifest.shard_ranges(max(1, score.train_batch_size // shard_size)):
+        parts = []
+        for s, m in sources:  # each index's batches of these shards, put in shard order (a batch is of one shard)
+            by_shard: dict[int, list] = {}
+            for batch in shard_batches(s, score.train_batch_size, shard_size, m.gradients_version, chunk):
+                by_shard.setdefault(int(batch[0][0]) // shard_size, []).append(batch)
+            parts.append([b for shard in sorted(by_shard) for b in by_shard[shard]])
+        for (s, _m), got in zip(sources[1:], parts[1:]):
+            if len(got) != len(parts[0]) or any(
+                not torch.equal(mine[0], theirs[0]) for mine, theirs in zip(parts[0], got)
+            ):
+                raise IndexMismatchError(
+                    f"checkpoint index {s.uri!r} holds other examples in shards {chunk[0]}-{chunk[-1]} than the "
+                    "index being queried",
+                    fix="build every checkpoint's index from the same data with the same shard_size",
+                )
+        for batches in zip(*parts):
+            ids = batches[0][0]
+            scorer.keep(ids, checkpoint_sum(scorers, weights, ids, [b[1] for b in batches]))
+            seen += len(ids)
+    if seen != manifest.num_examples:
+        raise IndexMismatchError(f"the checkpoint sum read {seen} examples, the index has {manifest.num_examples}")
 
 
 def shard_batches(
@@ -352,17 +424,35 @@ def score_queries(
     full_matrix_path: str | None = None,
     model_fingerprint: str | None = None,
     results_uri: str | None = None,
+    checkpoints: list[tuple[str, IndexManifest]] | None = None,
+    checkpoint_weights: list[float] | None = None,
 ) -> Scored:
     """Query gradients (generating missing completions), then every gradient mode over one streaming pass, then
     bm25 and the hybrid modes (full-text searches of the index, fusions, reranks of the candidates' rows).
 
     `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only. Scores and
-    queries go to the results store (results_uri, default the index's results/ folder), never into the index."""
+    queries go to the results store (results_uri, default the index's results/ folder), never into the index.
+
+    `checkpoints` are (URI, manifest) of the same corpus's indexes under other checkpoints (checked by the caller,
+    `check_checkpoint_indexes`): each takes the queries' gradients with its own model, for the completions the
+    index's model gave, and every gradient mode is Σ_c w_c score_c (`checkpoint_weights`, this index's first),
+    read in lockstep from all the indexes."""
     log = get_run_logger()
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
     encoded, q_grads, query_seconds, curvature, norms = _query_side(
         store, manifest, queries, score, generation, results
     )
+    others = []
+    if checkpoints:
+        # The same completions at every checkpoint: the ones the index's own model was asked to attribute.
+        fixed = [QuerySpec(id=q.id, prompt=q.prompt, completion=q.completion) for q in encoded]
+        for uri, other in checkpoints:
+            o_store = IndexStore(uri)
+            _enc, o_grads, o_seconds, o_curv, o_norms = _query_side(
+                o_store, other, fixed, score, generation, results_store(uri, None)
+            )
+            others.append((o_store, other, o_grads, o_curv, o_norms))
+            query_seconds += o_seconds
 
     version = manifest.gradients_version
     n_train = manifest.num_examples
@@ -379,9 +469,13 @@ def score_queries(
             norms=norms,
             task_mix=index_task_mix(score, manifest),
         )
-        batches = shard_batches(store, score.train_batch_size, manifest.config.logging.shard_size, version)
-        for ids, vectors in batches:  # the next batch is read meanwhile
-            scorer.update(ids, vectors)
+        if not others:
+            batches = shard_batches(store, score.train_batch_size, manifest.config.logging.shard_size, version)
+            for ids, vectors in batches:  # the next batch is read meanwhile
+                scorer.update(ids, vectors)
+        else:
+            weights = checkpoint_weights or [1.0] * (1 + len(others))
+            _score_checkpoints(scorer, store, manifest, others, score, weights)
         streamed = {mode: (top.ids.numpy(), top.scores.numpy()) for mode, top in scorer.topk.items()}
         matrices = {m: v.numpy() for m, v in scorer.full.items()} if full else {}
         pairs = scorer.pairs
@@ -391,7 +485,7 @@ def score_queries(
     )
     search_seconds = time.perf_counter() - start - score_seconds
 
-    srid = scoring_run_id(manifest, queries, score, generation)
+    srid = scoring_run_id(manifest, queries, score, generation, checkpoints, checkpoint_weights)
     query_ids = [q.id for q in encoded]
     topk = _topk(score, streamed, searched)
     results.write_scores(srid, scores_table(srid, query_ids, topk, version))

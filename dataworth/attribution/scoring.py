@@ -21,6 +21,7 @@ damping) and kept with the index; given none, the Scorer computes them per batch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -263,13 +264,14 @@ class Scorer:
     def needs_norms(self) -> bool:
         return self.prepared.needs_norms
 
-    def update(self, ids: torch.Tensor, train: torch.Tensor, norms: torch.Tensor | None = None) -> None:
-        """`ids` are example ids; with a full matrix they index its columns (ids in [0, N)).
+    def scores(
+        self, ids: torch.Tensor, train: torch.Tensor, norms: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every mode's (n_queries, B) scores of one batch, without keeping them (`update` keeps them).
 
         `norms` [B] (optional) are the rows' ‖(F+λI)^-1/2 g_i‖, else taken from the Scorer's or computed.
         """
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        dev_ids = ids.to(self.device)
+        dev_ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
         train = train.to(self.device, self.dtype)
         if self.prepared.needs_norms:
             if norms is not None:
@@ -278,9 +280,37 @@ class Scorer:
                 norms = self.norms[dev_ids]
             else:
                 norms = self.curvature.whitened_norms(train)
-        scores = score_batch(self.prepared, train, norms)
+        return score_batch(self.prepared, train, norms)
+
+    def keep(self, ids: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+        """Merge one batch's scores (mode → [n_queries, B]) into the top-k and the full matrix."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        dev_ids = ids.to(self.device)
         for mode, s in scores.items():
             self.topk[mode].update(s, dev_ids)
             if self.full is not None:
                 self.full[mode][:, ids] = s.to(torch.float64).cpu()
-        self.pairs += train.shape[0] * self.prepared.n_queries
+        self.pairs += int(ids.numel()) * self.prepared.n_queries
+
+    def update(self, ids: torch.Tensor, train: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+        """`ids` are example ids; with a full matrix they index its columns (ids in [0, N)).
+
+        `norms` [B] (optional) are the rows' ‖(F+λI)^-1/2 g_i‖, else taken from the Scorer's or computed.
+        """
+        self.keep(ids, self.scores(ids, train, norms))
+
+
+def checkpoint_sum(
+    scorers: Sequence[Scorer], weights: Sequence[float], ids: torch.Tensor, trains: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Σ_c w_c · score_c of one batch over checkpoints, mode by mode (TracIn over checkpoints, Pruthi et al.
+    2020): `scorers[c]` holds checkpoint c's query side (its model's query gradients, its curvature) and
+    `trains[c]` the same examples' (`ids`) stored gradients in checkpoint c's index. Each checkpoint keeps its
+    own projections and curvature, so every mode is the weighted sum of that mode's per-checkpoint scores."""
+    if not scorers or len(scorers) != len(weights) or len(scorers) != len(trains):
+        raise ValueError("give one scorer, one weight and one batch of stored gradients per checkpoint")
+    total: dict[str, torch.Tensor] = {}
+    for scorer, weight, train in zip(scorers, weights, trains):
+        for mode, s in scorer.scores(ids, train).items():
+            total[mode] = weight * s if mode not in total else total[mode] + weight * s.to(total[mode])
+    return total

@@ -7,7 +7,7 @@ import torch
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
 from dataworth.attribution.hybrid import rerank, score_candidates
 from dataworth.attribution.projection import Block, Layout
-from dataworth.attribution.scoring import Scorer, TopK, prepare_queries, score_batch
+from dataworth.attribution.scoring import Scorer, TopK, checkpoint_sum, prepare_queries, score_batch
 from dataworth.config import ALL_SCORE_MODES, DEFAULT_SCORE_MODES, HYBRID_MODES, CurvatureConfig, ScoreConfig
 from dataworth.errors import ConfigError
 
@@ -405,3 +405,30 @@ def test_config_and_errors(shared_queries):
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         curv.mixed(Q, 1.5)
     assert isinstance(curv.mixed(Q, 0.0), Curvature) and curv.mixed(Q, 0.0) is curv
+
+
+def test_checkpoint_sum_is_the_weighted_sum_of_each_checkpoints_modes(shared_queries):
+    """TracIn over checkpoints: each checkpoint its own gradients and curvature, every mode summed with weights."""
+    G, Q = shared_queries
+    G2, Q2 = G.flip(0) * 0.5 + 0.1, Q * 2 - 0.3
+    modes = ["dot", "influence", "relatif", "cosine", "trackstar"]
+    curv1, curv2 = fit(G), fit(G2, kind="ekfac")
+    s1 = Scorer(Q, curv1, modes, top_k=4, full_matrix_size=40, dtype=torch.float64)
+    s2 = Scorer(Q2, curv2, modes, top_k=4, dtype=torch.float64)
+    ids = torch.arange(40)
+    for lo in range(0, 40, 11):
+        s1.keep(
+            ids[lo : lo + 11],
+            checkpoint_sum([s1, s2], [1.0, 0.25], ids[lo : lo + 11], [G[lo : lo + 11], G2[lo : lo + 11]]),
+        )
+    for mode in modes:
+        one = Scorer(Q, curv1, [mode], top_k=4, full_matrix_size=40, dtype=torch.float64)
+        two = Scorer(Q2, curv2, [mode], top_k=4, full_matrix_size=40, dtype=torch.float64)
+        one.update(ids, G)
+        two.update(ids, G2)
+        expected = one.full[mode] + 0.25 * two.full[mode]
+        assert torch.allclose(s1.full[mode], expected, atol=1e-10), mode
+        assert torch.equal(s1.topk[mode].ids, torch.topk(expected, 4, dim=1).indices)
+    assert s1.pairs == 40 * 5
+    with pytest.raises(ValueError, match="one scorer"):
+        checkpoint_sum([s1], [1.0, 2.0], ids, [G])
