@@ -94,8 +94,10 @@ class CalibrateConfig(StageConfig):
 
 
 class EvaluateConfig(StageConfig):
-    benchmark: Literal["facts-small", "facts-medium", "facts-large", "lm-small"] = Field(
-        "facts-small", description="Generated benchmark: fact corpus at three sizes, or a small LM corpus."
+    benchmark: Literal[tuple(BENCHMARKS)] = Field(
+        "facts-small",
+        description="Benchmark (dataworth.benchmarks.presets): generated fact corpora at three sizes and one "
+        "partially trained, a generated LM corpus, and real text (docstrings-small).",
     )
     workspace: str = Field("dataworth-runs/evaluate", description="Folder for corpora, models, indexes and reports.")
     seed: int = Field(0, description="Seed of corpus, model and projections.")

@@ -90,6 +90,8 @@ def evaluation_notes(
     kfac = ""
     if logging.precondition == "kfac":
         kfac = f", KFAC-whitened (λ {logging.precondition_damping:g} × mean eigenvalue)"
+    if logging.optimizer_state is not None:
+        kfac += ", gradients divided by the optimizer's √v (factored)"
     notes = [
         f"{benchmark}: {documents} documents, {examples} examples, {queries} queries; "
         f"projection {logging.projection} {logging.proj_dim_in}×{logging.proj_dim_out} per layer{kfac}"
@@ -110,6 +112,11 @@ def evaluation_notes(
                 f"Projection size chosen on {calibration['proxy']}: {calibration['proj_dim']} per layer "
                 f"(index {calibration['index_uri']}); tune/test per size at its best damping: "
                 f"{json.dumps(calibration['proj_sweep'])}"
+            )
+        if "task_mix" in calibration:
+            notes.append(
+                f"trackstar's task_mix chosen on {calibration['proxy']}: {calibration['task_mix']} (recorded in the "
+                f"index manifest); tune/test per share: {json.dumps(calibration['task_mix_sweep'])}"
             )
     return notes
 
