@@ -283,3 +283,41 @@ def test_prepared_benchmark_recipe_keeps_only_retrain_fields():
         num_documents=4,
     )
     assert bench.recipe() == RetrainConfig(epochs=3, lr=1e-3, seed=7)
+
+
+def test_calibration_chooses_trackstars_task_mix_and_queries_read_it(published):
+    """With trackstar among the modes, calibrate_damping also sweeps task_mix and records the choice; a query that
+    gives no task_mix uses it, one that gives one keeps its own."""
+    from tasks.common import index_task_mix
+    from tasks.evaluate import calibrate_damping
+
+    cfg, _manifest = published
+    result = calibrate_damping.fn(
+        cfg.index_uri,
+        QUERIES,
+        [0.1, 1.0],
+        "fact_mrr",
+        0.5,
+        0,
+        ["influence", "trackstar"],
+        relevant={"cats": ["d1"], "bread": ["d2"]},
+        task_mixes=[0.0, 0.5, 0.9],
+    )
+    assert result["task_mix"] in (0.0, 0.5, 0.9)
+    assert set(result["task_mix_sweep"]) == {"0.0", "0.5", "0.9"}
+    best = max(result["task_mix_sweep"], key=lambda w: result["task_mix_sweep"][w]["tune"])
+    assert result["task_mix_sweep"][best]["tune"] == result["task_mix_sweep"][str(result["task_mix"])]["tune"]
+    manifest = IndexStore(cfg.index_uri).read_manifest()
+    assert manifest.calibration["task_mix"] == result["task_mix"]
+    assert index_task_mix(ScoreConfig(), manifest) == result["task_mix"]
+    assert index_task_mix(ScoreConfig(task_mix=0.3), manifest) == 0.3
+
+
+def test_tail_patch_with_the_optimizers_step_needs_its_state(published, tmp_path):
+    from dataworth.errors import ConfigError
+
+    cfg, manifest = published
+    a = np.random.default_rng(0).normal(size=(2, manifest.num_examples))
+    path = save_matrices(tmp_path / "m.npz", {"a": a}, [q.id for q in QUERIES])
+    with pytest.raises(ConfigError, match="optimizer.pt"):
+        tail_patch_eval.fn(cfg.index_uri, [path], QUERIES, 2, 1e-4, "state")
