@@ -15,8 +15,9 @@ that of the raw Fisher.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,6 +102,9 @@ class Curvature:
     count: int
     damping_factor: float
     damping: dict[str, float] | None = None
+    # mixed() results by (weight, query gradients' digest): a query run's Scorer and its hybrid reranks share one
+    # eigendecomposition per block instead of repeating it.
+    _mixed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_eigen(cls, layout, blocks, count, damping_factor, kind: str = "raw") -> "Curvature":
@@ -140,7 +144,10 @@ class Curvature:
             raise IndexMismatchError(
                 f"query gradients have {queries.shape[1]} columns, the layout has {self.layout.dim}"
             )
-        q = queries.detach().to("cpu", torch.float64)
+        q = queries.detach().to("cpu", torch.float64).contiguous()
+        key = (float(weight), hashlib.sha256(q.numpy().tobytes()).hexdigest())
+        if key in self._mixed:
+            return self._mixed[key]
         blocks = {}
         for b, sl in self.layout.slices():
             evals, evecs = self.blocks[b.name]
@@ -152,7 +159,9 @@ class Curvature:
                 fisher = (1.0 - weight) * fisher + weight * (t_f / t_q) * task
             e, v = torch.linalg.eigh((fisher + fisher.T) / 2)
             blocks[b.name] = (e.clamp(min=0.0), v)
-        return Curvature(self.layout, "task", blocks, self.count, self.damping_factor, dict(self.damping))
+        mixed = Curvature(self.layout, "task", blocks, self.count, self.damping_factor, dict(self.damping))
+        self._mixed = {key: mixed}  # the last query set only: memory stays that of one curvature
+        return mixed
 
     def apply(self, vectors: torch.Tensor, power: float) -> torch.Tensor:
         """(F + λI)^power applied blockwise to the rows of `vectors` (n, dim)."""

@@ -432,3 +432,11 @@ def test_checkpoint_sum_is_the_weighted_sum_of_each_checkpoints_modes(shared_que
     assert s1.pairs == 40 * 5
     with pytest.raises(ValueError, match="one scorer"):
         checkpoint_sum([s1], [1.0, 2.0], ids, [G])
+
+
+def test_mixed_is_computed_once_per_query_set(shared_queries):
+    G, Q = shared_queries
+    curv = fit(G)
+    first = curv.mixed(Q, 0.5)
+    assert curv.mixed(Q.clone(), 0.5) is first  # same queries, same weight: the same eigendecomposition
+    assert curv.mixed(Q, 0.25) is not first and curv.mixed(Q[:2], 0.5) is not first
