@@ -23,6 +23,15 @@ def _generate(kind: str, corpus_kwargs: dict, seed: int):
         from dataworth.benchmarks.facts import generate_fact_corpus, write_fact_corpus
 
         return generate_fact_corpus(**corpus_kwargs, seed=seed), write_fact_corpus
+    if kind == "docstrings":
+        from dataworth.benchmarks.docstrings import (
+            DOCSTRING_CORPUS_SIZES,
+            generate_docstring_corpus,
+            write_docstring_corpus,
+        )
+
+        corpus_kwargs = {**DOCSTRING_CORPUS_SIZES["small"], **corpus_kwargs}
+        return generate_docstring_corpus(**corpus_kwargs, seed=seed), write_docstring_corpus
     from dataworth.benchmarks.stories import LM_CORPUS_SIZES, generate_lm_corpus, write_lm_corpus
 
     return generate_lm_corpus(**{**LM_CORPUS_SIZES["small"], **corpus_kwargs}, seed=seed), write_lm_corpus
@@ -31,7 +40,10 @@ def _generate(kind: str, corpus_kwargs: dict, seed: int):
 class PreparedBenchmark(StageResult):
     """A generated corpus and queries written as JSONL, and the tiny GPT-2 trained on the documents."""
 
-    kind: str = Field(description="Benchmark family: facts (known relevant documents) or stories.")
+    kind: str = Field(
+        description="Benchmark family: facts (known relevant documents), lm (generated stories) or docstrings "
+        "(real text)."
+    )
     model_dir: str = Field(description="Directory of the trained model and tokenizer.")
     documents: str = Field(description="JSONL of the training documents.")
     queries: str = Field(description="JSONL of the queries.")
