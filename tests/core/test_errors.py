@@ -87,7 +87,7 @@ def test_attribution_core_raises_named_errors():
     wrong = FittedProjections({n: (torch.zeros(3, 3), torch.zeros(3, 3)) for n in modules})
     with pytest.raises(IndexMismatchError, match="refit them"):
         Projector(modules, cfg, wrong)
-    with pytest.raises(ConfigError, match="needs projections fitted to the data"):
+    with pytest.raises(ConfigError, match="needs projections fitted to the model"):
         Projector(modules, cfg)
     layout = Projector(modules, cfg.model_copy(update={"precondition": "none"})).layout
     with pytest.raises(IndexMismatchError, match="columns"):
