@@ -170,6 +170,12 @@ class LoggingConfig(StageConfig):
     def _identity_dims(self) -> "LoggingConfig":
         if not self.modules:
             raise ValueError("modules is empty: give at least one pattern, e.g. ['*'] for every linear layer")
+        if self.projection == "rapidgrad" and self.precondition != "none":
+            raise ValueError(
+                f"projection='rapidgrad' with precondition={self.precondition!r}: RapidGrad folds a layer's whole "
+                "gradient, so there is no input or output side left to whiten; give --precondition none, or a "
+                "Kronecker projection (gaussian) for KFAC-whitened gradients"
+            )
         return self
 
     @property

@@ -5,6 +5,10 @@ For a linear layer applied at every position t, an example's weight gradient is
 is built from the projected activation (forward hook) and the projected output gradient
 (a tensor hook on the layer's output). Parameters are frozen while collecting, so autograd
 computes only activation gradients.
+
+Under `projection="rapidgrad"` the layer's whole per-example gradient Σ_t dy_t x_t^T is formed
+instead, in the layer's backward hook, and compressed there (`dataworth.attribution.rapidgrad`):
+B·d_out·d_in floats of one layer at a time, of which only the K-dim result is kept.
 """
 
 from __future__ import annotations
@@ -136,6 +140,10 @@ class GradientCollector(BackwardHooks):
     Σ_t (P_out dy_t)(P_in x_t)ᵀ of all modules with the same shapes are formed after the
     backward pass as one batched product, so a batch costs a few kernel launches per module,
     not a dozen (on a GPU the launches, not the arithmetic, bound small batches).
+
+    Under `projection="rapidgrad"` no side is projected: each module's full per-example gradient is
+    formed in its backward hook (B·d_out·d_in floats, one module at a time) and folded to K dims there,
+    after the optimizer-state scales, if any, are applied to x and dy.
     """
 
     def __init__(self, model: nn.Module, cfg: LoggingConfig, fitted: "FittedProjections | None" = None):
@@ -148,6 +156,11 @@ class GradientCollector(BackwardHooks):
         self._done: dict[str, torch.Tensor] = {}  # name -> (B, k_out·k_in) of modules with an unprojected side
         if cfg.projection_dtype == "model" and self.model_dtype in (torch.bfloat16, torch.float16):
             self.capture_dtype = self.model_dtype
+        self.rapidgrad = cfg.projection == "rapidgrad"
+        # rapidgrad: calls of each module in this forward pass whose backward has not run yet, and the summed full
+        # gradient of a module called more than once (it is normalized and folded whole, after its last call).
+        self._calls: dict[str, int] = {}
+        self._partial: dict[str, torch.Tensor] = {}
         # Modules with a side kept whole (projection identity): their products are formed in their backward hook.
         self._unprojected = {
             name
@@ -157,16 +170,25 @@ class GradientCollector(BackwardHooks):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        self._pairs.clear()
-        self._done.clear()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pairs, self._done, self._calls, self._partial = {}, {}, {}, {}
 
     def _capture(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # detached: the projection is no part of the model's graph, and must not keep x alive through one
         x = x.detach()
+        if self.rapidgrad:
+            self._calls[name] = self._calls.get(name, 0) + 1
+            s_in = self.projector.scale(name, "in", x.device, self.capture_dtype)
+            return self._masked(x if s_in is None else x * s_in)  # [B, T, d_in]
         p_in = self.projector.get(name, "in", x.device, self.capture_dtype)
         return self._masked(x if p_in is None else x @ p_in.T)  # [B, T, d_in] @ [d_in, k_in] → [B, T, k_in]
 
     def _consume(self, name: str, x_proj: torch.Tensor, dy: torch.Tensor) -> None:
+        if self.rapidgrad:
+            self._consume_rapidgrad(name, x_proj, dy)
+            return
         p_out = self.projector.get(name, "out", dy.device, self.capture_dtype)
         dy_proj = dy if p_out is None else dy @ p_out.T  # [B, T, d_out] → [B, T, k_out]
         if name in self._unprojected:
@@ -176,6 +198,19 @@ class GradientCollector(BackwardHooks):
             self._done[name] = g if name not in self._done else self._done[name] + g
             return
         self._pairs.setdefault(name, []).append((dy_proj, x_proj))
+
+    def _consume_rapidgrad(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
+        s_out = self.projector.scale(name, "out", dy.device, self.capture_dtype)
+        dy = dy if s_out is None else dy * s_out
+        # [B, T, d_out] x [B, T, d_in] → [B, d_out, d_in] → [B, d_out·d_in]: row-major G, as the weight is laid out
+        g = torch.einsum("bto,bti->boi", dy.to(self.dtype), x.to(self.dtype)).reshape(dy.shape[0], -1)
+        if name in self._partial:
+            g = self._partial.pop(name) + g
+        self._calls[name] -= 1
+        if self._calls[name] > 0:  # a shared module: its gradient is the sum over its calls, normalized whole
+            self._partial[name] = g
+            return
+        self._done[name] = self.projector.compressor(name, g.device)(g)  # [B, K]
 
     @torch.no_grad()
     def _products(self, batch: int) -> dict[str, torch.Tensor]:
@@ -189,6 +224,8 @@ class GradientCollector(BackwardHooks):
             x = pairs[0][1] if len(pairs) == 1 else torch.cat([p[1] for p in pairs], dim=1)
             groups.setdefault((tuple(dy.shape), tuple(x.shape)), []).append((name, dy, x))
         out = dict(self._done)
+        for name, g in self._partial.items():  # rapidgrad: a call whose output got no gradient never reported back
+            out[name] = self.projector.compressor(name, g.device)(g)
         for members in groups.values():
             dys = torch.stack([m[1] for m in members]).to(self.dtype)  # [M, B, T, k_out]
             xs = torch.stack([m[2] for m in members]).to(self.dtype)  # [M, B, T, k_in]
@@ -201,13 +238,13 @@ class GradientCollector(BackwardHooks):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-example projected gradients (B, dim), per-example losses (B,))."""
-        self._pairs, self._done = {}, {}
+        self._reset()
         try:
             losses = self._backward(input_ids, attention_mask, labels)
             batch = input_ids.shape[0]
             grads = self._products(batch)
         finally:
-            self._pairs, self._done = {}, {}
+            self._reset()
         parts = []
         for block in self.layout.blocks:
             g = grads.get(block.name)

@@ -4,6 +4,10 @@ A random projection is drawn from a generator seeded by (seed, module name), so 
 never stored: any worker, on any device, redraws the same matrix on the CPU. Projections
 fitted to the data (KFAC-whitened, `dataworth.attribution.kfac`) are stored with the index as
 `FittedProjections` and handed to the Projector.
+
+`projection="rapidgrad"` replaces the Kronecker projection by RapidIn's compression of the whole
+per-example gradient (`dataworth.attribution.rapidgrad`), drawn the same way: a module's block is
+then one row of K, and its only fitted matrices are the optimizer-state correction's diagonal scales.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ try:  # GPT-2 style layers: y = x @ W + b with W of shape (in, out)
 except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()  # type: ignore[assignment]
 
+from dataworth.attribution.rapidgrad import RapidGrad, folded_dim
 from dataworth.config import LoggingConfig
 from dataworth.errors import ConfigError, IndexMismatchError, ModelError
 
@@ -89,6 +94,24 @@ def draw_projection(kind: str, k: int, d: int, seed: int, name: str, side: str) 
     return p / math.sqrt(k)
 
 
+def draw_rapidgrad(d_out: int, d_in: int, k: int, seed: int, name: str, normalize: bool = True) -> RapidGrad:
+    """RapidGrad's fixed permutation and signs of a (d_out × d_in) layer, folding to k (see `folded_dim`)."""
+    return RapidGrad.draw(d_out * d_in, k, _generator(seed, name, "rapidgrad"), normalize)
+
+
+def check_projection(cfg: LoggingConfig) -> None:
+    """Refuse what projection='rapidgrad' cannot do; the Projector and `describe_layout` call it first, so a
+    gradient-logging run stops before its first forward pass."""
+    if cfg.projection == "rapidgrad" and cfg.precondition != "none":
+        raise ConfigError(
+            f"logging.projection='rapidgrad' with logging.precondition={cfg.precondition!r}: RapidGrad folds a layer's "
+            "whole gradient, so there is no input or output side left to whiten with KFAC factors. Set "
+            "logging.precondition='none' (--precondition none), or use a Kronecker projection (projection='gaussian') "
+            "for KFAC-whitened gradients",
+            fix="set logging.precondition='none' or logging.projection='gaussian'",
+        )
+
+
 def draw_pre_projection(kind: str, m: int, d: int, seed: int, name: str, side: str) -> torch.Tensor:
     """The (m, d) first projection R0 of a side too wide for an exact KFAC factor (see
     `dataworth.attribution.kfac.pre_projection_dims`). Its own generator: R0 must not share rows with the
@@ -101,7 +124,8 @@ def draw_pre_projection(kind: str, m: int, d: int, seed: int, name: str, side: s
 
 @dataclass(frozen=True)
 class Block:
-    """One module's slice of the flattened gradient vector: rows = k_out, cols = k_in."""
+    """One module's slice of the flattened gradient vector: rows = k_out, cols = k_in (one row of K under
+    projection='rapidgrad', whose folded vector has no (out, in) structure left: EKFAC on it is the raw Fisher)."""
 
     name: str
     k_out: int
@@ -171,10 +195,11 @@ class Projector:
     """Projections for every tracked module, cached per device/dtype."""
 
     def __init__(self, modules: dict[str, nn.Module], cfg: LoggingConfig, fitted: FittedProjections | None = None):
+        check_projection(cfg)
         self.cfg = cfg
         self.dims = {name: layer_dims(m) for name, m in modules.items()}
         self.fitted = fitted
-        self._cache: dict[tuple, torch.Tensor | None] = {}
+        self._cache: dict[tuple, torch.Tensor | RapidGrad | None] = {}
         blocks, offset = [], 0
         for name, (d_in, d_out) in self.dims.items():
             k_in, k_out = self.proj_dims(d_in, d_out)
@@ -203,6 +228,9 @@ class Projector:
                 f"the fitted projections have no matrices for modules {missing[:4]}; "
                 "they were fitted for another module selection: refit them (rebuild the index)"
             )
+        if self.cfg.projection == "rapidgrad":
+            self._check_fitted_scales(fitted)
+            return
         for b in self.layout.blocks:
             d_in, d_out = self.dims[b.name]
             p_in, p_out = fitted.matrices[b.name]
@@ -212,20 +240,45 @@ class Projector:
                     f"config asks for ({b.k_out}, {d_out}) / ({b.k_in}, {d_in}): refit them (rebuild the index)"
                 )
 
+    def _check_fitted_scales(self, fitted: FittedProjections) -> None:
+        """Under rapidgrad the fitted matrices can only be a per-coordinate scaling of each side (the
+        optimizer-state correction, diag(s) as `kfac.corrected_projections` stores it): anything else would
+        need a Kronecker side to act on."""
+        for name, (d_in, d_out) in self.dims.items():
+            for side, p, d in zip(("in", "out"), fitted.matrices[name], (d_in, d_out)):
+                if tuple(p.shape) != (d, d) or not torch.equal(p, torch.diag(p.diagonal())):
+                    raise IndexMismatchError(
+                        f"the fitted {side}put matrix of {name!r} ({tuple(p.shape)}, kind "
+                        f"{fitted.meta.get('kind')!r}) is not a diagonal {d}×{d} scaling: projection='rapidgrad' takes "
+                        "only the optimizer-state correction (precondition='none'); refit them with this logging "
+                        "config (rebuild the index)"
+                    )
+
     def proj_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
+        """(k_in, k_out) of a module's block; (K, 1) under rapidgrad."""
         if self.cfg.projection == "identity":
             return d_in, d_out
         # Projecting to more rows than the layer has adds nothing but storage.
-        return min(self.cfg.proj_dim_in, d_in), min(self.cfg.proj_dim_out, d_out)
+        k_in, k_out = min(self.cfg.proj_dim_in, d_in), min(self.cfg.proj_dim_out, d_out)
+        if self.cfg.projection == "rapidgrad":
+            # By default as many numbers as LoGra's block of the layer: the two compare at the same bytes.
+            return folded_dim(self.cfg.rapidgrad_dim or k_out * k_in, d_out, d_in), 1
+        return k_in, k_out
 
     def random(self, name: str, side: str) -> torch.Tensor | None:
-        """The data-independent (k, d) projection of one side of a module (float64, CPU)."""
+        """The data-independent (k, d) projection of one side of a module (float64, CPU); None under
+        rapidgrad, whose sides are kept whole (the whole gradient is formed, then compressed)."""
+        if self.cfg.projection == "rapidgrad":
+            return None
         d_in, d_out = self.dims[name]
         k_in, k_out = self.proj_dims(d_in, d_out)
         k, d = (k_in, d_in) if side == "in" else (k_out, d_out)
         return draw_projection(self.cfg.projection, k, d, self.cfg.seed, name, side)
 
     def get(self, name: str, side: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The (k, d) projection of one side, None for a side kept whole (identity, rapidgrad)."""
+        if self.cfg.projection == "rapidgrad":
+            return None
         key = (name, side, device, dtype)
         if key not in self._cache:
             if self.fitted is not None:
@@ -235,9 +288,31 @@ class Projector:
             self._cache[key] = None if p is None else p.to(device=device, dtype=dtype)
         return self._cache[key]
 
+    def scale(self, name: str, side: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """rapidgrad: the optimizer-state scales s ([d]) of one side, the diagonal of its fitted diag(s); None
+        without a correction."""
+        if self.fitted is None:
+            return None
+        key = (name, side, "scale", device, dtype)
+        if key not in self._cache:
+            p = self.fitted.matrices[name][0 if side == "in" else 1]
+            self._cache[key] = p.diagonal().to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def compressor(self, name: str, device: torch.device) -> RapidGrad:
+        """rapidgrad: the module's fixed compression, drawn on the CPU once and kept on `device`."""
+        key = (name, "rapidgrad", device)
+        if key not in self._cache:
+            d_in, d_out = self.dims[name]
+            k, _ = self.proj_dims(d_in, d_out)
+            cfg = self.cfg
+            self._cache[key] = draw_rapidgrad(d_out, d_in, k, cfg.seed, name, cfg.rapidgrad_normalize).to(device)
+        return self._cache[key]
+
 
 def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
     """(layout of the stored vector, number of weights it compresses) without running the model."""
+    check_projection(cfg)
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
     # The layout does not depend on the fitted matrices, only on the dimensions.
     projector = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))

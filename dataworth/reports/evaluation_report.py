@@ -94,8 +94,13 @@ def evaluation_notes(
         kfac += ", gradients divided by the optimizer's √v (factored)"
     notes = [
         f"{benchmark}: {documents} documents, {examples} examples, {queries} queries; "
-        f"projection {logging.projection} {logging.proj_dim_in}×{logging.proj_dim_out} per layer{kfac}"
-        f"; curvature {curvature_kind}, damping {damping:g}" + (" (calibrated)." if calibrated else ".")
+        + (
+            f"projection rapidgrad, K = {logging.rapidgrad_dim or 'proj_dim_in × proj_dim_out'} per layer{kfac}"
+            if logging.projection == "rapidgrad"
+            else f"projection {logging.projection} {logging.proj_dim_in}×{logging.proj_dim_out} per layer{kfac}"
+        )
+        + f"; curvature {curvature_kind}, damping {damping:g}"
+        + (" (calibrated)." if calibrated else ".")
     ]
     if loo:
         notes.append(
