@@ -415,7 +415,7 @@ class QueryConfig(StageConfig):
         "`dataworth index` report) instead of the current one, while the retention window keeps it.",
     )
     score: ScoreConfig = Field(default_factory=ScoreConfig)
-    checkpoint_indexes: list[IndexUri] = Field(
+    checkpoint_indexes: list[str] = Field(
         default_factory=list,
         description="Indexes of the same corpus built from other checkpoints of the model (one `dataworth index` "
         "per checkpoint, each with its own projections and curvature): every gradient mode is then summed over "
@@ -442,6 +442,11 @@ class QueryConfig(StageConfig):
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
     )
+
+    @field_validator("checkpoint_indexes")
+    @classmethod
+    def _checkpoint_uris(cls, v: list[str]) -> list[str]:
+        return [_check_index_uri(u) for u in v]
 
     @model_validator(mode="after")
     def _checkpoints(self) -> "QueryConfig":

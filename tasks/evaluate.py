@@ -317,7 +317,8 @@ def calibrate_damping(
     query_ids = [q.id for q in encoded]
     fitted = index_curvature(store, manifest, manifest.config.curvature.damping_factor)
     n = manifest.num_examples
-    curv_modes = [m for m in modes if m in ALL_SCORE_MODES and m != "dot"] or ["influence"]
+    # trackstar's curvature also depends on task_mix, chosen below at the damping the other modes choose
+    curv_modes = [m for m in modes if m in ALL_SCORE_MODES and m not in ("dot", "trackstar")] or ["influence"]
     scorers = {
         df: Scorer(q_grads, fitted.with_damping(df), curv_modes, top_k=1, full_matrix_size=n) for df in damping_factors
     }
@@ -353,7 +354,7 @@ def calibrate_damping(
         "tune_queries": len(tune),
         "test_queries": len(test),
     }
-    if "trackstar" in curv_modes and task_mixes:
+    if "trackstar" in modes and task_mixes:
         # trackstar's query-set share of the curvature, at the chosen damping (one more pass, all shares at once)
         mixers = {
             w: Scorer(q_grads, fitted.with_damping(best), ["trackstar"], top_k=1, full_matrix_size=n, task_mix=w)

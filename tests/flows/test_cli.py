@@ -404,9 +404,11 @@ def test_help_shows_each_commands_own_defaults():
     assert help_of("demo", "--shard-size").endswith("(default: 128)")
     assert help_of("query", "--modes").endswith("(default: dot influence relatif cosine)")
     hybrid = " ".join(
-        f"hybrid-{kind}-{m}" for kind in ("rrf", "rerank") for m in ("dot", "influence", "relatif", "cosine")
+        f"hybrid-{kind}-{m}"
+        for kind in ("rrf", "rerank")
+        for m in ("dot", "influence", "relatif", "cosine", "trackstar")
     )
-    assert help_of("evaluate", "--modes").endswith(f"(default: dot influence relatif cosine {hybrid})")
+    assert help_of("evaluate", "--modes").endswith(f"(default: dot influence relatif cosine trackstar {hybrid})")
     assert help_of("index", "--logging.exclude-modules").endswith("(default: lm_head *.lm_head embed_out)")
     assert help_of("evaluate", "--calibrate.proj-dims").endswith("(default: empty)")
     assert help_of("index", "--model").endswith("(required)")
