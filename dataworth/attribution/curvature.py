@@ -37,8 +37,8 @@ class FisherAccumulator:
             if cfg.kind in FITTED_KINDS and b.size > cfg.max_block_dim:
                 raise ConfigError(
                     f"module {b.name!r} has a {b.size}-dim gradient block ({b.k_out}×{b.k_in}); a raw Fisher of that "
-                    f"size needs {b.size**2 * 8 / 2**30:.1f} GiB. Lower proj_dim_in/proj_dim_out, or raise "
-                    f"curvature.max_block_dim (now {cfg.max_block_dim})"
+                    f"size needs {b.size**2 * 8 / 2**30:.1f} GiB. Lower proj_dim_in/proj_dim_out (rapidgrad_dim with "
+                    f"projection rapidgrad), or raise curvature.max_block_dim (now {cfg.max_block_dim})"
                 )
         self.layout = layout
         self.cfg = cfg
