@@ -404,7 +404,6 @@ def _query_side(
     """(encoded queries, their gradients, seconds taken, the damped curvature, the stored norms ‖(F+λI)^-½ g_i‖
     when a mode needs them). The norms are stored by fit_curvature for the index's damping; another damping
     computes and stores its own once."""
-    check_text_index(store, manifest, score)
     start = time.perf_counter()
     index = open_index_model(store, manifest)
     encoded, q_grads = index_query_gradients(index, queries, generation, score.query_batch_size)
@@ -439,6 +438,7 @@ def score_queries(
     read in lockstep from all the indexes."""
     log = get_run_logger()
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+    check_text_index(store, manifest, score)  # before any model work; checkpoint indexes are never searched
     encoded, q_grads, query_seconds, curvature, norms = _query_side(
         store, manifest, queries, score, generation, results
     )
@@ -555,6 +555,7 @@ def query_gradients(
     stored norms ‖(F+λI)^-½ g_i‖ of this damping are made sure of here, once, not by every range.
     `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only."""
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
+    check_text_index(store, manifest, score)
     encoded, q_grads, seconds, _curvature, _norms = _query_side(store, manifest, queries, score, generation, results)
     srid = scoring_run_id(manifest, queries, score, generation)
     key = f"query-gradients-{srid}"

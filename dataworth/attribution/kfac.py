@@ -207,8 +207,8 @@ def whitened_projections(
     """
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
     pre_dims = pre_projection_dims(modules, cfg)
-    # The random part must be the one a no-preconditioning run draws, so ask a plain projector.
-    plain = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
+    # The random part must be the one a no-preconditioning run draws.
+    plain = Projector.unfitted(modules, cfg)
     matrices = {}
     for name in modules:
         sides = []
@@ -270,7 +270,7 @@ def corrected_projections(
     """P_in = R_in diag(s_in), P_out = R_out diag(s_out): the random projections of the optimizer-corrected
     gradient diag(s_out) G diag(s_in) (diag(s) itself for projection='identity'); precondition='none'."""
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-    plain = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
+    plain = Projector.unfitted(modules, cfg)
     matrices = {}
     for name in modules:
         sides = []

@@ -103,65 +103,55 @@ def load_second_moments(path: str, model: nn.Module) -> SecondMoments:
     if not groups:
         raise ConfigError(f"optimizer state {f!r} has no parameter groups")
     indices = [i for g in groups for i in g["params"]]
-    per_index = {}
-    for g in groups:
-        for i in g["params"]:
-            per_index[i] = g
-    first = state["state"].get(indices[0], {}) if indices else {}
     if not any("exp_avg_sq" in s for s in state["state"].values()):
+        first = state["state"].get(indices[0], {}) if indices else {}
         raise ConfigError(
             f"optimizer state {f!r} has no 'exp_avg_sq' (Adam's second moment): the correction needs an Adam or AdamW "
             f"state (keys found: {sorted(first)[:6]})"
         )
+    names, how = _parameter_names(f, state, model)
+    group_of = {i: g for g in groups for i in g["params"]}
+    moments, steps, eps = {}, set(), set()
+    for i, name in zip(indices, names):
+        s = state["state"].get(i)
+        if not s or "exp_avg_sq" not in s:
+            continue
+        step = int(float(s.get("step", 0)))
+        beta2 = float(group_of[i].get("betas", (0.9, 0.999))[1])
+        correction = 1.0 - beta2**step if step > 0 else 1.0
+        moments[name] = s["exp_avg_sq"].to(torch.float64) / correction
+        steps.add(step)
+        eps.add(float(group_of[i].get("eps", 1e-8)))
+    return SecondMoments(moments, max(eps) if eps else 1e-8, max(steps) if steps else 0, {"file": f, "numbering": how})
+
+
+def _parameter_names(f: str, state: dict, model: nn.Module) -> tuple[list[str], str]:
+    """(the model's parameter name of each numbered parameter of the state, how they were told apart)."""
+    groups = state["param_groups"]
+    indices = [i for g in groups for i in g["params"]]
+    params = dict(model.named_parameters())
     if all("param_names" in g for g in groups):
         names = [n for g in groups for n in g["param_names"]]
-        how = "the state's param_names"
-        params = dict(model.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
             raise ModelError(
                 f"optimizer state {f!r} names parameters the model does not have ({missing[:3]}): it was saved for "
                 "another model; give the optimizer state of the checkpoint being attributed"
             )
-    else:
-        params = dict(model.named_parameters())
-        names, how = None, None
-        for label, order in _candidate_orders(model, [len(g["params"]) for g in groups]):
-            if len(order) != len(indices):
-                continue
-            ok = all(
-                "exp_avg_sq" not in state["state"].get(i, {})
-                or tuple(state["state"][i]["exp_avg_sq"].shape) == tuple(params[n].shape)
-                for i, n in zip(indices, order)
-            )
-            if ok:
-                names, how = order, label
-                break
-        if names is None:
-            raise ModelError(
-                f"optimizer state {f!r} numbers {len(indices)} parameters and no numbering of the model's "
-                f"{sum(p.requires_grad for p in model.parameters())} trainable parameters matches their shapes: it "
-                "was saved for another model or with custom parameter groups. Build the optimizer from "
-                "model.named_parameters() so its state names them, and save that"
-            )
-    moments, steps, eps = {}, set(), set()
-    for i, name in zip(indices, names):
-        s = state["state"].get(i)
-        if not s or "exp_avg_sq" not in s:
-            continue
-        g = per_index[i]
-        step = int(float(s.get("step", 0)))
-        beta2 = float(g.get("betas", (0.9, 0.999))[1])
-        correction = 1.0 - beta2**step if step > 0 else 1.0
-        moments[name] = s["exp_avg_sq"].to(torch.float64) / correction
-        steps.add(step)
-        eps.add(float(g.get("eps", 1e-8)))
-    return SecondMoments(moments, max(eps) if eps else 1e-8, max(steps) if steps else 0, {"file": f, "numbering": how})
-
-
-def _oriented(module: nn.Module, v: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor as (d_out, d_in): Conv1D stores (in, out)."""
-    return v.T if Conv1D and isinstance(module, Conv1D) else v
+        return names, "the state's param_names"
+    for label, order in _candidate_orders(model, [len(g["params"]) for g in groups]):
+        if len(order) == len(indices) and all(
+            "exp_avg_sq" not in state["state"].get(i, {})
+            or tuple(state["state"][i]["exp_avg_sq"].shape) == tuple(params[n].shape)
+            for i, n in zip(indices, order)
+        ):
+            return order, label
+    raise ModelError(
+        f"optimizer state {f!r} numbers {len(indices)} parameters and no numbering of the model's "
+        f"{sum(p.requires_grad for p in model.parameters())} trainable parameters matches their shapes: it "
+        "was saved for another model or with custom parameter groups. Build the optimizer from "
+        "model.named_parameters() so its state names them, and save that"
+    )
 
 
 def factored_scales(v: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,14 +177,10 @@ def factored_error(v: torch.Tensor, eps: float) -> float:
     return float((exact - s_out[:, None] * s_in[None, :]).norm() / exact.norm())
 
 
-def optimizer_scales(model: nn.Module, cfg: LoggingConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """({module: (s_in, s_out)}, meta) for every tracked module, from cfg.optimizer_state; meta records the
-    state file, its step and ε, and each module's `factored_error`."""
-    if not cfg.optimizer_state:
-        raise ConfigError("logging.optimizer_state is not set: give the optimizer state file to correct by")
-    modules = select_modules(model, cfg.modules, cfg.exclude_modules)
-    state = load_second_moments(cfg.optimizer_state, model)
-    scales, errors = {}, {}
+def layer_moments(modules: dict[str, nn.Module], state: SecondMoments) -> dict[str, torch.Tensor]:
+    """v̂ of each tracked module's weight as (d_out, d_in) (Conv1D stores (in, out)); a module the state has no
+    second moment for is an error."""
+    out = {}
     for name, module in modules.items():
         key = f"{name}.weight"
         if key not in state.moments:
@@ -202,8 +188,19 @@ def optimizer_scales(model: nn.Module, cfg: LoggingConfig) -> tuple[dict[str, tu
                 f"optimizer state {state.meta['file']!r} has no second moment for {key!r} (a tracked layer): the "
                 "layer was frozen or not optimized. Exclude it (logging.exclude_modules) or give the full state"
             )
-        v = _oriented(module, state.moments[key])
-        scales[name] = factored_scales(v, state.eps)
-        errors[name] = factored_error(v, state.eps)
+        v = state.moments[key]
+        out[name] = v.T if Conv1D and isinstance(module, Conv1D) else v
+    return out
+
+
+def optimizer_scales(model: nn.Module, cfg: LoggingConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """({module: (s_in, s_out)}, meta) for every tracked module, from cfg.optimizer_state; meta records the
+    state file, its step and ε, and each module's `factored_error`."""
+    if not cfg.optimizer_state:
+        raise ConfigError("logging.optimizer_state is not set: give the optimizer state file to correct by")
+    state = load_second_moments(cfg.optimizer_state, model)
+    moments = layer_moments(select_modules(model, cfg.modules, cfg.exclude_modules), state)
+    scales = {name: factored_scales(v, state.eps) for name, v in moments.items()}
+    errors = {name: factored_error(v, state.eps) for name, v in moments.items()}
     meta = {**state.meta, "step": state.step, "eps": state.eps, "factored_error": errors}
     return scales, meta

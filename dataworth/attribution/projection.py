@@ -254,6 +254,12 @@ class Projector:
                         "config (rebuild the index)"
                     )
 
+    @classmethod
+    def unfitted(cls, modules: dict[str, nn.Module], cfg: LoggingConfig) -> "Projector":
+        """The projector of the seeded random projections alone, whatever cfg fits to the model (KFAC whitening,
+        the optimizer-state correction): the stored layout, and the random part that fitted projections build on."""
+        return cls(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
+
     def proj_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
         """(k_in, k_out) of a module's block; (K, 1) under rapidgrad."""
         if self.cfg.projection == "identity":
@@ -315,5 +321,5 @@ def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
     check_projection(cfg)
     modules = select_modules(model, cfg.modules, cfg.exclude_modules)
     # The layout does not depend on the fitted matrices, only on the dimensions.
-    projector = Projector(modules, cfg.model_copy(update={"precondition": "none", "optimizer_state": None}))
+    projector = Projector.unfitted(modules, cfg)
     return projector.layout, sum(d_in * d_out for d_in, d_out in projector.dims.values())

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dataworth.attribution.gradients import log_example_gradients, query_gradients
-from dataworth.attribution.optimizer_state import _oriented, factored_error, factored_scales, load_second_moments
+from dataworth.attribution.optimizer_state import factored_error, factored_scales, layer_moments, load_second_moments
 from dataworth.attribution.projection import Projector, select_modules
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, pad_token_id
@@ -84,10 +84,11 @@ def correction_fidelity(
     )
     modules = select_modules(model, base.modules, base.exclude_modules)
     state = load_second_moments(optimizer_state, model)
+    moments = layer_moments(modules, state)
     exact, factored, errors = [], [], {}
     layout = Projector(modules, base).layout
-    for block in layout.blocks:
-        v = _oriented(modules[block.name], state.moments[f"{block.name}.weight"])
+    for block in layout.blocks:  # in the stored vector's order
+        v = moments[block.name]
         exact.append((1.0 / (v.sqrt() + state.eps)).reshape(-1))
         s_in, s_out = factored_scales(v, state.eps)
         factored.append(torch.outer(s_out, s_in).reshape(-1))

@@ -204,20 +204,28 @@ def _flat_grad(model, loss):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
 
 
-@pytest.mark.parametrize("arch", list(MAKERS))
-def test_sgd_tail_patch_matches_the_first_order_prediction(arch, tokenizer, queries, sequences):
-    model = _tiny(arch, tokenizer, dtype=torch.float64)
-    example, lr = sequences[3], 1e-4
+def _first_order_change(model, example, queries, lr, precondition=None) -> torch.Tensor:
+    """Δ log p(completion) of each query predicted to first order for the step θ' = θ − lr · P ∇loss_z (P a
+    diagonal preconditioner, the identity when None): −lr ∇log p_q · P ∇loss_z."""
     logits = model(input_ids=torch.tensor([example])).logits[0, :-1]
     g_example = _flat_grad(model, torch.nn.functional.cross_entropy(logits, torch.tensor(example[1:])))
+    if precondition is not None:
+        g_example = precondition * g_example
     predicted = []
     for q in queries:
         ids = q.prompt_ids + q.completion_ids
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
         logp_q = sum(logp[t - 1, ids[t]] for t in range(len(q.prompt_ids), len(ids)))
-        # θ' = θ − lr·∇loss_z, so Δ log p_q ≈ −lr ∇log p_q · ∇loss_z = lr ∇loss_q · ∇loss_z.
         predicted.append(-lr * float(_flat_grad(model, logp_q) @ g_example))
-    predicted = torch.tensor(predicted, dtype=torch.float64)
+    return torch.tensor(predicted, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("arch", list(MAKERS))
+def test_sgd_tail_patch_matches_the_first_order_prediction(arch, tokenizer, queries, sequences):
+    model = _tiny(arch, tokenizer, dtype=torch.float64)
+    example, lr = sequences[3], 1e-4
+    # θ' = θ − lr·∇loss_z, so Δ log p_q ≈ −lr ∇log p_q · ∇loss_z = lr ∇loss_q · ∇loss_z.
+    predicted = _first_order_change(model, example, queries, lr)
     got = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=lr, optimizer="sgd")
     assert predicted.abs().max() > 1e-6
     torch.testing.assert_close(got, predicted, rtol=2e-2, atol=2e-2 * float(predicted.abs().max()))
@@ -252,15 +260,7 @@ def test_state_tail_patch_is_the_training_optimizers_step(tokenizer, queries, se
         [(1 / ((opt.state[p]["exp_avg_sq"] / (1 - 0.98**3)).sqrt() + 1e-8)).reshape(-1) for p in model.parameters()]
     )
     example, lr = sequences[3], 1e-5
-    logits = model(input_ids=torch.tensor([example])).logits[0, :-1]
-    g_example = _flat_grad(model, torch.nn.functional.cross_entropy(logits, torch.tensor(example[1:])))
-    predicted = []
-    for q in queries:
-        ids = q.prompt_ids + q.completion_ids
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
-        logp_q = sum(logp[t - 1, ids[t]] for t in range(len(q.prompt_ids), len(ids)))
-        predicted.append(-lr * float(_flat_grad(model, logp_q) @ (scale * g_example)))
-    predicted = torch.tensor(predicted, dtype=torch.float64)
+    predicted = _first_order_change(model, example, queries, lr, precondition=scale)
     got = tail_patch(model, example, queries, tokenizer.pad_token_id, lr=lr, optimizer="state", second_moments=moments)
     assert predicted.abs().max() > 1e-6
     torch.testing.assert_close(got, predicted, rtol=2e-2, atol=2e-2 * float(predicted.abs().max()))
