@@ -9,13 +9,24 @@ export TRANSFORMERS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 lint: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The headless browser the report's screenshot test renders with (Debian's chromium-headless-shell): installed
+# when missing and root (CI), else the command to install it is printed (the test then skips).
+BROWSER_PKG := chromium-headless-shell
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(BROWSER_PKG) || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends $(BROWSER_PKG); }; \
+	else echo "no headless browser for the report test: run as root: apt-get install $(BROWSER_PKG)"; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

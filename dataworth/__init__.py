@@ -40,7 +40,7 @@ _PUBLIC = {
     "dataworth.attribution.gradients": ("log_example_gradients", "query_gradients"),
     "dataworth.attribution.kfac": ("fit_kfac_projections",),
     "dataworth.attribution.projection": ("FittedProjections",),
-    "dataworth.attribution.curvature": ("FisherAccumulator", "Curvature"),
+    "dataworth.attribution.curvature": ("FisherAccumulator", "fit_fisher", "Curvature"),
     "dataworth.attribution.scoring": ("Scorer",),
     "dataworth.attribution.api": ("attribute", "Attribution"),
     "dataworth.errors": (

@@ -20,9 +20,16 @@ ALL_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cos
 DEFAULT_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", "cosine")
 # BM25 through the full-text index of the examples table (storage), and the two fusions of BM25 with a gradient
 # mode: reciprocal-rank fusion of both rankings, and BM25's candidates reranked by their exact gradient scores.
+# hybrid-ann-<mode>: the candidates of LanceDB's vector index on the stored gradients (IndexConfig.ann), reranked.
 LEXICAL_MODES = ("bm25",)
-HYBRID_KINDS = ("rrf", "rerank")
+HYBRID_KINDS = ("rrf", "rerank", "ann")
 HYBRID_MODES = tuple(f"hybrid-{kind}-{mode}" for kind in HYBRID_KINDS for mode in ALL_SCORE_MODES)
+# The hybrid modes that need a vector index (built by `dataworth index --ann.build`), not the full-text one.
+ANN_MODES = tuple(m for m in HYBRID_MODES if m.startswith("hybrid-ann-"))
+# Searched IVF partitions per query unless told (ScoreConfig.ann_nprobes).
+ANN_NPROBES = 8
+# Storage dtypes LanceDB's vector index reads (bfloat16's uint16 bits and int8 codes with their scales are not).
+ANN_DTYPES = ("float32", "float16")
 ALL_MODES = (*ALL_SCORE_MODES, *LEXICAL_MODES, *HYBRID_MODES)
 ScoreMode = Literal[ALL_MODES]
 
@@ -164,7 +171,13 @@ class LoggingConfig(StageConfig):
     )
     batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
     shard_size: int = Field(512, ge=1, description="Examples per gradient-logging task (the unit of retry and cache).")
-    storage_dtype: Literal["float32", "float16"] = Field("float32", description="Dtype of stored gradient vectors.")
+    storage_dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float32",
+        description="Dtype of stored gradient vectors: float32 (4 bytes a value), float16 or bfloat16 (2; bfloat16 "
+        "keeps float32's range, float16 more mantissa), int8 (1, plus one float32 scale per row: round(g / scale) "
+        "with scale = max|g| / 127). Scoring reads them back as float32. `dataworth evaluate` measures the rank "
+        "agreement of each with float32.",
+    )
 
     @model_validator(mode="after")
     def _identity_dims(self) -> "LoggingConfig":
@@ -196,7 +209,9 @@ class CurvatureConfig(StageConfig):
     max_block_dim: int = Field(
         16384,
         ge=1,
-        description="Refuse Fisher blocks (raw, ekfac) larger than this (proj_dim_in × proj_dim_out per module).",
+        description="raw: the largest Fisher block (proj_dim_in × proj_dim_out per module), a dense matrix, fitted; "
+        "larger ones are refused. ekfac never forms a block (its Kronecker factors, then its eigenvalues, in two "
+        "passes over the gradients): the largest factor side (proj_dim_in or proj_dim_out).",
     )
 
 
@@ -210,7 +225,10 @@ class ScoreConfig(StageConfig):
         "examples table. hybrid-rrf-<mode>: reciprocal-rank fusion of the BM25 ranking and that gradient mode's, "
         "each cut at `candidates`: Σ 1/(rrf_k + rank). "
         "hybrid-rerank-<mode>: BM25's top `candidates` examples reranked by their exact scores in that gradient "
-        "mode (only those rows are read).",
+        "mode (only those rows are read). hybrid-ann-<mode>: the `candidates` nearest stored gradients by dot "
+        "product with the mode's query vector (g_q for dot, (F+λI)^-1 g_q for influence, relatif and cosine, "
+        "(T+λI)^-1 g_q for trackstar), found by the index's vector index (build it with --ann.build), reranked by "
+        "their exact scores in that mode.",
     )
     top_k: int = Field(10, ge=1, description="Training examples kept per query and mode.")
     report_rows: int = Field(
@@ -234,7 +252,8 @@ class ScoreConfig(StageConfig):
         100,
         ge=1,
         description="M of the hybrid modes: hybrid-rerank-* rescores BM25's top M examples per query, hybrid-rrf-* "
-        "fuses the BM25 and gradient rankings cut at rank M. At least top_k.",
+        "fuses the BM25 and gradient rankings cut at rank M, hybrid-ann-* reranks the vector index's M nearest. "
+        "At least top_k.",
         exclude_if=lambda v: v == 100,
     )
     rrf_k: float = Field(
@@ -254,6 +273,55 @@ class ScoreConfig(StageConfig):
         "Directions every query shares then count less. `dataworth evaluate --calibrate` chooses it.",
         exclude_if=lambda v: v == 0.5,
     )
+    tokenwise_top: int = Field(
+        0,
+        ge=0,
+        description="Token-wise attribution of each query's top this-many examples per gradient mode (0: off): "
+        "each score split over the query's completion tokens and over the example's tokens (each split sums to "
+        "the score), stored in the results' token_scores table and drawn as a heat map in the report. bm25 and "
+        "the hybrid modes are not split.",
+        exclude_if=lambda v: v == 0,
+    )
+    # The ANN and filter fields below are left out of dumps at their defaults: older score run ids hold.
+    ann_nprobes: int = Field(
+        ANN_NPROBES,
+        ge=1,
+        description="hybrid-ann-*: IVF partitions the vector index searches per query (more: higher recall, slower).",
+        exclude_if=lambda v: v == ANN_NPROBES,
+    )
+    ann_refine_factor: int | None = Field(
+        None,
+        ge=1,
+        description="hybrid-ann-*: LanceDB re-scores refine_factor × candidates of the PQ-nearest rows with their "
+        "stored vectors before cutting at `candidates`; None: the PQ ranking is cut as it is (the rerank is exact "
+        "either way).",
+        exclude_if=lambda v: v is None,
+    )
+    where_source: list[str] | None = Field(
+        None,
+        description="Score only the examples whose `source` (data.source_column) is one of these, in every mode: the "
+        "filter is resolved on the examples table and pushed into the gradients scan, the full-text and the vector "
+        "searches. With where_document, both must match. None: every example.",
+        exclude_if=lambda v: v is None,
+    )
+    where_document: list[str] | None = Field(
+        None,
+        description="Score only the examples cut from these document ids (data.id_column, or row numbers), in every "
+        "mode, as where_source. None: every document.",
+        exclude_if=lambda v: v is None,
+    )
+
+    @field_validator("where_source", "where_document")
+    @classmethod
+    def _some_values(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("an empty filter matches nothing: give at least one value, or leave the filter out")
+        return None if v is None else list(dict.fromkeys(v))
+
+    @property
+    def filtered(self) -> bool:
+        """Whether a metadata filter restricts the examples scored."""
+        return self.where_source is not None or self.where_document is not None
 
     @field_validator("modes")
     @classmethod
@@ -270,11 +338,16 @@ class ScoreConfig(StageConfig):
                 f"candidates={self.candidates} is below top_k={self.top_k}: {hybrid[0]} ranks at most `candidates` "
                 f"BM25 candidates per query; give --score.candidates {self.top_k} or more, or a smaller --top-k"
             )
+        if self.filtered and self.full_matrix:
+            raise ValueError(
+                "full_matrix with where_source/where_document: the full matrix has a column for every example; drop "
+                "the filter, or --score.full-matrix"
+            )
         return self
 
 
 def hybrid_parts(mode: str) -> tuple[str, GradientMode] | None:
-    """("rrf" or "rerank", the gradient mode) of a hybrid mode's name; None for any other mode."""
+    """("rrf", "rerank" or "ann", the gradient mode) of a hybrid mode's name; None for any other mode."""
     if mode not in HYBRID_MODES:
         return None
     _, kind, gradient = mode.split("-", 2)
@@ -381,6 +454,30 @@ def _check_index_uri(uri: str) -> str:
 IndexUri = Annotated[str, AfterValidator(_check_index_uri)]
 
 
+class AnnConfig(StageConfig):
+    build: bool = Field(
+        False,
+        description="Build LanceDB's vector index on the stored gradients (metric dot) when the index is published, "
+        "after compaction; the hybrid-ann-* score modes search it. Run `dataworth index` again with it on an "
+        "existing index: stored gradients are reused.",
+    )
+    index_type: Literal["IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ"] = Field(
+        "IVF_SQ",
+        description="IVF_PQ: inverted file of k-means partitions, rows product-quantized (8 bits per sub-vector); "
+        "IVF_SQ: the same partitions, rows scalar-quantized (8 bits per value: 4× PQ's bytes at dim / 16 "
+        "sub-vectors, a finer distance); IVF_HNSW_SQ: an HNSW graph per partition over scalar-quantized rows.",
+    )
+    partitions: int | None = Field(
+        None, ge=1, description="IVF partitions; None: about √rows (at least 1, at most rows / 256)."
+    )
+    sub_vectors: int | None = Field(
+        None,
+        ge=1,
+        description="IVF_PQ sub-vectors (a divisor of the gradient dim); None: dim / 16 when 16 divides it, else the "
+        "largest divisor of dim up to dim / 8.",
+    )
+
+
 class IndexConfig(StageConfig):
     model: ModelConfig
     data: DataConfig
@@ -402,6 +499,21 @@ class IndexConfig(StageConfig):
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="Where the flow's tasks run: threads here, or a Dask cluster."
     )
+    ann: AnnConfig = Field(
+        default_factory=AnnConfig,
+        description="LanceDB's vector index on the stored gradients, for the hybrid-ann-* score modes.",
+        exclude_if=lambda v: v == AnnConfig(),
+    )
+
+    @model_validator(mode="after")
+    def _ann_dtype(self) -> "IndexConfig":
+        if self.ann.build and self.logging.storage_dtype not in ANN_DTYPES:
+            raise ValueError(
+                f"ann.build with logging.storage_dtype={self.logging.storage_dtype!r}: LanceDB's vector index reads "
+                f"{' or '.join(ANN_DTYPES)} vectors; give --logging.storage-dtype float16 (or float32), or leave "
+                "--ann.build off"
+            )
+        return self
 
 
 class QueryConfig(StageConfig):
@@ -461,11 +573,16 @@ class QueryConfig(StageConfig):
                     "score.shards_per_task with checkpoint_indexes is not supported: a checkpoint sum is scored in "
                     "one task; leave shards_per_task unset"
                 )
-            reranks = [m for m in self.score.modes if (hybrid_parts(m) or ("",))[0] == "rerank"]
+            reranks = [m for m in self.score.modes if (hybrid_parts(m) or ("",))[0] in ("rerank", "ann")]
             if reranks:
                 raise ValueError(
                     f"{reranks[0]} with checkpoint_indexes is not supported (a rerank reads one index's rows); use "
                     "the hybrid-rrf-* modes or drop the checkpoint indexes"
+                )
+            if self.score.filtered:
+                raise ValueError(
+                    "score.where_source/where_document with checkpoint_indexes is not supported (a checkpoint sum "
+                    "reads every example of each index); drop the filter or the checkpoint indexes"
                 )
             if self.index_uri in self.checkpoint_indexes or len(set(self.checkpoint_indexes)) < len(
                 self.checkpoint_indexes
@@ -600,6 +717,32 @@ class BenchmarkConfig(StageConfig):
         True, description="Time a `dataworth index` and a `dataworth query` of a tiny corpus as subprocesses."
     )
     keep_indexes: bool = Field(False, description="Keep each size's synthetic index (deleted after measuring).")
+    # The ann fields are left out of dumps at their defaults: earlier benchmark configs keep their fingerprints.
+    ann: bool = Field(
+        True,
+        description="At the largest size, build LanceDB's vector index on the stored vectors and time ANN + exact "
+        "rerank (hybrid-ann-influence's query side) against the exact streaming pass: build time, recall@top_k, "
+        "speedup.",
+        exclude_if=lambda v: v is True,
+    )
+    ann_index_type: Literal["IVF_PQ", "IVF_SQ", "IVF_HNSW_SQ"] = Field(
+        "IVF_SQ", description="The vector index the ann part builds.", exclude_if=lambda v: v == "IVF_SQ"
+    )
+    ann_candidates: int = Field(
+        100, ge=1, description="M of the ann part: candidates per query reranked.", exclude_if=lambda v: v == 100
+    )
+    ann_nprobes: int = Field(
+        ANN_NPROBES,
+        ge=1,
+        description="IVF partitions the ann part searches per query.",
+        exclude_if=lambda v: v == ANN_NPROBES,
+    )
+    ann_refine_factor: int | None = Field(
+        None,
+        ge=1,
+        description="LanceDB's refine of the ann part's PQ candidates (None: none).",
+        exclude_if=lambda v: v is None,
+    )
     seed: int = Field(0, description="Seed of the synthetic vectors, the queries and the model initialization.")
     json_path: str | None = Field(None, description="Also write the summary ratios and every metric to this JSON file.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

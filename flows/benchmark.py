@@ -26,6 +26,7 @@ from dataworth.config import BenchmarkConfig
 from dataworth.evaluation.peers import PEERS, PairwiseJob
 from dataworth.reports.terminal import format_table
 from tasks.throughput import (
+    measure_ann,
     measure_ingest,
     measure_logging,
     measure_pairwise,
@@ -72,10 +73,13 @@ def pairwise_job(config: BenchmarkConfig) -> PairwiseJob:
     )
 
 
-def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, pairwise=None) -> dict[str, float]:
+def summarize(
+    config: BenchmarkConfig, per_size: dict, logging: list, startup, pairwise=None, ann=None
+) -> dict[str, float]:
     """The headline ratios: ingest and scoring at the largest size, RSS largest ÷ smallest, logging of the
     primary model, one speedup per peer that ran: LanceDB's on the stored vectors (our pairs/s ÷ theirs, at
-    the largest size), kronfluence's and bergson's on the pairwise job (dataworth's pairs/s ÷ theirs)."""
+    the largest size), kronfluence's and bergson's on the pairwise job (dataworth's pairs/s ÷ theirs); the ANN
+    part's recall and speedup over the exact pass (largest size)."""
     sizes = sorted(per_size)
     largest, smallest = per_size[sizes[-1]], per_size[sizes[0]]
     out = {
@@ -102,6 +106,10 @@ def summarize(config: BenchmarkConfig, per_size: dict, logging: list, startup, p
             out[f"speedup_vs_{peer}"] = per_size[n]["score"].pairs_per_s / per_size[n]["peers"][peer].pairs_per_s
     if pairwise is not None:
         out["pairwise_pairs_per_s"] = pairwise.systems["dataworth"].pairs_per_s
+    if ann is not None:
+        out[f"ann_recall_at_{ann.top_k}"] = ann.recall_at_k
+        out["ann_speedup_vs_exact"] = ann.speedup
+        out["ann_build_seconds"] = ann.build_seconds
     if startup is not None:
         out["startup_index_seconds"] = startup.index_seconds
         out["startup_query_seconds"] = startup.query_seconds
@@ -140,8 +148,34 @@ def _pairwise_table(pairwise) -> str:
     )
 
 
+def _ann_table(ann) -> str:
+    row = {
+        "build s": ann.build_seconds,
+        f"recall@{ann.top_k}": ann.recall_at_k,
+        "ANN+rerank s": ann.ann_seconds,
+        "search s": ann.search_seconds,
+        "exact pass s": ann.exact_seconds,
+        "speedup": ann.speedup,
+    }
+    refine = f", refine_factor {ann.refine_factor}" if ann.refine_factor else ""
+    return (
+        f"ANN + exact rerank at {ann.size:,} rows: {ann.index_type}, {ann.partitions} partitions"
+        + (f", {ann.sub_vectors} sub-vectors" if ann.sub_vectors else "")
+        + f", nprobes {ann.nprobes}{refine}, {ann.candidates} candidates per query, {ann.queries} queries, influence "
+        "against its exact streaming pass\n\n"
+        + format_table({f"{ann.size:,} rows": {k: _round(v) for k, v in row.items()}})
+    )
+
+
 def render(
-    config: BenchmarkConfig, per_size: dict, logging: list, startup, summary: dict, device: str, pairwise=None
+    config: BenchmarkConfig,
+    per_size: dict,
+    logging: list,
+    startup,
+    summary: dict,
+    device: str,
+    pairwise=None,
+    ann=None,
 ) -> str:
     """The plain-text report: one row per size, one per logging model, the pairwise job, the summary, the notes."""
     rows = {}
@@ -179,6 +213,8 @@ def render(
         lines += ["", format_table(models)]
     if pairwise is not None:
         lines += ["", _pairwise_table(pairwise)]
+    if ann is not None:
+        lines += ["", _ann_table(ann)]
     lines += ["", "summary:"] + [f"  {k:<36} {v:.4g}" for k, v in summary.items()]
     notes = [f"{p.peer}: {p.note}" for p in next(iter(per_size.values()))["peers"].values() if p.pairs_per_s is None]
     if pairwise is not None:
@@ -217,6 +253,7 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
         config.tracking, "benchmark", config, tags={"dataworth.preset": config.preset}, config_path=config_path
     ) as run:
         per_size: dict[int, dict] = {}
+        ann = None
         for n in config.sizes:
             index_uri = str(workspace / f"index-{n}")
             ingest = run.log_result(
@@ -258,6 +295,25 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
                 if peer not in PEERS  # kronfluence and bergson need a model: the pairwise job below
             }
             per_size[n] = {"ingest": ingest, "score": score, "peers": peers}
+            if config.ann and n == config.sizes[-1]:
+                ann = run.log_result(
+                    f"ann_{n}",
+                    measure_ann(
+                        index_uri,
+                        n,
+                        config.num_queries,
+                        config.dim,
+                        config.block_dim,
+                        config.top_k,
+                        config.train_batch_size,
+                        config.seed,
+                        config.ann_candidates,
+                        config.ann_nprobes,
+                        config.ann_refine_factor,
+                        config.ann_index_type,
+                        return_state=True,
+                    ),
+                )
             if not config.keep_indexes:
                 shutil.rmtree(index_uri, ignore_errors=True)
         shapes = [
@@ -318,9 +374,9 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
             startup = run.log_result(
                 "startup", measure_startup(str(workspace), tracking, config.seed, return_state=True)
             )
-        summary = summarize(config, per_size, logging, startup, pairwise)
+        summary = summarize(config, per_size, logging, startup, pairwise, ann)
         run.metrics(summary)
-        text = render(config, per_size, logging, startup, summary, device, pairwise)
+        text = render(config, per_size, logging, startup, summary, device, pairwise, ann)
         run.artifact_text("benchmark.md", text)
         print(text)
         payload = {
@@ -339,6 +395,7 @@ def benchmark_flow(config: BenchmarkConfig) -> dict:
             "logging": [m.model_dump() for m in logging],
             "startup": None if startup is None else startup.model_dump(),
             "pairwise": None if pairwise is None else pairwise.model_dump(),
+            "ann": None if ann is None else ann.model_dump(),
         }
         if config.json_path:
             path = Path(config.json_path)

@@ -71,6 +71,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--candidates", ("score.candidates",)),
     Alias("--rrf-k", ("score.rrf_k",)),
     Alias("--task-mix", ("score.task_mix",)),
+    Alias("--tokenwise-top", ("score.tokenwise_top",)),
     Alias("--full-matrix", ("score.full_matrix",)),
     Alias("--size", ("corpus_size",)),
     Alias("--epochs", ("train_epochs",)),

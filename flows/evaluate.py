@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from dataworth.config import QueryConfig
 from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
+from dataworth.reports.terminal import format_store_precision
 from tasks.benchmark import prepare_benchmark
 from tasks.evaluate import (
     calibrate_damping,
@@ -27,6 +28,7 @@ from tasks.evaluate import (
     plan_subsets,
     record_calibration,
     retrain_and_measure,
+    store_precision_eval,
     tail_patch_eval,
 )
 from tasks.index import index_state
@@ -196,6 +198,20 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             ]
             removed = [f.result() for f in futures]
         loo = run.log_result("loo_eval", loo_eval(config.seed, return_state=True)) if config.loo else None
+        precision = None
+        if config.store_dtypes and state.manifest.config.logging.storage_dtype == "float32":
+            precision = run.log_result(
+                "store_precision_eval",
+                store_precision_eval(
+                    index_uri,
+                    queries,
+                    config.score,
+                    config.store_dtypes,
+                    str(ws / "eval" / "stores"),
+                    return_state=True,
+                ),
+            )
+            run.artifact_text("store_precision.json", precision.model_dump_json(indent=2))
 
         report = assemble_evaluation_report(
             config,
@@ -220,6 +236,8 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         run.artifact(report.markdown)
         run.artifact_text("evaluation.json", report.record)
         print(report.summary)
+        if precision:
+            print(format_store_precision(precision.table))
     log.info("evaluation report: %s", report.report)
     return {
         "table": report.table,
@@ -229,4 +247,5 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.uri,
         "index_uri": index_uri,
+        "store_precision": precision.table if precision else None,
     }

@@ -16,6 +16,7 @@ from flows.shards import ShardJob, log_on_pool
 from storage import IndexStore
 from tasks.index import (
     assemble_manifest,
+    build_ann_index,
     fit_curvature,
     fit_projections,
     index_state,
@@ -147,16 +148,18 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         )
         # A corpus that shrank leaves shards past the new end behind: they must not be scored.
         after = prune_index(uri, keep_shards=n_shards)
+        version, ann = after.gradients_version, None
+        if config.ann.build:  # after compaction: its table version is the one curvature and the manifest record
+            ann = run.log_result("build_ann_index", build_ann_index(uri, config.ann, return_state=True))
+            version = ann.gradients_version
         # Table versions restart after a drop, so after an overwrite a cached curvature could be stale.
         curv = run.log_result(
             "fit_curvature",
             fit_curvature.with_options(refresh_cache=fresh)(
-                uri, config.curvature, shards[0].layout, after.gradients_version, return_state=True
+                uri, config.curvature, shards[0].layout, version, return_state=True
             ),
         )
-        manifest = assemble_manifest(
-            config, tok, shards, after.gradients_version, curv, proj, run.run_id, state.manifest
-        )
+        manifest = assemble_manifest(config, tok, shards, version, curv, proj, run.run_id, state.manifest, ann)
         published = run.log_result(
             "publish_index", publish_index(uri, manifest, config.keep_versions_days, return_state=True)
         )

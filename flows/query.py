@@ -1,4 +1,5 @@
-"""The `query` flow: query gradients → score against a published index → top-k table and report."""
+"""The `query` flow: query gradients → score against a published index → top-k table (→ token-wise splits of the
+top scores) → report."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+from dataworth.attribution.tokenwise import check_tokenwise
 from dataworth.config import QueryConfig
 from dataworth.errors import ConfigError
 from dataworth.fingerprint import check_model_fingerprint
@@ -22,6 +24,7 @@ from tasks.query import (
     score_queries,
     score_shard_range,
 )
+from tasks.tokenwise import render_tokenwise_report, tokenwise_scores
 from tasks.tracking import tracked_run
 
 
@@ -109,6 +112,8 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         check_model_fingerprint(other.config.model, other.model_fingerprint, uri)
         checkpoints.append((uri, other))
     check_checkpoint_indexes(config.index_uri, manifest, checkpoints)
+    if config.score.tokenwise_top:  # before any model work: what cannot be split is refused, naming the fix
+        check_tokenwise(manifest.config.logging, config.score.modes, len(checkpoints))
     results_uri = config.results_location
     check_writable(results_uri)
     report_dir = config.report_dir or default_report_dir(results_uri)
@@ -137,6 +142,20 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             )
         else:
             scored = score_sharded(run, config, manifest, queries, full_path, model_fp)
+        tokens = None
+        if config.score.tokenwise_top:
+            tokens = run.log_result(
+                "tokenwise_scores",
+                tokenwise_scores(
+                    config.index_uri,
+                    manifest,
+                    scored.score_run_id,
+                    config.score,
+                    config.generation,
+                    results_uri=results_uri,
+                    return_state=True,
+                ),
+            )
         build = manifest.config
         run_info = {
             "index": config.index_uri,
@@ -170,7 +189,20 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             max_rows=config.score.report_rows,
             examples_version=manifest.examples_version,
         )
-        for path in report.files + ([full_path] if full_path else []):
+        files = report.files
+        if tokens is not None:  # the same page again, with each query's token heat map
+            files += render_tokenwise_report(
+                config.index_uri,
+                scored.score_run_id,
+                report.report,
+                title,
+                run_info,
+                relevant,
+                results_uri=results_uri,
+                max_rows=config.score.report_rows,
+                examples_version=manifest.examples_version,
+            )[1:]
+        for path in files + ([full_path] if full_path else []):
             run.artifact(path)
     log.info("report: %s", report.report)
     return {
@@ -187,5 +219,6 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         "index_version": manifest.gradients_version,
         "results_uri": results_uri,
         "full_matrix": full_path,
+        "tokenwise_rows": tokens.rows if tokens is not None else 0,
         "seconds": time.perf_counter() - started,
     }

@@ -6,10 +6,41 @@ import numpy as np
 import pyarrow as pa
 
 from storage.errors import IndexStoreError
-from storage.schemas import gradients_schema
+from storage.schemas import VECTOR_DTYPES, gradients_schema
 
 _INT32_MAX = np.iinfo(np.int32).max
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_INT8_MAX = 127
+
+
+def encode_vectors(vecs32: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored values [n, dim] in the vector column's Arrow type, per-row scale or None) of finite float32 rows.
+
+    bfloat16: float32 rounded to nearest even on the upper 16 bits (torch's rounding), kept as uint16. int8: each
+    row divided by its own scale max|g| / 127 and rounded, so a row's largest value is ±127 (a zero row has scale
+    0 and decodes to zeros); one float32 per row more."""
+    if dtype == "float32":
+        return vecs32, None
+    if dtype == "float16":
+        return vecs32.astype(np.float16), None
+    if dtype == "bfloat16":
+        bits = vecs32.view(np.uint32)
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        return (rounded >> np.uint32(16)).astype(np.uint16), None
+    if dtype == "int8":
+        scale = (np.abs(vecs32).max(axis=1) / np.float32(_INT8_MAX)).astype(np.float32)
+        safe = np.where(scale > 0, scale, np.float32(1))
+        return np.rint(vecs32 / safe[:, None]).astype(np.int8), scale
+    raise IndexStoreError(f"gradient storage dtype {dtype!r} is not supported: use one of {sorted(VECTOR_DTYPES)}")
+
+
+def decode_vectors(values: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n, dim] of stored values (encode_vectors' inverse up to its rounding); float32 comes back as is."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype == "int8":
+        return values.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
+    return values.astype(np.float32, copy=False)
 
 
 def show_ids(ids: np.ndarray, limit: int = 10) -> str:
@@ -76,7 +107,12 @@ def gradient_table(
             raise IndexStoreError(
                 f"shard {shard}: sq_norms must be {len(ids)} finite values, one per row, got shape {sq_norm.shape}"
             )
-    stored = vecs32 if dtype == "float32" else vecs32.astype(np.float16)
+    stored, scale = encode_vectors(vecs32, dtype)
+    if dtype == "bfloat16" and not np.isfinite(decode_vectors(stored, dtype)).all():
+        raise IndexStoreError(
+            f"shard {shard}: gradient values round past the bfloat16 range for example_ids "
+            f"{show_ids(ids[~np.isfinite(decode_vectors(stored, dtype)).all(axis=1)])}; use storage_dtype='float32'"
+        )
     vector_col = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), vecs32.shape[1])
     return pa.Table.from_arrays(
         [
@@ -84,16 +120,21 @@ def gradient_table(
             pa.array(np.full(len(ids), shard, dtype=np.int32)),
             vector_col,
             pa.array(sq_norm),
+            *([pa.array(scale)] if scale is not None else []),
         ],
         schema=schema,
     )
 
 
 def batch_arrays(batch: pa.RecordBatch, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(example_ids int64, vectors float32 [n, dim], sq_norm float32) of one scanned batch."""
+    """(example_ids int64, vectors float32 [n, dim], sq_norm float32) of one scanned batch (float32 vectors are
+    views of the batch's buffer; other storage dtypes are decoded into a new array)."""
     ids = batch.column("example_id").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     # flatten() honours slice offsets, unlike .values.
-    flat = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
-    vectors = flat.reshape(-1, dim).astype(np.float32, copy=False)
+    column = batch.column("vector")
+    dtype = next(k for k, v in VECTOR_DTYPES.items() if v == column.type.value_type)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    scale = batch.column("scale").to_numpy(zero_copy_only=False) if dtype == "int8" else None
+    vectors = decode_vectors(flat.reshape(-1, dim), dtype, scale)
     sq_norm = batch.column("sq_norm").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return ids, vectors, sq_norm

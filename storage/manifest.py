@@ -38,7 +38,8 @@ class IndexBuildConfig(StageConfig):
 
     @classmethod
     def of(cls, config: IndexConfig) -> IndexBuildConfig:
-        exclude = {"overwrite", "keep_versions_days", "tracking", "runner"}
+        # ann shapes no stored gradient: the vector index built is recorded as IndexManifest.ann_index.
+        exclude = {"overwrite", "keep_versions_days", "tracking", "runner", "ann"}
         return cls.model_validate(config.model_dump(mode="json", exclude=exclude))
 
 
@@ -75,6 +76,13 @@ class IndexManifest(BaseModel):
     )
     published_at: float | None = Field(
         None, description="Unix time of the first publication (set by IndexStore.publish_manifest when unset)."
+    )
+    # Left out of dumps when None: the manifests (and score run ids) of indexes without one read back unchanged.
+    ann_index: dict[str, Any] | None = Field(
+        None,
+        description="The vector index on the gradients table at gradients_version (index_type, metric, partitions, "
+        "sub_vectors, rows, build_seconds), which the hybrid-ann-* modes search; None: none built.",
+        exclude_if=lambda v: v is None,
     )
 
     def shard_ranges(self, shards_per_task: int) -> list[list[int]]:

@@ -14,7 +14,12 @@ from storage.errors import REBUILD_HINT, IndexStoreError
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"dataworth.schema_version"
-VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# Arrow value type of the vector column per storage dtype. bfloat16 has no Arrow type: its 16 bits are kept as
+# uint16 (the upper half of the float32 bits, rounded to nearest even). int8 rows carry a float32 `scale` column:
+# a row is stored as round(g / scale) with scale = max|g| / 127. Each value type stands for one dtype only.
+VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.int8()}
+# Bytes per stored value (the per-row scale of int8 comes on top).
+VECTOR_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def _schema(fields: list[pa.Field]) -> pa.Schema:
@@ -41,7 +46,8 @@ def examples_schema() -> pa.Schema:
 
 
 def gradients_schema(dim: int, dtype: str) -> pa.Schema:
-    """One projected gradient per example; sq_norm is taken before any float16 rounding."""
+    """One projected gradient per example; sq_norm is taken before any rounding to the storage dtype. int8 tables
+    also hold each row's dequantization scale."""
     if not isinstance(dim, int) or dim < 1:
         raise IndexStoreError(f"gradient dim must be a positive int, got {dim!r}")
     if dtype not in VECTOR_DTYPES:
@@ -52,8 +58,14 @@ def gradients_schema(dim: int, dtype: str) -> pa.Schema:
             pa.field("shard", pa.int32(), nullable=False),
             pa.field("vector", pa.list_(VECTOR_DTYPES[dtype], dim), nullable=False),
             pa.field("sq_norm", pa.float32(), nullable=False),
+            *([pa.field("scale", pa.float32(), nullable=False)] if dtype == "int8" else []),
         ]
     )
+
+
+def gradient_columns(dtype: str) -> list[str]:
+    """The columns a reader selects to rebuild float32 vectors of a gradients table stored in `dtype`."""
+    return ["example_id", "vector", "sq_norm", *(["scale"] if dtype == "int8" else [])]
 
 
 def scores_schema() -> pa.Schema:
@@ -81,6 +93,28 @@ def queries_schema() -> pa.Schema:
             pa.field("completion", pa.string(), nullable=False),
             pa.field("generated", pa.bool_(), nullable=False),
             pa.field("num_completion_tokens", pa.int32(), nullable=False),
+        ]
+    )
+
+
+def token_scores_schema() -> pa.Schema:
+    """Token-wise attribution of a scoring run's top examples: one row per token of a (mode, query, rank) pair,
+    side 'query' (the query's completion tokens, position counted from the completion's first) or 'train' (the
+    example's tokens, position in the example). A side's scores sum to `total`, the pair's score."""
+    return _schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("query_id", pa.string(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),
+            pa.field("example_id", pa.int64(), nullable=False),
+            pa.field("document_id", pa.string(), nullable=False),
+            pa.field("side", pa.string(), nullable=False),
+            pa.field("position", pa.int32(), nullable=False),
+            pa.field("token_id", pa.int64(), nullable=False),
+            pa.field("token", pa.string(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+            pa.field("total", pa.float64(), nullable=False),
         ]
     )
 
@@ -159,7 +193,8 @@ def vector_layout(schema: pa.Schema, name: str = "gradients") -> tuple[int, str]
         vtype = None
     if vtype is None or not pa.types.is_fixed_size_list(vtype) or vtype.value_type not in VECTOR_DTYPES.values():
         raise IndexStoreError(
-            f"table {name!r} has no fixed-size float32/float16 'vector' column (found {vtype}); {REBUILD_HINT}"
+            f"table {name!r} has no fixed-size 'vector' column of a storage dtype {sorted(VECTOR_DTYPES)} "
+            f"(found {vtype}); {REBUILD_HINT}"
         )
     dtype = next(k for k, v in VECTOR_DTYPES.items() if v == vtype.value_type)
     return vtype.list_size, dtype

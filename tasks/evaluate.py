@@ -7,6 +7,7 @@ workspace; tasks return paths and small results that carry their metrics, which 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,15 @@ import torch
 from prefect import task
 from pydantic import Field
 
+from dataworth.attribution.curvature import fit_fisher
 from dataworth.attribution.optimizer_state import load_second_moments
-from dataworth.config import ALL_SCORE_MODES, GenerationConfig, QuerySpec
+from dataworth.attribution.projection import Layout
+from dataworth.attribution.scoring import Scorer
+from dataworth.config import ALL_SCORE_MODES, GenerationConfig, QuerySpec, ScoreConfig, gradient_modes
 from dataworth.data import pad_token_id
 from dataworth.evaluation.fact_tracing import trace_facts_in_scores
 from dataworth.evaluation.lds import linear_datamodeling_score, sample_subsets
-from dataworth.evaluation.matrices import attribution_values, merge_matrices, save_matrices
+from dataworth.evaluation.matrices import attribution_values, merge_matrices, rank_agreement, save_matrices
 from dataworth.evaluation.subsets import plan_removals, subset_key
 from dataworth.evaluation.tail_patch import completion_log_probs, tail_patch_scores
 from dataworth.training import RetrainConfig, train_causal_lm
@@ -34,9 +38,12 @@ from .common import (
     PERSIST,
     StageResult,
     encode_index_queries,
+    gradient_batches,
     index_curvature,
     index_query_gradients,
+    index_task_mix,
     open_index_model,
+    published_manifest,
 )
 
 # Queries of an evaluation come with their completions: nothing is generated, encoding batches of 16.
@@ -231,6 +238,66 @@ def lds_eval(matrix_paths: list[str], masks_path: str, actual: list[list[float]]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(out_dir, "lds_scatter.json").write_text(json.dumps(scatter))
     return LDSResult(table=out, scatter=scatter)
+
+
+class StorePrecision(StageResult):
+    """How far gradients stored in a smaller dtype keep the rankings of the float32 store."""
+
+    table: dict[str, dict[str, float]] = Field(
+        description="storage dtype -> bytes_ratio (table bytes ÷ float32's) and, per gradient mode, "
+        "<mode>.spearman and <mode>.top<k>_overlap against the float32 store's scores."
+    )
+    examples: int = Field(description="Stored gradients compared.")
+    seconds: float = Field(description="Wall time of the stage.")
+
+    def metrics(self) -> dict[str, float]:
+        return {f"store.{dtype}.{name}": v for dtype, row in self.table.items() for name, v in row.items()}
+
+
+@task(name="store_precision_eval", tags=["gpu"])
+def store_precision_eval(
+    index_uri: str, queries: list[QuerySpec], score: ScoreConfig, dtypes: list[str], workdir: str, k: int = 10
+) -> StorePrecision:
+    """The index's gradients written again as real gradients tables in float32 and in each of `dtypes` (under
+    `workdir`), read back, the curvature refitted on what each stores (as `dataworth index` with that
+    storage_dtype would), and every gradient mode of `score` scored against the queries: bytes and rank agreement
+    (Spearman, top-k overlap, mean over queries) with the float32 table. Needs an index stored in float32."""
+    start = time.perf_counter()
+    store = IndexStore(index_uri)
+    manifest = published_manifest(store)
+    if manifest.config.logging.storage_dtype != "float32":
+        raise ValueError(
+            f"store_precision_eval compares with a float32 store, and index {index_uri!r} stores "
+            f"{manifest.config.logging.storage_dtype}: index with logging.storage_dtype='float32'"
+        )
+    modes = gradient_modes(score.modes, kinds=("rrf", "rerank", "ann"))
+    _enc, q_grads = index_query_gradients(open_index_model(store, manifest), queries, GenerationConfig(), 16)
+    damping = index_curvature(store, manifest, score.damping_factor).damping_factor
+    layout, n = Layout.from_json(manifest.layout), manifest.num_examples
+    matrices, sizes = {}, {}
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    batches = score.train_batch_size
+    for dtype in ["float32", *dtypes]:
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=f"store-{dtype}-") as tmp:
+            copy = IndexStore(tmp)
+            for shard, (ids, vectors) in enumerate(gradient_batches(store, batches, manifest.gradients_version)):
+                copy.write_gradient_shard(shard, ids.numpy(), vectors.numpy(), dtype, new=True)
+            sizes[dtype] = copy.bytes_stored()
+            stored = lambda: (v for _i, v in gradient_batches(copy, batches))  # noqa: B023, E731 (used at once)
+            curvature = fit_fisher(layout, manifest.config.curvature, stored).with_damping(damping)
+            task_mix = index_task_mix(score, manifest)
+            scorer = Scorer(q_grads, curvature, modes, k, full_matrix_size=n, task_mix=task_mix)
+            for ids, vectors in gradient_batches(copy, batches):
+                scorer.update(ids, vectors)
+            matrices[dtype] = {m: v.numpy() for m, v in scorer.full.items()}
+    table = {}
+    for dtype in dtypes:
+        row = {"bytes_ratio": sizes[dtype] / sizes["float32"]}
+        for mode in modes:
+            rho, overlap = rank_agreement(matrices[dtype][mode], matrices["float32"][mode], k)
+            row[f"{mode}.spearman"], row[f"{mode}.top{k}_overlap"] = rho, overlap
+        table[dtype] = row
+    return StorePrecision(table=table, examples=n, seconds=time.perf_counter() - start)
 
 
 @task(name="loo_eval", cache_policy=CACHE, **PERSIST)

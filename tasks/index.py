@@ -19,12 +19,12 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 from pydantic import Field
 
-from dataworth.attribution.curvature import FisherAccumulator
+from dataworth.attribution.curvature import fit_fisher
 from dataworth.attribution.gradients import log_example_gradients
 from dataworth.attribution.kfac import fit_projections as fit_data_projections
 from dataworth.attribution.kfac import sample_indices
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
-from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
+from dataworth.config import AnnConfig, CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
 from dataworth.fingerprint import data_fingerprint, model_fingerprint, optimizer_fingerprint
 from dataworth.model import load_tokenizer
@@ -205,6 +205,34 @@ def prune_index(
         # Without a published manifest no reader pins an older version, so its files can go.
         store.compact_gradients(min_fragments=COMPACT_FRAGMENTS, keep_old_versions=store.exists())
     return store.state()
+
+
+class AnnIndexBuilt(StageResult):
+    """The vector index build_ann_index built on the gradients table."""
+
+    gradients_version: int = Field(description="Gradients table version that carries the index (rows unchanged).")
+    info: dict[str, Any] = Field(description="What was built (IndexStore.build_vector_index), for the manifest.")
+
+    def metrics(self) -> dict[str, float]:
+        return {"ann_build_seconds": self.info["build_seconds"], "ann_partitions": self.info["partitions"]}
+
+
+@task(name="build_ann_index", **IO_RETRIES)
+def build_ann_index(index_uri: str, ann: AnnConfig) -> AnnIndexBuilt:
+    """LanceDB's vector index (metric dot) on the compacted gradients table, for the hybrid-ann-* score modes: one
+    more table version, which curvature and the manifest then record. A dtype it cannot read is a ValueError."""
+    try:
+        info = IndexStore(index_uri).build_vector_index(ann.index_type, ann.partitions, ann.sub_vectors)
+    except IndexStoreError as exc:
+        raise ValueError(str(exc)) from None  # bad input: never retried
+    get_run_logger().info(
+        "vector index %s on %d rows: %d partitions, %.1f s",
+        info["index_type"],
+        info["rows"],
+        info["partitions"],
+        info["build_seconds"],
+    )
+    return AnnIndexBuilt(gradients_version=info.pop("version"), info=info)
 
 
 @task(name="tokenize_corpus", cache_policy=CACHE, **PERSIST, **IO_RETRIES)
@@ -473,16 +501,17 @@ def fit_curvature(
     """
     store = IndexStore(index_uri)
     start = time.perf_counter()
-    acc = FisherAccumulator(Layout.from_json(layout), curvature)
-    for _ids, vectors in gradient_batches(store, batch_size, gradients_version):
-        acc.update(vectors)
-    curv = acc.finalize()
+
+    def batches():  # one scan per pass (two for ekfac blocks wider than max_block_dim)
+        return (vectors for _ids, vectors in gradient_batches(store, batch_size, gradients_version))
+
+    curv = fit_fisher(Layout.from_json(layout), curvature, batches)
     key = f"curvature-{curvature.fingerprint()}-v{gradients_version}"
     store.write_artifact(key, curv.to_bytes())
     store_norms(store, norms_key(key, curv), compute_norms(store, curv, gradients_version, batch_size))
     return FittedCurvature(
         artifact=key,
-        examples=acc.count,
+        examples=curv.count,
         summary=json.dumps(curv.summary()),
         seconds=time.perf_counter() - start,
     )
@@ -498,6 +527,7 @@ def assemble_manifest(
     projections: FittedProjectionsResult | None = None,
     mlflow_run_id: str | None = None,
     previous: IndexManifest | None = None,
+    ann: AnnIndexBuilt | None = None,
 ) -> IndexManifest:
     """The manifest of what the stages built; a calibration of `previous` is kept while still valid."""
     return IndexManifest(
@@ -516,6 +546,7 @@ def assemble_manifest(
         projections_artifact=projections.artifact if projections else None,
         mlflow_run_id=mlflow_run_id,
         calibration=previous.calibration_for(config) if previous else None,
+        ann_index=ann.info if ann else None,
     )
 
 

@@ -14,9 +14,24 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from dataworth.attribution.curvature import Curvature
-from dataworth.attribution.hybrid import Ranking, complete_ranking, reciprocal_rank_fusion, rerank
+from dataworth.attribution.hybrid import (
+    Ranking,
+    ann_query_vectors,
+    complete_ranking,
+    recall_at_k,
+    reciprocal_rank_fusion,
+    rerank,
+)
 from dataworth.attribution.scoring import Scorer, checkpoint_sum, merge_ranked, needs_norms
-from dataworth.config import LEXICAL_MODES, GenerationConfig, QuerySpec, ScoreConfig, gradient_modes, hybrid_parts
+from dataworth.config import (
+    ANN_MODES,
+    LEXICAL_MODES,
+    GenerationConfig,
+    QuerySpec,
+    ScoreConfig,
+    gradient_modes,
+    hybrid_parts,
+)
 from dataworth.errors import IndexMismatchError
 from dataworth.evaluation.matrices import save_matrices
 from dataworth.queries import EncodedQuery
@@ -32,7 +47,7 @@ from storage import (
     scores_table,
     write_csv,
 )
-from storage.store import batch_buffer
+from storage.store import batch_buffer, example_id_filter
 
 from .common import (
     CACHE,
@@ -139,7 +154,12 @@ def _score_checkpoints(
 
 
 def shard_batches(
-    store: IndexStore, batch_size: int, shard_size: int, version: int | None = None, shards: list[int] | None = None
+    store: IndexStore,
+    batch_size: int,
+    shard_size: int,
+    version: int | None = None,
+    shards: list[int] | None = None,
+    keep: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(example ids, vectors float32) of the stored gradients (of `shards`, else all), one shard at a time: a shard's
     rows sorted by id, in pieces of at most batch_size; read one batch ahead of the caller.
@@ -148,9 +168,20 @@ def shard_batches(
     so every score is the same bits whether the index is scored by one task or in shard ranges (a matmul's result
     for one pair depends on the batch it is computed in). A shard's rows are contiguous in a scan (each shard is
     written by one commit); a shard that were not would be scored in more pieces, with the same scores to rounding.
+
+    `keep` (sorted example ids, a metadata filter's) restricts the scan to those rows: only the shards holding them
+    are read (the shard column's bitmap index), and within them an example_id filter is pushed into Lance, which
+    then reads the vectors of the matching rows only.
     """
+    where = None
+    if keep is not None:
+        held = np.unique(keep // shard_size)
+        shards = held.tolist() if shards is None else sorted(set(shards) & set(held.tolist()))
+        if not shards:
+            return iter(())
+        where = example_id_filter(keep)
     # depth=1, as gradient_batches: each batch more read ahead is one batch more in memory, at no measured gain.
-    pieces = store.iter_gradient_pieces(batch_size, version=version, shards=shards)
+    pieces = store.iter_gradient_pieces(batch_size, version=version, shards=shards, where=where)
     return prefetched(_shard_tensors(pieces, batch_size, shard_size), depth=1)
 
 
@@ -233,17 +264,40 @@ def streamed_depth(score: ScoreConfig) -> int:
 
 
 def _needs_norms(score: ScoreConfig) -> bool:
-    return needs_norms(gradient_modes(score.modes, kinds=("rrf", "rerank")))
+    return needs_norms(gradient_modes(score.modes, kinds=("rrf", "rerank", "ann")))
+
+
+def _text_modes(modes: list[str]) -> list[str]:
+    """The modes that search the full-text index: bm25 and the hybrid-rrf/rerank ones."""
+    return [m for m in modes if m in LEXICAL_MODES or (hybrid_parts(m) and m not in ANN_MODES)]
 
 
 def check_text_index(store: IndexStore, manifest: IndexManifest, score: ScoreConfig) -> None:
-    """bm25 and the hybrid modes search the index's full-text index: an index built before they existed is said
-    before any model work."""
-    if any(m in LEXICAL_MODES or hybrid_parts(m) for m in score.modes):
-        try:
+    """bm25 and the hybrid modes search the index's full-text index, hybrid-ann-* its vector index: an index built
+    without the one a mode needs is said before any model work."""
+    try:
+        if _text_modes(score.modes):
             store.check_text_index(manifest.examples_version)
-        except IndexStoreError as exc:
-            raise ValueError(str(exc)) from None  # bad input: never retried
+        if any(m in ANN_MODES for m in score.modes):
+            store.check_vector_index(manifest.gradients_version)
+    except IndexStoreError as exc:
+        raise ValueError(str(exc)) from None  # bad input: never retried
+
+
+def filter_ids(store: IndexStore, manifest: IndexManifest, score: ScoreConfig) -> np.ndarray | None:
+    """The sorted example ids score.where_source / where_document keep (None: no filter), read from the examples
+    table the manifest pins; a filter that keeps nothing is an error, said before any model work."""
+    if not score.filtered:
+        return None
+    keep = store.example_ids_where(manifest.examples_version, score.where_source, score.where_document)
+    if not len(keep):
+        given = {"where_source": score.where_source, "where_document": score.where_document}
+        shown = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+        raise ValueError(
+            f"no example of the index matches {shown}: give values the examples table holds (source comes from "
+            "the index's data.source_column, document_id from data.id_column or the row number)"
+        )
+    return keep
 
 
 def _rows(rankings: list[Ranking], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +321,7 @@ def lexical_and_hybrid(
     score: ScoreConfig,
     streamed: dict[str, tuple[np.ndarray, np.ndarray]],
     full: bool = False,
+    keep: np.ndarray | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     """The top-k of bm25 and the hybrid modes (mode → (ids, scores), each [queries, k]), and with `full` their
     full score matrices [queries, examples].
@@ -275,27 +330,33 @@ def lexical_and_hybrid(
     example shares no word with the query). hybrid-rrf-<g>: RRF of BM25's ranking and the streamed ranking of g
     (`streamed[g]`, ids and scores [queries, ≥ candidates]), both cut at `candidates` (0 for an example in
     neither). hybrid-rerank-<g>: BM25's top `candidates` ranked by their exact scores in g, read from the
-    gradients table by id (a full matrix holds NaN, not scored, elsewhere). `norms` (by example id) are needed by
-    a rerank in relatif or cosine."""
+    gradients table by id (a full matrix holds NaN, not scored, elsewhere). hybrid-ann-<g>: the vector index's
+    `candidates` nearest rows to g's ANN query vector (ann_query_vectors), reranked the same way. `norms` (by
+    example id) are needed by a rerank in relatif or cosine. `keep` (sorted example ids of a metadata filter)
+    restricts every search to those examples."""
     modes = [m for m in score.modes if m in LEXICAL_MODES or hybrid_parts(m)]
     if not modes:
         return {}, {}
-    n, m_cut, k = manifest.num_examples, score.candidates, min(score.top_k, manifest.num_examples)
+    n = manifest.num_examples if keep is None else len(keep)
+    m_cut, k = score.candidates, min(score.top_k, n)
+    where = None if keep is None else example_id_filter(keep)
     hybrid = [m for m in modes if hybrid_parts(m)]
-    depth = n if full else max(score.top_k, score.candidates if hybrid else 0)
-    hits = store.search_text([q.prompt + q.completion for q in encoded], depth, manifest.examples_version)
-    bm25 = [complete_ranking(ids, scores, n, depth) for ids, scores in hits]
+    task_mix = index_task_mix(score, manifest)
+    # trackstar's curvature is the whole query set's, not that of each part reranked or searched
+    task = curvature.mixed(q_grads, task_mix) if any(m.endswith("-trackstar") for m in hybrid) else None
     rankings: dict[str, list[Ranking]] = {}
     fills = {"bm25": 0.0}
-    if "bm25" in modes:
-        rankings["bm25"] = bm25
-    candidates = [ids[:m_cut] for ids, _ in bm25]
+    candidates: list[np.ndarray] = []
+    if _text_modes(modes):
+        depth = n if full else max(score.top_k, score.candidates if hybrid else 0)
+        texts = [q.prompt + q.completion for q in encoded]
+        hits = store.search_text(texts, depth, manifest.examples_version, where)
+        bm25 = [complete_ranking(ids, scores, manifest.num_examples, depth, keep) for ids, scores in hits]
+        if "bm25" in modes:
+            rankings["bm25"] = bm25
+        candidates = [ids[:m_cut] for ids, _ in bm25]
     reranks = [g for kind, g in map(hybrid_parts, hybrid) if kind == "rerank"]
-    reranked = (
-        _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms, index_task_mix(score, manifest))
-        if reranks
-        else {}
-    )
+    reranked = _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms, task) if reranks else {}
     for mode in hybrid:
         kind, gradient = hybrid_parts(mode)
         if kind == "rrf":
@@ -304,6 +365,11 @@ def lexical_and_hybrid(
                 reciprocal_rank_fusion([c, ids[q][:m_cut]], score.rrf_k) for q, c in enumerate(candidates)
             ]
             fills[mode] = 0.0
+        elif kind == "ann":  # the ANN candidates' rows read by id and reranked, as BM25's are
+            vectors = ann_query_vectors(q_grads, curvature, gradient, task)
+            found = _ann_candidates(store, manifest, vectors, score, n, where)
+            rankings[mode] = _rerank(store, manifest, q_grads, curvature, [gradient], found, norms, task)[gradient]
+            fills[mode] = np.nan
         else:
             rankings[mode], fills[mode] = reranked[gradient], np.nan
     topk = {mode: _rows(r, k) for mode, r in rankings.items()}
@@ -321,13 +387,12 @@ def _rerank(
     modes: list[str],
     candidates: list[np.ndarray],
     norms: torch.Tensor | None,
-    task_mix: float,
+    task: Curvature | None,
 ) -> dict[str, list[Ranking]]:
     """Each query's candidates ranked by their exact scores in each gradient mode: only the candidates' rows are
-    read (by example id, once for every mode), _RERANK_QUERIES queries at a time."""
+    read (by example id, once for every mode), _RERANK_QUERIES queries at a time. `task` is trackstar's curvature
+    (Curvature.mixed of the whole query set)."""
     out: dict[str, list[Ranking]] = {m: [] for m in modes}
-    # trackstar's curvature is the whole query set's, not that of each part reranked
-    task = curvature.mixed(q_grads, task_mix) if "trackstar" in modes else None
     for lo in range(0, len(candidates), _RERANK_QUERIES):
         part = candidates[lo : lo + _RERANK_QUERIES]
         ids = np.unique(np.concatenate(part))
@@ -336,6 +401,34 @@ def _rerank(
         queries = q_grads[lo : lo + _RERANK_QUERIES]
         for mode in modes:
             out[mode] += rerank(queries, curvature, mode, part, ids, torch.from_numpy(vectors), rows_norms, task)
+    return out
+
+
+def _ann_candidates(
+    store: IndexStore, manifest: IndexManifest, vectors: torch.Tensor, score: ScoreConfig, available: int, where
+) -> list[np.ndarray]:
+    """Each query's `candidates` example ids from the vector index (of the `available` rows a filter keeps), one
+    search for all queries. IVF reads only `ann_nprobes` partitions, which may hold fewer rows than asked for (a
+    small or filtered index): such a query is searched again through every partition, so each query gets
+    min(candidates, available) candidates."""
+    want, version = min(score.candidates, available), manifest.gradients_version
+    every = int((manifest.ann_index or {}).get("partitions") or score.ann_nprobes)
+    found = store.search_vectors(vectors.numpy(), want, version, score.ann_nprobes, score.ann_refine_factor, where)
+    short = [q for q, ids in enumerate(found) if len(ids) < want]
+    if short and every > score.ann_nprobes:
+        again = store.search_vectors(vectors[short].numpy(), want, version, every, score.ann_refine_factor, where)
+        for q, ids in zip(short, again):
+            found[q] = ids
+    return found
+
+
+def ann_recall(score: ScoreConfig, streamed: dict, searched: dict) -> dict[str, float]:
+    """recall@top_k of each hybrid-ann-<g> mode against g's exact top-k, where this run streamed g too."""
+    out = {}
+    for mode in score.modes:
+        if mode in ANN_MODES and hybrid_parts(mode)[1] in streamed:
+            exact = streamed[hybrid_parts(mode)[1]][0]
+            out[mode] = recall_at_k(searched[mode][0], exact, score.top_k)
     return out
 
 
@@ -365,6 +458,13 @@ class Scored(StageResult):
     search_seconds: float = Field(
         0.0, description="Time of bm25 and the hybrid modes: the full-text searches, fusions and reranks."
     )
+    top_k: int = Field(10, description="Examples kept per query and mode (the k of ann_recall).")
+    ann_recall: dict[str, float] = Field(
+        default_factory=dict,
+        description="hybrid-ann mode → recall@top_k against its gradient mode's exact top-k, for the ANN modes whose "
+        "gradient mode the run streamed too.",
+    )
+    examples_scored: int | None = Field(None, description="Examples a metadata filter kept (None: no filter).")
 
     @property
     def compute_seconds(self) -> float:
@@ -378,6 +478,8 @@ class Scored(StageResult):
             "score_pairs_per_s": self.pairs_per_s,
             "score_pairs": self.pairs,
             **({"search_seconds": self.search_seconds} if self.search_seconds else {}),
+            **{f"recall_at_{self.top_k}.{mode}": r for mode, r in self.ann_recall.items()},
+            **({} if self.examples_scored is None else {"examples_scored": self.examples_scored}),
         }
 
 
@@ -439,6 +541,7 @@ def score_queries(
     log = get_run_logger()
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
     check_text_index(store, manifest, score)  # before any model work; checkpoint indexes are never searched
+    keep = filter_ids(store, manifest, score)
     encoded, q_grads, query_seconds, curvature, norms = _query_side(
         store, manifest, queries, score, generation, results
     )
@@ -470,7 +573,8 @@ def score_queries(
             task_mix=index_task_mix(score, manifest),
         )
         if not others:
-            batches = shard_batches(store, score.train_batch_size, manifest.config.logging.shard_size, version)
+            shard_size = manifest.config.logging.shard_size
+            batches = shard_batches(store, score.train_batch_size, shard_size, version, keep=keep)
             for ids, vectors in batches:  # the next batch is read meanwhile
                 scorer.update(ids, vectors)
         else:
@@ -481,7 +585,7 @@ def score_queries(
         pairs = scorer.pairs
     score_seconds = time.perf_counter() - start
     searched, searched_full = lexical_and_hybrid(
-        store, manifest, encoded, q_grads, curvature, norms, score, streamed, full
+        store, manifest, encoded, q_grads, curvature, norms, score, streamed, full, keep
     )
     search_seconds = time.perf_counter() - start - score_seconds
 
@@ -508,6 +612,9 @@ def score_queries(
         query_gradient_seconds=query_seconds,
         score_seconds=score_seconds,
         search_seconds=search_seconds if searched else 0.0,
+        top_k=score.top_k,
+        ann_recall=ann_recall(score, streamed, searched),
+        examples_scored=None if keep is None else len(keep),
     )
 
 
@@ -556,6 +663,7 @@ def query_gradients(
     `model_fingerprint` (the index model's, as checked by the caller) is part of the cache key only."""
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
     check_text_index(store, manifest, score)
+    filter_ids(store, manifest, score)  # a filter that keeps nothing is said before any model work
     encoded, q_grads, seconds, _curvature, _norms = _query_side(store, manifest, queries, score, generation, results)
     srid = scoring_run_id(manifest, queries, score, generation)
     key = f"query-gradients-{srid}"
@@ -599,6 +707,7 @@ def score_shard_range(
     q_grads = _query_grads(index_uri, results, query)
     curvature = index_curvature(store, manifest, score.damping_factor)
     norms = _stored_norms(index_uri, store, manifest, curvature, score, results)
+    keep = filter_ids(store, manifest, score)
     scorer = Scorer(
         q_grads,
         curvature,
@@ -609,7 +718,7 @@ def score_shard_range(
         task_mix=index_task_mix(score, manifest),
     )
     batches = shard_batches(
-        store, score.train_batch_size, manifest.config.logging.shard_size, manifest.gradients_version, shards
+        store, score.train_batch_size, manifest.config.logging.shard_size, manifest.gradients_version, shards, keep
     )
     seen: list[torch.Tensor] = []
     start = time.perf_counter()
@@ -649,8 +758,11 @@ def merge_scores(
     rows = sum(r.rows for r in ranges)
     n_queries = len(query.encoded)
     modes = streamed_modes(score)
-    if modes and rows != n_train:
-        raise ValueError(f"the shard ranges hold {rows} stored gradients, the index {n_train}; {REBUILD}")
+    store = IndexStore(index_uri)
+    keep = filter_ids(store, manifest, score)
+    expected = n_train if keep is None else len(keep)
+    if modes and rows != expected:
+        raise ValueError(f"the shard ranges hold {rows} stored gradients, the index {expected}; {REBUILD}")
     empty = (np.empty((n_queries, 0), np.int64), np.empty((n_queries, 0)))
     streamed = {m: merge_topk([empty, *(r.topk[m] for r in ranges)], streamed_depth(score)) for m in modes}
     matrices = {}
@@ -663,12 +775,20 @@ def merge_scores(
     searched, searched_full = {}, {}
     results = results_store(index_uri, results_uri)
     if any(m not in modes for m in score.modes):  # bm25 and the hybrid modes, from the merged rankings
-        store = IndexStore(index_uri)
         curvature = index_curvature(store, manifest, score.damping_factor)
         norms = _stored_norms(index_uri, store, manifest, curvature, score, results)
         q_grads = _query_grads(index_uri, results, query)
         searched, searched_full = lexical_and_hybrid(
-            store, manifest, query.encoded, q_grads, curvature, norms, score, streamed, full_matrix_path is not None
+            store,
+            manifest,
+            query.encoded,
+            q_grads,
+            curvature,
+            norms,
+            score,
+            streamed,
+            full_matrix_path is not None,
+            keep,
         )
     search_seconds = time.perf_counter() - start
     query_ids = [q.id for q in query.encoded]
@@ -698,6 +818,9 @@ def merge_scores(
         query_gradient_seconds=query.seconds,
         score_seconds=seconds,
         search_seconds=search_seconds if searched else 0.0,
+        top_k=score.top_k,
+        ann_recall=ann_recall(score, streamed, searched),
+        examples_scored=None if keep is None else len(keep),
     )
 
 

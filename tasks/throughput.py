@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dataworth.attribution.curvature import Curvature, FisherAccumulator
 from dataworth.attribution.gradients import log_example_gradients
+from dataworth.attribution.hybrid import ann_query_vectors, recall_at_k, rerank
 from dataworth.attribution.projection import Block, Layout
 from dataworth.attribution.scoring import Scorer
 from dataworth.benchmarks.throughput import (
@@ -291,6 +292,110 @@ def measure_scoring(
         peak_rss_mb=out["peak_rss_mb"],
         rss_growth_mb=out["rss_growth_mb"],
         peak_gpu_mb=out["peak_gpu_mb"],
+    )
+
+
+class AnnMeasured(StageResult):
+    """LanceDB's vector index on a stored synthetic index: its build, and ANN + exact rerank against the exact
+    streaming pass, in influence (a pure dot product with the prepared query vector (F+λI)^-1 g_q)."""
+
+    size: int = Field(description="Stored rows indexed and searched.")
+    queries: int = Field(description="Query vectors.")
+    top_k: int = Field(description="k of the recall.")
+    index_type: str = Field(description="IVF_PQ or IVF_HNSW_SQ.")
+    partitions: int = Field(description="IVF partitions of the index.")
+    sub_vectors: int | None = Field(description="PQ sub-vectors (IVF_PQ).")
+    candidates: int = Field(description="M: candidates per query reranked exactly.")
+    nprobes: int = Field(description="Partitions searched per query.")
+    refine_factor: int | None = Field(description="LanceDB's own refine of the PQ candidates (None: none).")
+    build_seconds: float = Field(description="Time to build the vector index.")
+    exact_seconds: float = Field(description="The exact streaming pass over every row (influence, top-k).")
+    ann_seconds: float = Field(description="ANN search + reading the candidates' rows + exact rerank, every query.")
+    search_seconds: float = Field(description="The ANN searches alone.")
+    recall_at_k: float = Field(description="Mean |ANN+rerank top-k ∩ exact top-k| / k over the queries.")
+
+    @property
+    def speedup(self) -> float:
+        return self.exact_seconds / self.ann_seconds
+
+    def metrics(self) -> dict[str, float]:
+        p = f"n{self.size}."
+        return {
+            p + "ann_build_seconds": self.build_seconds,
+            p + "ann_exact_seconds": self.exact_seconds,
+            p + "ann_seconds": self.ann_seconds,
+            p + "ann_search_seconds": self.search_seconds,
+            p + f"ann_recall_at_{self.top_k}": self.recall_at_k,
+            p + "ann_speedup_vs_exact": self.speedup,
+        }
+
+
+@task(name="measure_ann", cache_policy=NO_CACHE)
+def measure_ann(
+    index_uri: str,
+    size: int,
+    queries: int,
+    dim: int,
+    block_dim: int,
+    top_k: int,
+    batch: int,
+    seed: int,
+    candidates: int,
+    nprobes: int,
+    refine_factor: int | None = None,
+    index_type: str = "IVF_SQ",
+) -> AnnMeasured:
+    """Build the vector index on the stored synthetic index (as `dataworth index --ann.build` does), then time the
+    query side of hybrid-ann-influence against influence's exact pass: per query the index's `candidates` nearest
+    to (F+λI)^-1 g_q, their rows read by id and reranked exactly (the query task's own functions), all queries."""
+    store = IndexStore(index_uri)
+    info = store.build_vector_index(index_type)
+    version = store.gradients_version()
+    curvature = fit_synthetic_curvature(size, dim, block_dim, seed)
+    q = synthetic_queries(seed, queries, dim)
+    start = time.perf_counter()
+    scorer = Scorer(q, curvature, ["influence"], top_k)
+    for ids, vectors in gradient_batches(store, batch, version):
+        scorer.update(ids, vectors)
+    exact = scorer.topk["influence"].ids.numpy()
+    exact_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    found = store.search_vectors(
+        ann_query_vectors(q, curvature, "influence").numpy(), candidates, version, nprobes, refine_factor
+    )
+    search_seconds = time.perf_counter() - start
+    # The query task's rerank: the candidates' rows read by id, scored exactly.
+    ids = np.unique(np.concatenate(found))
+    rows, _ = store.read_gradients_by_id(ids, version)
+    ranked = rerank(q, curvature, "influence", found, ids, torch.from_numpy(rows))
+    ann_seconds = time.perf_counter() - start
+    recall = recall_at_k([ids for ids, _ in ranked], list(exact), top_k)
+    get_run_logger().info(
+        "ANN %s at %d rows: build %.1f s, recall@%d %.3f, %.3f s against the exact pass's %.2f s (%.1f×)",
+        index_type,
+        size,
+        info["build_seconds"],
+        top_k,
+        recall,
+        ann_seconds,
+        exact_seconds,
+        exact_seconds / ann_seconds,
+    )
+    return AnnMeasured(
+        size=size,
+        queries=queries,
+        top_k=top_k,
+        index_type=index_type,
+        partitions=info["partitions"],
+        sub_vectors=info["sub_vectors"],
+        candidates=candidates,
+        nprobes=nprobes,
+        refine_factor=refine_factor,
+        build_seconds=info["build_seconds"],
+        exact_seconds=exact_seconds,
+        ann_seconds=ann_seconds,
+        search_seconds=search_seconds,
+        recall_at_k=recall,
     )
 
 

@@ -3,7 +3,7 @@
 It runs the pipeline's own steps, without Prefect, LanceDB or MLflow: chunk the texts
 (`chunk_documents`), fit projections to the model (KFAC whitening, optimizer-state correction)
 (`fit_projections`), log a projected gradient per example (`log_example_gradients`),
-fit the curvature on those gradients as stored (`FisherAccumulator`), encode the queries
+fit the curvature on those gradients as stored (`fit_fisher`), encode the queries
 (`encode_queries`, completing those without a completion greedily), take their gradients
 (`query_gradients`) and score every mode over all examples (`Scorer`). The same model, data
 and configs give the scores the `index` and `query` flows give.
@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dataworth.attribution.curvature import Curvature, FisherAccumulator
+from dataworth.attribution.curvature import Curvature, fit_fisher
 from dataworth.attribution.gradients import log_example_gradients, query_gradients
 from dataworth.attribution.kfac import fit_projections
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import CurvatureConfig, GenerationConfig, LoggingConfig, QuerySpec, ScoreConfig, ScoreMode
 from dataworth.data import Documents, Example, chunk_documents, pad_token_id
-from dataworth.errors import DataError, QueryError
+from dataworth.errors import ConfigError, DataError, QueryError
 from dataworth.model import DTYPES, context_length
 from dataworth.queries import EncodedQuery, encode_queries
 
@@ -110,6 +110,16 @@ def _as_query_specs(queries) -> list[QuerySpec]:
     return specs
 
 
+def _in_memory_dtype(storage_dtype: str) -> str:
+    # int8's per-row scales are a format of the index's gradients table (storage), not a torch dtype.
+    if storage_dtype == "int8":
+        raise ConfigError(
+            "logging.storage_dtype='int8' is a format of an index's stored gradients; attribute() keeps them in memory",
+            fix="use storage_dtype float32, float16 or bfloat16 here, or build an index (`dataworth index`) for int8",
+        )
+    return storage_dtype
+
+
 def attribute(
     model,
     tokenizer,
@@ -137,6 +147,7 @@ def attribute(
     Dropout is off while attributing; the model's train/eval mode is restored.
     """
     logging = logging or LoggingConfig()
+    _in_memory_dtype(logging.storage_dtype)  # before any model work
     curvature = curvature or CurvatureConfig()
     generation = generation or GenerationConfig()
     score = ScoreConfig(modes=list(modes), top_k=top_k, query_batch_size=query_batch_size, task_mix=task_mix)
@@ -150,14 +161,12 @@ def attribute(
         fitted = fit_projections(model, tokenizer, examples, logging, progress)
         layout, _ = describe_layout(model, logging)
         # Gradients as the index stores them (storage_dtype), and the curvature fitted on those, as fit_curvature does.
-        stored = torch.empty(len(examples), layout.dim, dtype=DTYPES[logging.storage_dtype])
+        stored = torch.empty(len(examples), layout.dim, dtype=DTYPES[_in_memory_dtype(logging.storage_dtype)])
         position = {e.example_id: j for j, e in enumerate(examples)}
-        accumulator = FisherAccumulator(layout, curvature)
         for ids, grads in log_example_gradients(model, tokenizer, examples, logging, progress, fitted):
             rows = torch.tensor([position[i] for i in ids.tolist()], dtype=torch.long)
             stored[rows] = grads.to(stored.dtype)
-            accumulator.update(stored[rows])
-        fitted_curvature = accumulator.finalize()
+        fitted_curvature = fit_fisher(layout, curvature, lambda: stored.split(4096))
 
         limit = context_length(model, max_length)
         encoded = encode_queries(model, tokenizer, specs, generation, limit, query_batch_size)

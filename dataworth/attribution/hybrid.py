@@ -1,5 +1,6 @@
 """Lexical and hybrid rankings: BM25's ranking taken to a fixed depth, reciprocal-rank fusion of BM25 with a gradient
-mode (`hybrid-rrf-<mode>`), and BM25's candidates reranked by their exact gradient scores (`hybrid-rerank-<mode>`).
+mode (`hybrid-rrf-<mode>`), BM25's candidates reranked by their exact gradient scores (`hybrid-rerank-<mode>`), and the
+query vectors a vector index is searched with for `hybrid-ann-<mode>` (whose candidates are reranked the same way).
 
 A ranking here is one query's (example ids, scores), best first, equal scores by the smaller id: the order of
 `dataworth.attribution.scoring.TopK`, so that every mode's top-k is the same whether it came from a streaming pass,
@@ -28,14 +29,16 @@ def ranked(ids, scores) -> Ranking:
     return ids[order], scores[order]
 
 
-def complete_ranking(ids, scores, n_examples: int, depth: int) -> Ranking:
+def complete_ranking(ids, scores, n_examples: int, depth: int, universe: np.ndarray | None = None) -> Ranking:
     """The first `depth` entries (at most n_examples) of a ranking of every example: `ids` (the examples with a
-    positive score, e.g. those sharing a word with a BM25 query), then the others at score 0 in id order."""
+    positive score, e.g. those sharing a word with a BM25 query), then the others at score 0 in id order.
+    `universe` (sorted example ids, e.g. those a metadata filter keeps) stands for 0..n_examples-1 when given."""
     ids, scores = ranked(ids, scores)
-    depth = min(int(depth), int(n_examples))
+    every = np.arange(n_examples, dtype=np.int64) if universe is None else np.asarray(universe, dtype=np.int64)
+    depth = min(int(depth), len(every))
     if len(ids) >= depth:
         return ids[:depth], scores[:depth]
-    rest = np.setdiff1d(np.arange(n_examples, dtype=np.int64), ids, assume_unique=True)[: depth - len(ids)]
+    rest = np.setdiff1d(every, ids, assume_unique=True)[: depth - len(ids)]
     return np.concatenate([ids, rest]), np.concatenate([scores, np.zeros(len(rest))])
 
 
@@ -49,6 +52,32 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: float = 60.0) -
         for rank, example in enumerate(np.asarray(ranking, dtype=np.int64).tolist(), start=1):
             fused[example] = fused.get(example, 0.0) + 1.0 / (k + rank)
     return ranked(list(fused), list(fused.values()))
+
+
+def ann_query_vectors(
+    queries: torch.Tensor, curvature: Curvature, mode: GradientMode, task: Curvature | None = None
+) -> torch.Tensor:
+    """[Q, dim] float32 vectors whose dot product with a stored g_i ranks the examples as `mode` does, or as near as
+    one dot product can: dot g_q and influence (F+λI)^-1 g_q exactly; relatif and cosine divide by per-example
+    norms ‖(F+λI)^-½ g_i‖ no vector index knows, so they search with influence's vector (their candidates are the
+    examples of largest influence, reranked exactly); trackstar with (T+λI)^-1 g_q under its task curvature `task`
+    (`Curvature.mixed` of the whole query set), its norms left out the same way."""
+    q64 = queries.to(torch.float64)
+    if mode == "dot":
+        out = q64
+    elif mode == "trackstar":
+        if task is None:
+            raise ValueError("trackstar's ANN query vectors need the task curvature (Curvature.mixed of the queries)")
+        out = task.apply(q64, -1.0)
+    else:
+        out = curvature.apply(q64, -1.0)
+    return out.to(torch.float32)
+
+
+def recall_at_k(approximate: Sequence[np.ndarray], exact: Sequence[np.ndarray], k: int) -> float:
+    """Mean over queries of |approximate top-k ∩ exact top-k| / |exact top-k| (each list cut at k)."""
+    hits = [len(np.intersect1d(a[:k], e[:k])) / max(1, len(e[:k])) for a, e in zip(approximate, exact, strict=True)]
+    return float(np.mean(hits)) if hits else 1.0
 
 
 def score_candidates(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dataworth.attribution.curvature import Curvature
+from dataworth.attribution.curvature import Curvature, TaskCurvature
 from dataworth.config import ALL_MODES, ALL_SCORE_MODES, ScoreMode
 from dataworth.errors import ConfigError
 
@@ -59,7 +59,7 @@ class PreparedQueries:
     n_queries: int
     task: slice | None = None  # rows of (T+λI)^-1 g_q in `stacked` (trackstar)
     task_scale: torch.Tensor | None = None  # [Q] 1/‖(T+λI)^-1/2 g_q‖ (trackstar)
-    task_curvature: Curvature | None = None  # T, whose norms of the stored rows trackstar divides by
+    task_curvature: Curvature | TaskCurvature | None = None  # T, whose norms of the stored rows trackstar divides by
 
     @property
     def needs_norms(self) -> bool:

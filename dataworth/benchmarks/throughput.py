@@ -6,6 +6,7 @@ against these.
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -45,12 +46,33 @@ PAIRWISE_ROUNDS = 6
 PAIRWISE_BUDGET_S = 120.0
 
 
+# The synthetic vectors' structure: SYNTHETIC_CLUSTERS centres in a SYNTHETIC_RANK-dim subspace of the gradient
+# space, each row its centre plus a spread within the subspace plus isotropic noise. Pure Gaussian noise has no
+# neighbourhoods (every row about as near any query as any other), which makes an ANN index's recall meaningless;
+# real per-example gradients concentrate in a few directions (a decaying spectrum) and group by topic.
+SYNTHETIC_RANK, SYNTHETIC_CLUSTERS, SYNTHETIC_SPREAD, SYNTHETIC_NOISE = 64, 256, 0.5, 0.25
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_structure(seed: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cluster centres [C, r], basis [r, dim]) shared by every shard and query of one seed."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 - 7_919)
+    centres = torch.randn(SYNTHETIC_CLUSTERS, SYNTHETIC_RANK, generator=gen)
+    basis = torch.randn(SYNTHETIC_RANK, dim, generator=gen) / SYNTHETIC_RANK**0.5
+    return centres, basis
+
+
 def synthetic_vectors(seed: int, shard: int, rows: int, dim: int) -> torch.Tensor:
-    """[rows, dim] float32 gradient-like vectors of one shard: Gaussian with a decaying per-column scale
-    (so a fitted Fisher is not a multiple of the identity), the same for the same (seed, shard)."""
+    """[rows, dim] float32 gradient-like vectors of one shard, the same for the same (seed, shard): a cluster
+    centre plus a spread in a low-rank subspace plus isotropic noise (see SYNTHETIC_RANK), times a decaying
+    per-column scale (so a fitted Fisher is not a multiple of the identity)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+    centres, basis = _synthetic_structure(seed, dim)
+    which = torch.randint(SYNTHETIC_CLUSTERS, (rows,), generator=gen)
+    low = centres[which] + SYNTHETIC_SPREAD * torch.randn(rows, SYNTHETIC_RANK, generator=gen)  # [rows, r]
+    noise = SYNTHETIC_NOISE * torch.randn(rows, dim, generator=gen)
     scale = (1.0 + torch.arange(dim, dtype=torch.float32) / 64).rsqrt()
-    return torch.randn(rows, dim, generator=gen) * scale  # [rows, dim] * [dim]
+    return (low @ basis + noise) * scale  # ([rows, r] @ [r, dim] + [rows, dim]) * [dim]
 
 
 def synthetic_queries(seed: int, n: int, dim: int) -> torch.Tensor:

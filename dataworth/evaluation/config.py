@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from dataworth.benchmarks.presets import BENCHMARKS
 from dataworth.config import (
     ALL_SCORE_MODES,
+    ANN_MODES,
     HYBRID_MODES,
     CurvatureConfig,
     LoggingConfig,
@@ -109,9 +110,11 @@ class EvaluateConfig(StageConfig):
     )
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
     score: ScoreConfig = Field(
-        default_factory=lambda: ScoreConfig(top_k=10, modes=[*ALL_SCORE_MODES, *HYBRID_MODES]),
+        default_factory=lambda: ScoreConfig(
+            top_k=10, modes=[*ALL_SCORE_MODES, *(m for m in HYBRID_MODES if m not in ANN_MODES)]
+        ),
         description="Scoring of the evaluated modes: every gradient and hybrid mode by default (BM25 comes with "
-        "baselines).",
+        "baselines; the hybrid-ann-* modes need an index built with a vector index).",
     )
     baselines: list[Baseline] = Field(default_factory=lambda: ["bm25"], description="Baselines in the same table.")
     fact_tracing: bool = Field(True, description="MRR / recall@10 of fact-stating documents (fact benchmarks).")
@@ -127,6 +130,13 @@ class EvaluateConfig(StageConfig):
         description="Index the benchmark with TrackStar's optimizer-state correction: logging.optimizer_state is "
         "set to the optimizer state the benchmark model saved with its weights.",
         exclude_if=lambda v: v is False,
+    )
+    store_dtypes: list[Literal["float16", "bfloat16", "int8"]] = Field(
+        default_factory=lambda: ["bfloat16", "int8"],
+        description="Smaller storage dtypes (logging.storage_dtype) measured against the index's float32 store: "
+        "the gradients written again in each, bytes and rank agreement (Spearman, top-10 overlap) of every "
+        "gradient mode. Empty: not measured.",
+        exclude_if=lambda v: v == ["bfloat16", "int8"],
     )
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -57,3 +57,15 @@ def rank_correlations(methods: dict[str, np.ndarray], reference: str) -> dict[st
         for n, s in methods.items()
         if n != reference
     }
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float]:
+    """(mean per-query Spearman, mean top-k overlap) of the rows of two score matrices [queries, examples]: how far
+    the rankings of an approximation `a` keep those of a reference `b`. Ties in a top-k go to the lower column."""
+    rho, overlap = [], []
+    for x, y in zip(np.asarray(a), np.asarray(b)):
+        rho.append(spearman(x, y))
+        top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
+        top_y = set(np.argsort(-y, kind="stable")[:k].tolist())
+        overlap.append(len(top_x & top_y) / min(k, len(x)))
+    return float(np.nanmean(rho)), float(np.mean(overlap))

@@ -21,6 +21,7 @@ from dataworth.attribution.projection import Projector, select_modules
 from dataworth.config import LoggingConfig
 from dataworth.data import Example, pad_token_id
 from dataworth.errors import DataError
+from dataworth.evaluation.matrices import rank_agreement
 from dataworth.queries import EncodedQuery
 
 
@@ -44,24 +45,6 @@ class CorrectionFidelity:
             "mean_layer_error": float(np.mean(list(self.layer_error.values()))),
             "k": self.k,
         }
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    return r
-
-
-def _compare(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float]:
-    """Mean Spearman correlation and top-k overlap of the rows of two score matrices [queries, examples]."""
-    rho, overlap = [], []
-    for x, y in zip(a, b):
-        rho.append(float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]))
-        top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
-        top_y = set(np.argsort(-y, kind="stable")[:k].tolist())
-        overlap.append(len(top_x & top_y) / k)
-    return float(np.mean(rho)), float(np.mean(overlap))
 
 
 def correction_fidelity(
@@ -100,6 +83,6 @@ def correction_fidelity(
         train[[position[i] for i in ids.tolist()]] = grads.float()
     q = query_gradients(model, queries, base, pad_token_id(tokenizer), batch_size, None).float()
     exact_scores = ((q * exact_scale) @ (train * exact_scale).T).numpy()
-    rho, overlap = _compare(((q * factored_scale) @ (train * factored_scale).T).numpy(), exact_scores, k)
-    rho0, overlap0 = _compare((q @ train.T).numpy(), exact_scores, k)
+    rho, overlap = rank_agreement(((q * factored_scale) @ (train * factored_scale).T).numpy(), exact_scores, k)
+    rho0, overlap0 = rank_agreement((q @ train.T).numpy(), exact_scores, k)
     return CorrectionFidelity(rho, overlap, rho0, overlap0, errors, k)

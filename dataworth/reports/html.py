@@ -74,7 +74,21 @@ tr.relevant td { background: #dafbe1; }
 .empty { color: #8c959f; font-style: italic; font-size: 13px; }
 a.top { float: right; font-size: 12px; font-weight: 400; color: #0969da; text-decoration: none; }
 img.plot { max-width: 100%; height: auto; display: block; }
+.tokenwise { margin-top: 14px; border: 1px solid #e4e7eb; border-radius: 6px; padding: 10px 12px; }
+.tokenwise .split { margin: 10px 0 0; padding-top: 8px; border-top: 1px solid #eef0f2; }
+.tokenwise .pair { font-size: 13px; }
+.tokenwise .mode-name { font-weight: 600; }
+.tokens { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px;
+  line-height: 1.9; white-space: pre-wrap; word-break: break-word; }
+.tok { padding: 2px 0; border-radius: 2px; }
+.legend { display: flex; align-items: center; gap: 8px; font-size: 12px; color: #59636e; flex-wrap: wrap; }
+.legend .scale { display: inline-block; width: 160px; height: 12px; border: 1px solid #d8dee4;
+  background: linear-gradient(to right, #b2182b, #ffffff, #2166ac); }
 """
+
+# The heat map's diverging scale: white at 0, these at ±1 (ColorBrewer RdBu's ends).
+HEAT_POSITIVE = (33, 102, 172)
+HEAT_NEGATIVE = (178, 24, 43)
 
 
 def escape(value: Any) -> str:
@@ -117,6 +131,16 @@ def finite(values: Iterable[Any]) -> list[float]:
         if math.isfinite(f):
             out.append(f)
     return out
+
+
+def heat_color(value: float) -> tuple[str, str]:
+    """(background, text colour) of a value in [-1, 1] on the diverging scale: white at 0, HEAT_POSITIVE at 1 and
+    HEAT_NEGATIVE at -1, linear in between; text turns white on the darker half."""
+    v = max(-1.0, min(1.0, float(value))) if math.isfinite(float(value)) else 0.0
+    end = HEAT_POSITIVE if v >= 0 else HEAT_NEGATIVE
+    a = abs(v)
+    r, g, b = (round(255 + (c - 255) * a) for c in end)
+    return f"rgb({r},{g},{b})", "#ffffff" if a > 0.55 else "#1f2328"
 
 
 def run_info_html(run_info: dict[str, str] | None) -> str:

@@ -1,5 +1,6 @@
-"""Self-contained HTML report of query attributions: per query the prompt, the completion and each mode's
-ranked training examples, after the run info, the metrics and the score histograms (shared parts in html.py).
+"""Self-contained HTML report of query attributions: per query the prompt, the completion, the token heat map of
+its top examples (when token-wise scores were computed) and each mode's ranked training examples, after the run
+info, the metrics and the score histograms (shared parts in html.py).
 """
 
 from __future__ import annotations
@@ -7,7 +8,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from dataworth.reports.html import CSS, escape, fmt_number, histogram_png, metrics_html, run_info_html
+from dataworth.reports.html import (
+    CSS,
+    escape,
+    fmt_number,
+    heat_color,
+    histogram_png,
+    metrics_html,
+    run_info_html,
+)
 
 # Training texts are shown cut to this many characters; the full text stays in the store.
 TEXT_LIMIT = 300
@@ -72,7 +81,49 @@ def _mode_summary(rows: list[dict] | None) -> str:
     return f'<span class="summary">{escape(text)}</span>'
 
 
-def _query_html(index: int, query: dict, results: dict[str, dict[str, list[dict]]]) -> str:
+def _token_spans(tokens: list[tuple[str, float]]) -> str:
+    """Each token a span coloured by its score on a scale of the largest |score| of the row (the value in its
+    title); the row's scores sum to the pair's score."""
+    peak = max((abs(v) for _, v in tokens), default=0.0)
+    spans = []
+    for text, value in tokens:
+        background, ink = heat_color(value / peak if peak > 0 else 0.0)
+        spans.append(
+            f'<span class="tok" style="background:{background};color:{ink}" '
+            f'title="{escape(repr(text))} · {fmt_number(value)}">{escape(text)}</span>'
+        )
+    return f'<div class="tokens">{"".join(spans)}</div>'
+
+
+TOKEN_LEGEND = (
+    '<div class="legend"><span>opposes (−)</span><span class="scale"></span><span>supports (+)</span>'
+    '<span class="note">colour: a token\'s share of the score, scaled to the largest |share| of its row; '
+    "hover a token for its value. Each row sums to the score.</span></div>"
+)
+
+
+def _tokenwise_html(splits: list[dict] | None) -> str:
+    """The token heat map of one query: per (mode, rank) its completion tokens and the example's tokens."""
+    if not splits:
+        return ""
+    rows = []
+    for sp in splits:
+        head = (
+            f'<div class="pair"><span class="mode-name">{escape(sp.get("mode"))}</span> rank {escape(sp.get("rank"))}'
+            f' · document <span class="qid">{_id(sp.get("document_id"))}</span>'
+            f' · example <span class="qid">{_id(sp.get("example_id"))}</span>'
+            f" · score {fmt_number(sp.get('total'))}</div>"
+        )
+        rows.append(
+            f'<div class="split">{head}<div class="label">Completion tokens</div>{_token_spans(sp.get("query", []))}'
+            f'<div class="label">Example tokens</div>{_token_spans(sp.get("train", []))}</div>'
+        )
+    return f'<div class="tokenwise"><h3>Token attribution</h3>{TOKEN_LEGEND}{"".join(rows)}</div>'
+
+
+def _query_html(
+    index: int, query: dict, results: dict[str, dict[str, list[dict]]], splits: list[dict] | None = None
+) -> str:
     qid = query.get("id")
     badge = '<span class="badge">generated</span>' if query.get("generated") else ""
     modes = []
@@ -87,7 +138,7 @@ def _query_html(index: int, query: dict, results: dict[str, dict[str, list[dict]
         f'<div class="label">Prompt</div><div class="textbox prompt">{escape(query.get("prompt"))}</div>'
         f'<div class="label">Completion{badge}</div>'
         f'<div class="textbox completion">{escape(query.get("completion"))}</div>'
-        f"{modes_html}</section>"
+        f"{_tokenwise_html(splits)}{modes_html}</section>"
     )
 
 
@@ -111,6 +162,7 @@ def render_query_report(
     score_samples: dict[str, list[float]] | None = None,
     max_rows: int | None = None,
     full_list: str | None = None,
+    token_scores: dict[str, list[dict]] | None = None,
 ) -> str:
     """One self-contained HTML page: run info, metrics, score histograms, then per query
     the prompt, the completion and each mode's ranked training examples (the first `max_rows` of them; the
@@ -118,7 +170,9 @@ def render_query_report(
 
     queries: {"id", "prompt", "completion", "generated"}; results: mode -> query id ->
     ranked rows {"rank", "score", "example_id", "document_id", "text", "relevant"};
-    metrics: mode -> metric -> value; score_samples: mode -> scores for a histogram.
+    metrics: mode -> metric -> value; score_samples: mode -> scores for a histogram;
+    token_scores: query id -> token splits {"mode", "rank", "example_id", "document_id", "total",
+    "query": [(token, score)], "train": [(token, score)]}, drawn as a heat map under the query.
     """
     modes = list(results)
     subtitle = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} · modes: {', '.join(modes) or '–'}"
@@ -139,7 +193,8 @@ def render_query_report(
     if score_samples:
         parts.append(_histogram_html(score_samples))
     if queries:
-        parts.extend(_query_html(i, q, results) for i, q in enumerate(queries))
+        token_scores = token_scores or {}
+        parts.extend(_query_html(i, q, results, token_scores.get(str(q.get("id")))) for i, q in enumerate(queries))
     else:
         parts.append('<section class="card"><p class="empty">No queries.</p></section>')
     return (

@@ -72,3 +72,14 @@ def format_fact_tracing(metrics: dict[str, dict[str, float]], correct: int, tota
         f"\nFact tracing over {correct} queries the model completes with the fact "
         f"(of {total}; model fact accuracy {fact_accuracy:.2f}):\n" + format_metrics(metrics)
     )
+
+
+def format_store_precision(table: dict[str, dict[str, float]]) -> str:
+    """The store-precision table (storage dtype -> bytes_ratio, <mode>.<metric>) as one row per dtype and mode."""
+    rows: dict[str, dict[str, float]] = {}
+    for dtype, row in table.items():
+        for name, value in row.items():
+            if "." in name:
+                mode, metric = name.split(".", 1)
+                rows.setdefault(f"{dtype} {mode}", {"bytes ÷ float32": row["bytes_ratio"]})[metric] = value
+    return "Stored gradients in smaller dtypes against float32:\n" + format_table(rows)

@@ -6,7 +6,7 @@ from gradcheck import plain, reference_gradients, relative_error
 from tiny import make_tiny_gpt2
 
 from dataworth import Attribution, attribute
-from dataworth.attribution.curvature import FisherAccumulator
+from dataworth.attribution.curvature import fit_fisher
 from dataworth.attribution.gradients import log_example_gradients, query_gradients
 from dataworth.attribution.kfac import fit_kfac_projections
 from dataworth.attribution.projection import describe_layout
@@ -89,9 +89,7 @@ def test_scores_equal_the_pipeline_steps(model, tokenizer, precondition, kind):
     grads = torch.zeros(len(examples), layout.dim)
     for ids, g in log_example_gradients(model, tokenizer, examples, logging, fitted=fitted):
         grads[ids] = g
-    accumulator = FisherAccumulator(layout, curvature)
-    accumulator.update(grads)
-    fisher = accumulator.finalize()
+    fisher = fit_fisher(layout, curvature, lambda: [grads])
     assert fisher.kind == kind
     specs = [QuerySpec(**q) for q in QUERIES] + [QuerySpec(id="q2", prompt="the dog ran")]
     encoded = encode_queries(model, tokenizer, specs, gen, 64)

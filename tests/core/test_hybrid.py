@@ -95,7 +95,7 @@ def test_prepared_queries_take_keeps_each_mode():
 
 
 def test_mode_names_and_config_checks():
-    assert set(HYBRID_MODES) == {f"hybrid-{k}-{m}" for k in ("rrf", "rerank") for m in ALL_SCORE_MODES}
+    assert set(HYBRID_MODES) == {f"hybrid-{k}-{m}" for k in ("rrf", "rerank", "ann") for m in ALL_SCORE_MODES}
     assert set(ALL_MODES) == {*ALL_SCORE_MODES, "bm25", *HYBRID_MODES}
     assert hybrid_parts("hybrid-rerank-influence") == ("rerank", "influence")
     assert hybrid_parts("bm25") is None and hybrid_parts("dot") is None

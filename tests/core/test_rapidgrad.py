@@ -18,7 +18,7 @@ from gradcheck import (
 from tiny import make_tiny_gpt2
 
 from dataworth import attribute
-from dataworth.attribution.curvature import FisherAccumulator
+from dataworth.attribution.curvature import fit_fisher
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.kfac import fit_projections
 from dataworth.attribution.optimizer_state import optimizer_scales
@@ -179,9 +179,7 @@ def test_ekfac_on_rapidgrad_blocks_is_the_raw_fisher(tiny_model):
     layout = GradientCollector(tiny_model, cfg).layout
     fits = {}
     for kind in ("raw", "ekfac"):
-        acc = FisherAccumulator(layout, CurvatureConfig(kind=kind, damping_factor=0.2))
-        acc.update(grads)
-        fits[kind] = acc.finalize()
+        fits[kind] = fit_fisher(layout, CurvatureConfig(kind=kind, damping_factor=0.2), lambda: [grads])
     assert torch.allclose(fits["ekfac"].matrix(-1.0), fits["raw"].matrix(-1.0), atol=1e-8, rtol=1e-8)
 
 

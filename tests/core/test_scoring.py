@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dataworth.attribution.curvature import Curvature, FisherAccumulator
+from dataworth.attribution.curvature import Curvature, FisherAccumulator, fit_fisher
 from dataworth.attribution.hybrid import rerank, score_candidates
 from dataworth.attribution.projection import Block, Layout
 from dataworth.attribution.scoring import Scorer, TopK, checkpoint_sum, prepare_queries, score_batch
 from dataworth.config import ALL_SCORE_MODES, DEFAULT_SCORE_MODES, HYBRID_MODES, CurvatureConfig, ScoreConfig
-from dataworth.errors import ConfigError
+from dataworth.errors import ConfigError, DataError
 
 LAYOUT = Layout((Block("a", 2, 3, 0), Block("b", 2, 2, 6)))
 
@@ -42,10 +42,7 @@ def explicit_ekfac(G, factor, layout=LAYOUT):
 
 
 def fit(G, factor=0.1, batch=7, kind="raw", layout=LAYOUT):
-    acc = FisherAccumulator(layout, CurvatureConfig(kind=kind, damping_factor=factor))
-    for s in range(0, G.shape[0], batch):
-        acc.update(G[s : s + batch])
-    return acc.finalize()
+    return fit_fisher(layout, CurvatureConfig(kind=kind, damping_factor=factor), lambda: G.split(batch))
 
 
 @pytest.fixture
@@ -115,6 +112,53 @@ def test_ekfac_matches_explicit(data):
     assert again.kind == "ekfac" and torch.allclose(again.matrix(-1.0), curv.matrix(-1.0), atol=1e-12)
     redamped = curv.with_damping(1.0)
     assert redamped.kind == "ekfac" and torch.allclose(redamped.matrix(1.0), explicit_ekfac(G, 1.0), atol=1e-10)
+
+
+def test_ekfac_is_fitted_in_two_passes_from_its_factors(data):
+    """No block's Fisher is formed: two passes (the factors, then the eigenvalues in their basis) give the explicit
+    EKFAC and every mode's explicit scores, sides up to max_block_dim are allowed whatever the block's size, and a
+    skipped or partial second pass is a clear error."""
+    G, Q = data
+    cfg = CurvatureConfig(kind="ekfac", damping_factor=0.3, max_block_dim=3)  # blocks of 6 and 4 > 3: still fitted
+    passes = []
+
+    def batches():
+        passes.append(1)
+        return G.split(7)
+
+    curv = fit_fisher(LAYOUT, cfg, batches)
+    assert len(passes) == 2 and all(len(block) == 3 for block in curv.blocks.values())  # (Λ, Q_S, Q_A)
+    assert torch.allclose(curv.matrix(1.0), explicit_ekfac(G, 0.3), atol=1e-10)
+    Minv = torch.linalg.inv(explicit_ekfac(G, 0.3))
+    scorer = Scorer(Q, curv, list(DEFAULT_SCORE_MODES), top_k=3, full_matrix_size=G.shape[0], dtype=torch.float64)
+    scorer.update(torch.arange(G.shape[0]), G)
+    for mode in DEFAULT_SCORE_MODES:
+        assert torch.allclose(scorer.full[mode], explicit_scores(G, Q, Minv, mode), atol=1e-9), mode
+
+    acc = FisherAccumulator(LAYOUT, cfg)
+    acc.update(G)
+    assert acc.needs_second_pass
+    with pytest.raises(DataError, match="needs a second pass.*fit_fisher"):
+        acc.finalize()
+    acc.begin_correction()
+    acc.update(G[:10])
+    with pytest.raises(DataError, match="40 examples; 10 seen again"):
+        acc.finalize()
+    with pytest.raises(ConfigError, match="Use curvature kind ekfac"):
+        FisherAccumulator(LAYOUT, CurvatureConfig(kind="raw", max_block_dim=4))
+    with pytest.raises(ConfigError, match="EKFAC factor of side 3"):
+        FisherAccumulator(LAYOUT, CurvatureConfig(kind="ekfac", max_block_dim=2))
+
+
+def test_a_dense_ekfac_artifact_still_reads(data):
+    """Indexes fitted before the factored form stored each ekfac block as (Λ, Q_S ⊗ Q_A): they score the same."""
+    G, Q = data
+    curv = fit(G, 0.3, kind="ekfac")
+    old = {n: (e, torch.kron(q_s, q_a)) for n, (e, q_s, q_a) in curv.blocks.items()}
+    dense = Curvature.from_bytes(Curvature.from_eigen(LAYOUT, old, curv.count, 0.3, "ekfac").to_bytes())
+    assert torch.allclose(dense.matrix(-0.5), curv.matrix(-0.5), atol=1e-10)
+    assert torch.allclose(dense.whitened_norms(G), curv.whitened_norms(G), atol=1e-10)
+    assert torch.allclose(dense.mixed(Q, 0.4).matrix(-1.0), curv.mixed(Q, 0.4).matrix(-1.0), atol=1e-10)
 
 
 def test_ekfac_of_a_one_row_block_is_the_raw_fisher():
@@ -333,8 +377,14 @@ def test_trackstar_is_cosine_under_the_task_curvature(shared_queries, kind, w):
     assert torch.allclose(task.matrix(-1.0), Tinv, atol=1e-9)
     # the mix keeps the trace, so λ is the train Fisher's
     assert task.damping == curv.damping
-    for b, _sl in LAYOUT.slices():
-        assert float(task.blocks[b.name][0].sum()) == pytest.approx(float(curv.blocks[b.name][0].sum()), rel=1e-10)
+    Tdamped = explicit_task(G, Q, w, kind)
+    for b, sl in LAYOUT.slices():
+        trace = torch.trace(Tdamped[sl, sl]) - b.size * curv.damping[b.name]
+        assert float(trace) == pytest.approx(float(curv.blocks[b.name][0].sum()), rel=1e-10)
+    # only the inverse is applied (all trackstar needs), by Woodbury: its norms are those of the explicit inverse
+    assert torch.allclose(task.whitened_norms(G), torch.sqrt(torch.einsum("nd,de,ne->n", G, Tinv, G)), atol=1e-9)
+    with pytest.raises(ConfigError, match="power -1 only"):
+        task.apply(Q, -0.5)
     expected = explicit_scores(G, Q, Tinv, "cosine")
     scorer = Scorer(Q, curv, ["trackstar", "cosine"], top_k=5, full_matrix_size=40, dtype=torch.float64, task_mix=w)
     ids = torch.arange(40)
@@ -440,3 +490,26 @@ def test_mixed_is_computed_once_per_query_set(shared_queries):
     first = curv.mixed(Q, 0.5)
     assert curv.mixed(Q.clone(), 0.5) is first  # same queries, same weight: the same eigendecomposition
     assert curv.mixed(Q, 0.25) is not first and curv.mixed(Q[:2], 0.5) is not first
+
+
+def test_trackstar_curvature_of_a_block_past_any_dense_size():
+    """A 130 × 130 block (16,900 dims: its dense Fisher would take 2.1 GiB) gets its EKFAC in two passes and its
+    task curvature by Woodbury: (T + λI) applied, without a dense matrix, to (T + λI)^-1 v gives v back."""
+    from dataworth.attribution.curvature import fit_fisher
+
+    layout = Layout((Block("wide", 130, 130, 0),))
+    torch.manual_seed(3)
+    G = torch.randn(12, layout.dim, dtype=torch.float64)
+    Q = torch.randn(3, layout.dim, dtype=torch.float64)
+    curv = fit_fisher(layout, CurvatureConfig(kind="ekfac", max_block_dim=130), lambda: G.split(5))
+    w = 0.4
+    task = curv.mixed(Q, w)
+    v = torch.randn(2, layout.dim, dtype=torch.float64)
+    x = task.apply(v, -1.0)
+    lam = curv.damping["wide"]
+    fisher_x = curv.apply(x, 1.0) - lam * x  # F x
+    fq_x = (x @ Q.T) @ Q / Q.shape[0]  # F_q x
+    trace_f, trace_q = float(curv.blocks["wide"][0].sum()), float(Q.square().sum()) / Q.shape[0]
+    back = (1 - w) * fisher_x + w * trace_f / trace_q * fq_x + lam * x
+    assert torch.allclose(back, v, atol=1e-8)
+    assert torch.allclose(task.whitened_norms(v).square(), (v * x).sum(1), atol=1e-8)

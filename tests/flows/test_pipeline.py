@@ -13,6 +13,7 @@ from dataworth.attribution.gradients import query_gradients
 from dataworth.attribution.projection import FittedProjections
 from dataworth.attribution.scoring import Scorer
 from dataworth.config import (
+    GenerationConfig,
     IndexConfig,
     ModelConfig,
     QueryConfig,
@@ -165,3 +166,55 @@ def test_grown_corpus_relogs_only_changed_shards(harness, assets, tmp_path):
     assert states[shards[-1]] == "Completed"
     by_task = {name.rsplit("-", 1)[0]: state for name, state in states.items() if not name.startswith("log_gradients")}
     assert by_task["tokenize_corpus"] == "Completed" and by_task["fit_curvature"] == "Completed"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_compact_store_index_then_query(harness, assets, tmp_path, dtype):
+    """An index stored in bfloat16 or int8 holds the float32 index's gradients rounded (bfloat16 exactly as torch
+    rounds, int8 within half a step of each row's scale), and its query scores are those of the decoded rows."""
+    from flows.index import index_flow
+    from flows.query import query_flow
+
+    for name in ("float32", dtype):
+        (tmp_path / name).mkdir()
+    ref = tiny_index_config(assets, tmp_path / "float32", precondition="none")
+    index_flow(ref, progress=False)
+    exact = {int(i): v for ids, vecs, _ in IndexStore(ref.index_uri).iter_gradients(100) for i, v in zip(ids, vecs)}
+
+    cfg = tiny_index_config(assets, tmp_path / dtype, precondition="none", storage_dtype=dtype)
+    index_flow(cfg, progress=False)
+    store = IndexStore(cfg.index_uri)
+    assert store.gradient_dtype() == dtype and store.read_manifest().config.logging.storage_dtype == dtype
+    ids, vecs = zip(*[(i, v) for i, v, _ in store.iter_gradients(100)])
+    ids, got = np.concatenate(ids), np.concatenate(vecs)
+    want = np.stack([exact[int(i)] for i in ids])
+    if dtype == "bfloat16":
+        np.testing.assert_array_equal(got, torch.from_numpy(want).to(torch.bfloat16).float().numpy())
+    else:
+        step = np.abs(want).max(axis=1, keepdims=True) / 127
+        assert (np.abs(got - want) <= 0.5 * step * (1 + 1e-5)).all() and not np.array_equal(got, want)
+
+    q = query_flow(
+        QueryConfig(
+            index_uri=cfg.index_uri,
+            queries_path=str(assets / "queries.jsonl"),
+            score=ScoreConfig(modes=["influence", "cosine"], top_k=3, query_batch_size=1),
+            tracking=cfg.tracking,
+        )
+    )
+    from dataworth.model import load_model
+    from dataworth.queries import load_queries
+
+    manifest = store.read_manifest()
+    model, tok = load_model(ModelConfig(name_or_path=str(assets / "model")))
+    specs = [s for s in load_queries(str(assets / "queries.jsonl")) if s.id == "cats"]
+    enc = encode_queries(model, tok, specs, GenerationConfig(), 64)
+    g_q = query_gradients(model, enc, manifest.config.logging, tok.pad_token_id, 2)
+    curv = Curvature.from_bytes(store.read_artifact(manifest.curvature_artifact))
+    scorer = Scorer(g_q, curv, ["influence", "cosine"], top_k=3)
+    scorer.update(torch.from_numpy(ids), torch.from_numpy(got))
+    rows = results_store(cfg.index_uri).read_scores(q["score_run_id"]).to_pylist()
+    for mode in ("influence", "cosine"):
+        mine = sorted((r for r in rows if r["mode"] == mode and r["query_id"] == "cats"), key=lambda r: r["rank"])
+        assert [r["example_id"] for r in mine] == scorer.topk[mode].ids[0].tolist()
+        np.testing.assert_allclose([r["score"] for r in mine], scorer.topk[mode].scores[0].numpy(), rtol=1e-4)

@@ -44,7 +44,10 @@ def test_examples_schema():
     ]
 
 
-@pytest.mark.parametrize("dtype, value_type", [("float32", pa.float32()), ("float16", pa.float16())])
+@pytest.mark.parametrize(
+    "dtype, value_type",
+    [("float32", pa.float32()), ("float16", pa.float16()), ("bfloat16", pa.uint16()), ("int8", pa.int8())],
+)
 def test_gradients_schema(dtype, value_type):
     schema = gradients_schema(12, dtype)
     assert _fields(schema) == [
@@ -52,15 +55,15 @@ def test_gradients_schema(dtype, value_type):
         ("shard", pa.int32(), False),
         ("vector", pa.list_(value_type, 12), False),
         ("sq_norm", pa.float32(), False),
-    ]
+    ] + ([("scale", pa.float32(), False)] if dtype == "int8" else [])
     assert vector_layout(schema) == (12, dtype)
 
 
 def test_gradients_schema_rejects_bad_dim_and_dtype():
     with pytest.raises(IndexStoreError, match="dim must be a positive int, got 0"):
         gradients_schema(0, "float32")
-    with pytest.raises(IndexStoreError, match="'bfloat16' is not supported"):
-        gradients_schema(4, "bfloat16")
+    with pytest.raises(IndexStoreError, match="'float64' is not supported"):
+        gradients_schema(4, "float64")
 
 
 def test_scores_queries_artifacts_schemas():

@@ -9,6 +9,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from storage import SCHEMA_VERSION, IndexManifest, IndexState, IndexStore, IndexStoreError
 from storage.schemas import examples_schema
@@ -175,6 +176,52 @@ def test_float16_round_trip_keeps_float32_norm(store):
     np.testing.assert_allclose(norms, exact, rtol=1e-6)
     # The stored norm is the float32 one, not the norm of the rounded float16 vector.
     assert not np.allclose(norms, (vecs.astype(np.float16).astype(np.float64) ** 2).sum(1), rtol=1e-7, atol=0)
+
+
+def test_bfloat16_store_rounds_as_torch_does(store):
+    ids = np.arange(30)
+    vecs = _vectors(ids, dim=16) * np.logspace(-15, 15, 30, dtype=np.float32)[:, None]
+    vecs[0, :3] = [0.0, -0.0, 1.0 + 2.0**-8]  # exact zeros and a tie (rounds to even: 1.0)
+    store.write_gradient_shard(0, ids, vecs, "bfloat16")
+    assert (store.gradient_dim(), store.gradient_dtype()) == (16, "bfloat16")
+    got_ids, got, norms = _read_all(store, batch_size=7)
+    np.testing.assert_array_equal(got_ids, ids)
+    want = torch.from_numpy(vecs).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 2] == 1.0
+    np.testing.assert_allclose(norms, (vecs.astype(np.float64) ** 2).sum(1), rtol=1e-6)  # of the unrounded rows
+
+
+def test_int8_store_keeps_each_row_within_half_a_step(store):
+    ids = np.arange(25)
+    vecs = _vectors(ids, dim=32) * np.logspace(-15, 15, 25, dtype=np.float32)[:, None]
+    vecs[3] = 0.0  # a zero row: scale 0, decoded as zeros
+    for shard, lo in enumerate(range(0, 25, 10)):
+        store.write_gradient_shard(shard, ids[lo : lo + 10], vecs[lo : lo + 10], "int8")
+    assert store.gradient_dtype() == "int8"
+    got_ids, got, _ = _read_all(store, batch_size=4)
+    np.testing.assert_array_equal(got_ids, ids)
+    step = np.abs(vecs).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - vecs) <= 0.5 * step * (1 + 1e-6)).all()
+    np.testing.assert_array_equal(got[3], 0.0)
+    # each row's largest value is stored exactly as ±127 steps
+    rows = np.arange(25)
+    big = np.abs(vecs).argmax(axis=1)
+    np.testing.assert_allclose(got[rows, big], vecs[rows, big], rtol=1e-6)
+    by_id, _ = store.read_gradients_by_id(np.array([7, 3, 7]), store.gradients_version())
+    np.testing.assert_array_equal(by_id, got[[7, 3, 7]])
+
+
+def test_compact_dtypes_store_fewer_bytes(tmp_path):
+    ids = np.arange(2000)
+    vecs = _vectors(ids, dim=256)
+    sizes = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        s = IndexStore(str(tmp_path / dtype))
+        s.write_gradient_shard(0, ids, vecs, dtype)
+        sizes[dtype] = s.bytes_stored()
+    assert sizes["bfloat16"] < 0.56 * sizes["float32"]
+    assert sizes["int8"] < 0.31 * sizes["float32"]
 
 
 def test_streaming_reader_batches_versions_and_shards(store):

@@ -20,6 +20,7 @@ from tasks.evaluate import (
     plan_brittleness,
     plan_subsets,
     record_calibration,
+    store_precision_eval,
     tail_patch_eval,
 )
 from tasks.index import publish_index
@@ -321,3 +322,44 @@ def test_tail_patch_with_the_optimizers_step_needs_its_state(published, tmp_path
     path = save_matrices(tmp_path / "m.npz", {"a": a}, [q.id for q in QUERIES])
     with pytest.raises(ConfigError, match="optimizer.pt"):
         tail_patch_eval.fn(cfg.index_uri, [path], QUERIES, 2, 1e-4, "state")
+
+
+def test_store_precision_eval_matches_an_explicit_rounding(published, tmp_path):
+    """dot and influence agreement of a bfloat16 store equal those of the index's gradients rounded by torch
+    (influence with the curvature refitted on the rounded rows), and the compact stores take fewer bytes."""
+    import torch
+
+    from dataworth.attribution.curvature import fit_fisher
+    from dataworth.attribution.projection import Layout
+    from dataworth.evaluation.matrices import rank_agreement
+    from tasks.common import index_curvature, index_query_gradients, open_index_model
+
+    cfg, manifest = published
+    score = ScoreConfig(modes=["dot", "influence", "cosine"])
+    got = store_precision_eval.fn(cfg.index_uri, QUERIES, score, ["bfloat16", "int8"], str(tmp_path / "w"), k=3)
+    assert set(got.table) == {"bfloat16", "int8"} and got.examples == manifest.num_examples
+    assert set(got.table["int8"]) == {"bytes_ratio"} | {
+        f"{m}.{x}" for m in score.modes for x in ("spearman", "top3_overlap")
+    }
+    assert 0.3 < got.table["bfloat16"]["bytes_ratio"] < 0.8
+    assert got.table["int8"]["bytes_ratio"] < got.table["bfloat16"]["bytes_ratio"]
+    assert not list((tmp_path / "w").iterdir())  # the copies are removed
+
+    store = IndexStore(cfg.index_uri)
+    ids, vectors, _ = zip(*store.iter_gradients(4096))
+    order = np.argsort(np.concatenate(ids))
+    g = torch.from_numpy(np.concatenate(vectors)[order])
+    low = g.to(torch.bfloat16).to(torch.float32)
+    q = index_query_gradients(open_index_model(store, manifest), QUERIES, GenerationConfig(), 16)[1]
+    damping = index_curvature(store, manifest, None).damping_factor
+    layout, curvature = Layout.from_json(manifest.layout), manifest.config.curvature
+    fitted = fit_fisher(layout, curvature, lambda: [low]).with_damping(damping)
+    exact = fit_fisher(layout, curvature, lambda: [g]).with_damping(damping)
+    want = {
+        "dot": rank_agreement((q @ low.T).numpy(), (q @ g.T).numpy(), 3),
+        "influence": rank_agreement((fitted.apply(q, -1.0) @ low.T).numpy(), (exact.apply(q, -1.0) @ g.T).numpy(), 3),
+    }
+    for mode, (rho, overlap) in want.items():
+        assert got.table["bfloat16"][f"{mode}.spearman"] == pytest.approx(rho, abs=1e-6)
+        assert got.table["bfloat16"][f"{mode}.top3_overlap"] == pytest.approx(overlap, abs=1e-9)
+    assert rho < 1.0  # the rounding does move some ranks: the comparison is not trivially perfect

@@ -12,7 +12,7 @@ from storage import IndexStore
 from tasks.common import gradient_batches
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("batch_size", [1, 9, 1000, 1500, 4096])
 def test_gradient_batches_equal_iter_gradients(tmp_path, dtype, batch_size):
     store = IndexStore(str(tmp_path / "index"))

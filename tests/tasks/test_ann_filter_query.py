@@ -1,0 +1,234 @@
+"""The hybrid-ann-* modes (LanceDB's vector index on the stored gradients, candidates reranked exactly) and the
+metadata filters (where_source, where_document) through the query tasks (`.fn`) against a temporary LanceDB
+directory: ANN + rerank against the exact top-k, filtered scores against the unfiltered ones restricted to the
+matching examples in every mode, single-task and sharded, and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from dataworth.config import ALL_SCORE_MODES, ANN_NPROBES, AnnConfig, GenerationConfig, QuerySpec, ScoreConfig
+from storage import IndexStore, results_store
+from tasks.index import assemble_manifest, build_ann_index, fit_curvature, publish_index
+from tasks.query import merge_scores, query_gradients, score_queries, score_shard_range
+
+QUERIES = [
+    QuerySpec(id="cats", prompt="Tova keeps three", completion=" grey cats"),
+    QuerySpec(id="mill", prompt="The river runs past the", completion=" old mill"),
+]
+SOURCES = ["wiki", "news", "wiki", "news", "wiki", "news"]
+GEN = GenerationConfig()
+
+
+@pytest.fixture
+def published(stages, index_config, texts, tmp_path):
+    """A tiny index (shards of 2) over the task corpus with a `source` column, built as the index flow builds one
+    with --ann.build: the vector index after the shards, curvature and manifest at its table version."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t, "src": s}) + "\n" for i, (t, s) in enumerate(zip(texts, SOURCES)))
+    )
+    cfg = index_config(precondition="none")
+    cfg = cfg.model_copy(
+        update={
+            "logging": cfg.logging.model_copy(update={"shard_size": 2}),
+            "data": cfg.data.model_copy(update={"dataset": str(docs), "source_column": "src"}),
+            "ann": AnnConfig(build=True),
+        }
+    )
+    tok = stages.tokenize(cfg)
+    shards = stages.log_all(cfg, tok)
+    built = build_ann_index.fn(cfg.index_uri, cfg.ann)
+    assert built.gradients_version == IndexStore(cfg.index_uri).gradients_version()
+    curv = fit_curvature.fn(cfg.index_uri, cfg.curvature, shards[0].layout, built.gradients_version)
+    manifest = assemble_manifest.fn(cfg, tok, shards, built.gradients_version, curv, ann=built)
+    return cfg, publish_index.fn(cfg.index_uri, manifest).manifest
+
+
+def _rows(uri, srid):
+    out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in sorted(results_store(uri).read_scores(srid).to_pylist(), key=lambda r: r["rank"]):
+        out.setdefault((r["mode"], r["query_id"]), []).append((r["example_id"], r["score"]))
+    return out
+
+
+def _order(row, ids):
+    """Example ids by score descending, then id (the TopK rule)."""
+    return sorted(np.asarray(ids).tolist(), key=lambda i: (-row[i], i))
+
+
+def _full(cfg, manifest, modes, path):
+    """Every mode's full score matrix of an unfiltered run (gradient modes in float32, as streamed)."""
+    score = ScoreConfig(modes=modes, top_k=1, full_matrix=True, query_batch_size=2)
+    score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GEN, str(path))
+    return np.load(path)
+
+
+def test_manifest_records_the_vector_index(published):
+    cfg, manifest = published
+    info = manifest.ann_index
+    assert info["index_type"] == "IVF_SQ" and info["metric"] == "dot" and info["rows"] == manifest.num_examples
+    assert info["partitions"] == 1 and info["sub_vectors"] is None  # √rows, at most rows / 256
+    # The build config (and so check_compatible and the gradients' fingerprint) does not hold ann.
+    assert "ann" not in manifest.config.model_dump()
+    # IVF_PQ: dim / 16 sub-vectors when 16 divides dim, else dim's largest divisor up to dim / 8.
+    pq = IndexStore(cfg.index_uri).build_vector_index("IVF_PQ")
+    assert pq["index_type"] == "IVF_PQ" and manifest.dim % pq["sub_vectors"] == 0
+    dim = manifest.dim
+    divisors = [d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0]
+    assert pq["sub_vectors"] == (dim // 16 if dim % 16 == 0 else max(divisors))
+
+
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_ann_with_rerank_equals_the_exact_top_k(published, tmp_path, candidates):
+    """M ≥ rows: every example is a candidate, so the rerank is the exact top-k in every gradient mode (and the
+    recall logged against the streamed exact modes is 1). M = k on a tiny index: its rows are below what Lance
+    trains partitions on, so the index searches them flat (exactly), and the modes whose ANN query vector is their
+    own exact one (dot, influence) still get the exact top-k."""
+    cfg, manifest = published
+    n, k = manifest.num_examples, 3
+    ann = [f"hybrid-ann-{m}" for m in ALL_SCORE_MODES]
+    score = ScoreConfig(modes=[*ALL_SCORE_MODES, *ann], top_k=k, candidates=candidates or n + 5, query_batch_size=2)
+    scored = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GEN)
+    rows = _rows(cfg.index_uri, scored.score_run_id)
+    for mode in ALL_SCORE_MODES if candidates is None else ["dot", "influence"]:
+        for q in QUERIES:
+            exact, got = rows[(mode, q.id)], rows[(f"hybrid-ann-{mode}", q.id)]
+            assert [i for i, _ in got] == [i for i, _ in exact], (mode, q.id)
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in exact], rtol=1e-5)
+    assert set(scored.ann_recall) == set(ann)
+    assert scored.ann_recall["hybrid-ann-dot"] == scored.ann_recall["hybrid-ann-influence"] == 1.0
+    assert scored.metrics()["recall_at_3.hybrid-ann-influence"] == 1.0
+    if candidates is None:
+        assert scored.ann_recall == {m: 1.0 for m in ann}
+    # The top-k CSV's columns are those of every other mode.
+    assert {len(v) for v in rows.values()} == {k}
+
+
+def test_ann_alone_streams_nothing_and_logs_no_recall(published):
+    cfg, manifest = published
+    score = ScoreConfig(modes=["hybrid-ann-dot"], top_k=2, candidates=4)
+    scored = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GEN)
+    assert scored.pairs == 0 and scored.ann_recall == {}
+    assert {len(v) for v in _rows(cfg.index_uri, scored.score_run_id).values()} == {2}
+
+
+def test_ann_without_a_vector_index_fails_before_any_model_work(published, monkeypatch):
+    cfg, manifest = published
+    old = manifest.model_copy(update={"gradients_version": manifest.gradients_version - 1, "ann_index": None})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was opened before the missing vector index was reported")
+
+    monkeypatch.setattr("tasks.query.open_index_model", no_model)
+    score = ScoreConfig(modes=["dot", "hybrid-ann-dot"])
+    for run in (score_queries.fn, query_gradients.fn):
+        with pytest.raises(ValueError, match=r"has no vector index.*--ann.build"):
+            run(cfg.index_uri, old, QUERIES, score, GEN)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_ann_on_a_dtype_lance_cannot_index_is_refused(index_config, dtype):
+    cfg = index_config()
+    with pytest.raises(ValidationError, match=r"ann.build with logging.storage_dtype.*--logging.storage-dtype float16"):
+        type(cfg).model_validate(
+            {
+                **cfg.model_dump(),
+                "logging": {**cfg.logging.model_dump(), "storage_dtype": dtype},
+                "ann": {"build": True},
+            }
+        )
+
+
+FILTERED_MODES = [
+    *ALL_SCORE_MODES,
+    "bm25",
+    "hybrid-rrf-influence",
+    "hybrid-rerank-dot",
+    "hybrid-rerank-cosine",
+    "hybrid-ann-influence",
+    "hybrid-ann-relatif",
+]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"where_source": ["news"]},
+        {"where_document": ["d0", "d5"]},
+        {"where_source": ["wiki"], "where_document": ["d0", "d1"]},
+    ],
+)
+def test_filtered_scores_are_the_unfiltered_ones_restricted(published, tmp_path, where):
+    cfg, manifest = published
+    store = IndexStore(cfg.index_uri)
+    examples = store.read_examples(["example_id", "document_id", "source"]).to_pylist()
+    keep = sorted(
+        e["example_id"]
+        for e in examples
+        if e["source"] in where.get("where_source", [e["source"]])
+        and e["document_id"] in where.get("where_document", [e["document_id"]])
+    )
+    assert 2 <= len(keep) < manifest.num_examples
+    k, m_cut = 2, 3
+    full = _full(cfg, manifest, [*ALL_SCORE_MODES, "bm25"], tmp_path / "all.npz")
+    score = ScoreConfig(modes=FILTERED_MODES, top_k=k, candidates=m_cut, rrf_k=10, query_batch_size=2, **where)
+    single = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GEN)
+    assert single.examples_scored == len(keep) and single.metrics()["examples_scored"] == len(keep)
+    rows = _rows(cfg.index_uri, single.score_run_id)
+    for qi, q in enumerate(QUERIES):
+        for mode in [*ALL_SCORE_MODES, "bm25"]:
+            got = rows[(mode, q.id)]
+            assert [i for i, _ in got] == _order(full[mode][qi], keep)[:k], (mode, q.id)
+            np.testing.assert_allclose([s for _, s in got], full[mode][qi, [i for i, _ in got]], rtol=2e-5)
+        bm25 = _order(full["bm25"][qi], keep)[:m_cut]
+        fused: dict[int, float] = {}
+        for ranking in (bm25, _order(full["influence"][qi], keep)[:m_cut]):
+            for rank, example in enumerate(ranking, start=1):
+                fused[example] = fused.get(example, 0.0) + 1.0 / (10 + rank)
+        assert [i for i, _ in rows[("hybrid-rrf-influence", q.id)]] == sorted(fused, key=lambda i: (-fused[i], i))[:k]
+        for gradient in ("dot", "cosine"):
+            got = rows[(f"hybrid-rerank-{gradient}", q.id)]
+            assert [i for i, _ in got] == _order(full[gradient][qi], bm25)[:k]
+        for gradient in ("influence", "relatif"):  # m_cut ≥ the examples kept: every one is an ANN candidate
+            got = rows[(f"hybrid-ann-{gradient}", q.id)]
+            assert [i for i, _ in got] == _order(full[gradient][qi], keep)[:k]
+    # Sharded scoring: the same rows, the range tasks reading only the shards that hold kept examples.
+    for per in (1, 2):
+        sharded = score.model_copy(update={"shards_per_task": per})
+        query = query_gradients.fn(cfg.index_uri, manifest, QUERIES, sharded, GEN)
+        ranges = [
+            score_shard_range.fn(cfg.index_uri, manifest, query, sharded, shards)
+            for shards in manifest.shard_ranges(per)
+        ]
+        assert sum(r.rows for r in ranges) == len(keep)
+        merged = merge_scores.fn(cfg.index_uri, manifest, query, sharded, ranges)
+        assert merged.score_run_id == single.score_run_id
+        assert _rows(cfg.index_uri, merged.score_run_id) == rows, per
+
+
+def test_a_filter_matching_nothing_fails_before_any_model_work(published, monkeypatch):
+    cfg, manifest = published
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was opened before the empty filter was reported")
+
+    monkeypatch.setattr("tasks.query.open_index_model", no_model)
+    score = ScoreConfig(modes=["dot"], where_source=["nowhere"])
+    for run in (score_queries.fn, query_gradients.fn):
+        with pytest.raises(ValueError, match=r"no example of the index matches where_source=\['nowhere'\]"):
+            run(cfg.index_uri, manifest, QUERIES, score, GEN)
+
+
+def test_filter_config_errors():
+    with pytest.raises(ValidationError, match="an empty filter matches nothing"):
+        ScoreConfig(where_document=[])
+    with pytest.raises(ValidationError, match="full_matrix with where_source/where_document"):
+        ScoreConfig(where_source=["a"], full_matrix=True)
+    # Defaults leave the dumps (and so the score run ids of older configs) unchanged.
+    assert ScoreConfig().model_dump() == ScoreConfig(ann_nprobes=ANN_NPROBES, ann_refine_factor=None).model_dump()
+    assert "where_source" not in ScoreConfig().model_dump()
