@@ -161,6 +161,7 @@ def _ann_table(ann) -> str:
     return (
         f"ANN + exact rerank at {ann.size:,} rows: {ann.index_type}, {ann.partitions} partitions"
         + (f", {ann.sub_vectors} sub-vectors" if ann.sub_vectors else "")
+        + (f", {ann.bits} bits a value" if ann.bits else "")
         + f", nprobes {ann.nprobes}{refine}, {ann.candidates} candidates per query, {ann.queries} queries, influence "
         "against its exact streaming pass\n\n"
         + format_table({f"{ann.size:,} rows": {k: _round(v) for k, v in row.items()}})

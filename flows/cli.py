@@ -14,6 +14,11 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# LanceDB's Rust log prints warnings of its index builders to stderr by the thousand (an IVF build on 1M rows: 2,646
+# lines of "visited_generator_queue is full"); errors still show. LANCEDB_LOG=warn (LANCE_LOG for pylance's own
+# calls) brings them back.
+os.environ.setdefault("LANCEDB_LOG", "error")
+os.environ.setdefault("LANCE_LOG", "error")
 # Prefect's default (20 s) is too short for a first start on a fresh PREFECT_HOME on a busy 2-core machine
 # (database creation): measured 20–30 s there, and a timeout fails the command.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -24,7 +24,7 @@ from tasks.query import (
     score_queries,
     score_shard_range,
 )
-from tasks.tokenwise import render_tokenwise_report, tokenwise_scores
+from tasks.tokenwise import tokenwise_scores
 from tasks.tracking import tracked_run
 
 
@@ -189,20 +189,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
             max_rows=config.score.report_rows,
             examples_version=manifest.examples_version,
         )
-        files = report.files
-        if tokens is not None:  # the same page again, with each query's token heat map
-            files += render_tokenwise_report(
-                config.index_uri,
-                scored.score_run_id,
-                report.report,
-                title,
-                run_info,
-                relevant,
-                results_uri=results_uri,
-                max_rows=config.score.report_rows,
-                examples_version=manifest.examples_version,
-            )[1:]
-        for path in files + ([full_path] if full_path else []):
+        for path in report.files + ([full_path] if full_path else []):
             run.artifact(path)
     log.info("report: %s", report.report)
     return {
@@ -213,6 +200,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         "compute_seconds": scored.compute_seconds,
         "report": report.report,
         "topk_csv": report.topk_csv,
+        "tokens_csv": report.tokens_csv,
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.uri,
         "index_uri": config.index_uri,

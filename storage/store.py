@@ -21,10 +21,11 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import FTS, Bitmap, IvfHnswSq, IvfPq, IvfSq
+from lancedb.index import FTS, Bitmap, IvfHnswSq, IvfPq, IvfRq, IvfSq
 from lancedb.query import MatchQuery
 from pydantic import ValidationError
 
+from dataworth.config import RQ_BITS, VECTOR_INDEX_TYPES
 from storage.errors import REBUILD_HINT, IndexStoreError
 from storage.gradients import batch_arrays, gradient_table, show_ids
 from storage.manifest import IndexManifest, IndexState
@@ -604,11 +605,16 @@ class IndexStore:
         return np.sort(found.column("example_id").to_numpy().astype(np.int64))
 
     def build_vector_index(
-        self, index_type: str = "IVF_SQ", partitions: int | None = None, sub_vectors: int | None = None
+        self,
+        index_type: str = VECTOR_INDEX_TYPES[0],
+        partitions: int | None = None,
+        sub_vectors: int | None = None,
+        rq_bits: int = RQ_BITS,
     ) -> dict[str, Any]:
         """LanceDB's vector index on the gradients' `vector` column, metric dot (replacing any earlier one): one
         new table version, rows unchanged. Returns what was built, the version included. partitions: None, about
-        √rows; sub_vectors (IVF_PQ): None, dim / 16 when 16 divides dim, else its largest divisor up to dim / 8."""
+        √rows; sub_vectors (IVF_PQ): None, dim / 16 when 16 divides dim, else its largest divisor up to dim / 8;
+        rq_bits: bits per value of IVF_RQ's RaBitQ codes."""
         table = self._require(GRADIENTS)
         dim, dtype = vector_layout(table.schema)
         if dtype not in ("float32", "float16"):
@@ -618,18 +624,30 @@ class IndexStore:
             )
         rows = table.count_rows()
         partitions = partitions or max(1, min(round(rows**0.5), rows // 256))
-        if sub_vectors is None:
-            sub_vectors = dim // 16 if dim % 16 == 0 else max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
-        if index_type == "IVF_PQ" and dim % sub_vectors:
-            raise IndexStoreError(f"sub_vectors={sub_vectors} does not divide the gradient dim {dim}; give a divisor")
+        bits = None
         if index_type == "IVF_PQ":
+            if sub_vectors is None:
+                divisors = [d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0]
+                sub_vectors = dim // 16 if dim % 16 == 0 else max(divisors)
+            if dim % sub_vectors:
+                raise IndexStoreError(
+                    f"sub_vectors={sub_vectors} does not divide the gradient dim {dim}; give a divisor"
+                )
             config = IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors)
+        elif index_type == "IVF_RQ":
+            config, sub_vectors, bits = (
+                IvfRq(distance_type="dot", num_partitions=partitions, num_bits=rq_bits),
+                None,
+                rq_bits,
+            )
         elif index_type == "IVF_SQ":
             config, sub_vectors = IvfSq(distance_type="dot", num_partitions=partitions), None
         elif index_type == "IVF_HNSW_SQ":
             config, sub_vectors = IvfHnswSq(distance_type="dot", num_partitions=partitions), None
         else:
-            raise IndexStoreError(f"unknown vector index type {index_type!r}; choose IVF_PQ, IVF_SQ or IVF_HNSW_SQ")
+            raise IndexStoreError(
+                f"unknown vector index type {index_type!r}; choose IVF_RQ, IVF_SQ, IVF_PQ or IVF_HNSW_SQ"
+            )
         start = time.perf_counter()
         table.create_index("vector", config=config, replace=True, name=_VECTOR_INDEX)
         return {
@@ -637,6 +655,7 @@ class IndexStore:
             "metric": "dot",
             "partitions": partitions,
             "sub_vectors": sub_vectors,
+            "bits": bits,
             "rows": rows,
             "build_seconds": time.perf_counter() - start,
             "version": int(table.version),

@@ -222,7 +222,7 @@ def build_ann_index(index_uri: str, ann: AnnConfig) -> AnnIndexBuilt:
     """LanceDB's vector index (metric dot) on the compacted gradients table, for the hybrid-ann-* score modes: one
     more table version, which curvature and the manifest then record. A dtype it cannot read is a ValueError."""
     try:
-        info = IndexStore(index_uri).build_vector_index(ann.index_type, ann.partitions, ann.sub_vectors)
+        info = IndexStore(index_uri).build_vector_index(ann.index_type, ann.partitions, ann.sub_vectors, ann.rq_bits)
     except IndexStoreError as exc:
         raise ValueError(str(exc)) from None  # bad input: never retried
     get_run_logger().info(

@@ -36,7 +36,7 @@ from dataworth.errors import IndexMismatchError
 from dataworth.evaluation.matrices import save_matrices
 from dataworth.queries import EncodedQuery
 from dataworth.reports.html import write_report
-from dataworth.reports.query_report import render_query_report
+from dataworth.reports.query_report import render_query_report, token_splits_by_query
 from storage import (
     IndexManifest,
     IndexStore,
@@ -81,11 +81,12 @@ def scoring_run_id(
     checkpoints: list[tuple[str, IndexManifest]] | None = None,
     checkpoint_weights: list[float] | None = None,
 ) -> str:
-    """Run id of one scoring: the same whether it ran as one task or in shard ranges (shards_per_task is left out).
+    """Run id of one scoring: the same whether it ran as one task or in shard ranges (shards_per_task is left out),
+    and whether or not its top scores are split token-wise afterwards (tokenwise_top: the scores are the same).
 
     The whole manifest (it carries published_at): table versions alone restart after an overwrite. A checkpoint
     sum adds its indexes' manifests and weights (a run without them keeps the id it always had)."""
-    parts = [manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task"}), generation]
+    parts = [manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task", "tokenwise_top"}), generation]
     if checkpoints:
         parts += [[m for _uri, m in checkpoints], checkpoint_weights]
     return score_run_id(*parts)
@@ -488,11 +489,14 @@ class Report(StageResult):
 
     report: str = Field(description="Path of the HTML report.")
     topk_csv: str | None = Field(description="Path of the top-k CSV; None when no scores were stored.")
+    tokens_csv: str | None = Field(
+        None, description="Path of the token-wise scores' CSV; None when the run's scores were not split."
+    )
 
     @property
     def files(self) -> list[str]:
         """Files to keep as MLflow artifacts."""
-        return [self.report] + ([self.topk_csv] if self.topk_csv else [])
+        return [p for p in (self.report, self.topk_csv, self.tokens_csv) if p]
 
 
 def _query_side(
@@ -838,8 +842,11 @@ def render_report(
     examples_version: int | None = None,
 ) -> Report:
     """HTML report and top-k CSV of one scoring run, saved under report_dir; the report lists the first
-    `max_rows` results per query and mode (a large top-k stays a small page), the CSV all of them."""
+    `max_rows` results per query and mode (a large top-k stays a small page), the CSV all of them. Where the run's
+    top scores were split token-wise (its rows in the results' token_scores table), each query gets its token heat
+    map and the rows are written as tokens-<run id>.csv."""
     queries, results = load_results(index_uri, srid, results_uri, examples_version)
+    token_rows = results_store(index_uri, results_uri).read_token_scores(srid).to_pylist()
     for by_query in results.values():
         for qid, rows in by_query.items():
             for row in rows:
@@ -851,8 +858,15 @@ def render_report(
     ]
     out = Path(report_dir)
     csv_path = out / f"topk-{srid}.csv"
-    html = render_query_report(title, queries, results, metrics, run_info, samples, max_rows, csv_path.name)
+    splits = token_splits_by_query(token_rows) if token_rows else None
+    html = render_query_report(
+        title, queries, results, metrics, run_info, samples, max_rows, csv_path.name, token_scores=splits
+    )
     path = write_report(html, out / f"report-{srid}.html")
+    tokens_csv = None
+    if token_rows:
+        tokens_csv = out / f"tokens-{srid}.csv"
+        write_csv([{k: v for k, v in r.items() if k != "run_id"} for r in token_rows], tokens_csv)
     flat = [
         {"mode": m, "query_id": q, **{k: v for k, v in r.items() if k != "text"}}
         for m, bq in results.items()
@@ -861,4 +875,4 @@ def render_report(
     ]
     if flat:
         write_csv(flat, csv_path)
-    return Report(report=str(path), topk_csv=str(csv_path) if flat else None)
+    return Report(report=str(path), topk_csv=str(csv_path) if flat else None, tokens_csv=tokens_csv and str(tokens_csv))

@@ -40,7 +40,7 @@ from dataworth.benchmarks.throughput import (
     synthetic_vectors,
     training_step_seconds,
 )
-from dataworth.config import DEFAULT_SCORE_MODES, CurvatureConfig, LoggingConfig
+from dataworth.config import DEFAULT_SCORE_MODES, VECTOR_INDEX_TYPES, CurvatureConfig, LoggingConfig
 from dataworth.errors import ConfigError
 from dataworth.evaluation.peers import KRONFLUENCE_STRATEGY, PEERS, PairwiseJob, missing_peer, time_pairwise_rounds
 from storage import IndexStore
@@ -302,9 +302,10 @@ class AnnMeasured(StageResult):
     size: int = Field(description="Stored rows indexed and searched.")
     queries: int = Field(description="Query vectors.")
     top_k: int = Field(description="k of the recall.")
-    index_type: str = Field(description="IVF_PQ or IVF_HNSW_SQ.")
+    index_type: str = Field(description="IVF_RQ, IVF_SQ, IVF_PQ or IVF_HNSW_SQ.")
     partitions: int = Field(description="IVF partitions of the index.")
     sub_vectors: int | None = Field(description="PQ sub-vectors (IVF_PQ).")
+    bits: int | None = Field(None, description="Bits per value of the RaBitQ codes (IVF_RQ).")
     candidates: int = Field(description="M: candidates per query reranked exactly.")
     nprobes: int = Field(description="Partitions searched per query.")
     refine_factor: int | None = Field(description="LanceDB's own refine of the PQ candidates (None: none).")
@@ -343,7 +344,7 @@ def measure_ann(
     candidates: int,
     nprobes: int,
     refine_factor: int | None = None,
-    index_type: str = "IVF_SQ",
+    index_type: str = VECTOR_INDEX_TYPES[0],
 ) -> AnnMeasured:
     """Build the vector index on the stored synthetic index (as `dataworth index --ann.build` does), then time the
     query side of hybrid-ann-influence against influence's exact pass: per query the index's `candidates` nearest
@@ -388,6 +389,7 @@ def measure_ann(
         index_type=index_type,
         partitions=info["partitions"],
         sub_vectors=info["sub_vectors"],
+        bits=info["bits"],
         candidates=candidates,
         nprobes=nprobes,
         refine_factor=refine_factor,

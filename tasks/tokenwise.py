@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +14,7 @@ from dataworth.attribution.scoring import needs_norms
 from dataworth.attribution.tokenwise import check_tokenwise, token_splits
 from dataworth.config import GenerationConfig, QuerySpec, ScoreConfig
 from dataworth.data import pad_token_id
-from dataworth.reports.html import write_report
-from dataworth.reports.query_report import render_query_report
-from storage import IndexManifest, IndexStore, load_results, results_store, write_csv
+from storage import IndexManifest, IndexStore, results_store
 from storage.schemas import token_scores_schema
 
 from .common import (
@@ -192,72 +189,3 @@ def tokenwise_scores(
         max_score_gap=score_gap,
         seconds=seconds,
     )
-
-
-def token_splits_by_query(rows: list[dict]) -> dict[str, list[dict]]:
-    """token_scores rows → query id → one split per (mode, rank): {"mode", "rank", "example_id", "document_id",
-    "total", "query": [(token, score)], "train": [(token, score)]}, as the query report draws them."""
-    out: dict[str, dict[tuple, dict]] = {}
-    for r in sorted(rows, key=lambda r: (r["query_id"], r["mode"], r["rank"], r["side"], r["position"])):
-        key = (r["mode"], r["rank"])
-        split = out.setdefault(r["query_id"], {}).setdefault(
-            key,
-            {
-                "mode": r["mode"],
-                "rank": r["rank"],
-                "example_id": r["example_id"],
-                "document_id": r["document_id"],
-                "total": r["total"],
-                "query": [],
-                "train": [],
-            },
-        )
-        split[r["side"]].append((r["token"], r["score"]))
-    return {q: list(by_pair.values()) for q, by_pair in out.items()}
-
-
-@task(name="render_tokenwise_report", **IO_RETRIES)
-def render_tokenwise_report(
-    index_uri: str,
-    srid: str,
-    report: str,
-    title: str,
-    run_info: dict,
-    relevant: dict[str, list[str]] | None = None,
-    metrics: dict | None = None,
-    results_uri: str | None = None,
-    max_rows: int | None = 50,
-    examples_version: int | None = None,
-) -> list[str]:
-    """The scoring run's HTML report again, at `report` (render_report's page), now with each query's token heat
-    map; and the token rows as tokens-<run id>.csv beside it. Returns the files written."""
-    queries, results = load_results(index_uri, srid, results_uri, examples_version)
-    rows = results_store(index_uri, results_uri).read_token_scores(srid).to_pylist()
-    for by_query in results.values():
-        for qid, ranked in by_query.items():
-            for row in ranked:
-                row["relevant"] = None if relevant is None else row["document_id"] in set(relevant.get(qid, []))
-    samples = {m: [r["score"] for ranked in bq.values() for r in ranked] for m, bq in results.items()}
-    queries = [
-        {"id": q["query_id"], "prompt": q["prompt"], "completion": q["completion"], "generated": q["generated"]}
-        for q in queries
-    ]
-    path = Path(report)
-    html = render_query_report(
-        title,
-        queries,
-        results,
-        metrics,
-        run_info,
-        samples,
-        max_rows,
-        f"topk-{srid}.csv",
-        token_scores=token_splits_by_query(rows),
-    )
-    write_report(html, path)
-    files = [str(path)]
-    if rows:
-        csv_path = path.parent / f"tokens-{srid}.csv"
-        write_csv([{k: v for k, v in r.items() if k != "run_id"} for r in rows], csv_path)
-        files.append(str(csv_path))
-    return files

@@ -153,6 +153,28 @@ def _toc_html(queries: list[dict]) -> str:
     return f'<nav><div class="label">Queries</div><ol>{items}</ol></nav>'
 
 
+def token_splits_by_query(rows: list[dict]) -> dict[str, list[dict]]:
+    """token_scores rows → query id → one split per (mode, rank): {"mode", "rank", "example_id", "document_id",
+    "total", "query": [(token, score)], "train": [(token, score)]}, as the query report draws them."""
+    out: dict[str, dict[tuple, dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["query_id"], r["mode"], r["rank"], r["side"], r["position"])):
+        key = (r["mode"], r["rank"])
+        split = out.setdefault(r["query_id"], {}).setdefault(
+            key,
+            {
+                "mode": r["mode"],
+                "rank": r["rank"],
+                "example_id": r["example_id"],
+                "document_id": r["document_id"],
+                "total": r["total"],
+                "query": [],
+                "train": [],
+            },
+        )
+        split[r["side"]].append((r["token"], r["score"]))
+    return {q: list(by_pair.values()) for q, by_pair in out.items()}
+
+
 def render_query_report(
     title: str,
     queries: list[dict],

@@ -23,7 +23,7 @@ def test_index_with_ann_then_a_filtered_ann_query(harness, tmp_path):
     cfg = tiny_index_config(assets, tmp_path).model_copy(update={"ann": AnnConfig(build=True)})
     index_flow(cfg, progress=False)
     manifest = IndexStore(cfg.index_uri).read_manifest()
-    assert manifest.ann_index["index_type"] == "IVF_SQ" and manifest.ann_index["rows"] == manifest.num_examples
+    assert manifest.ann_index["index_type"] == "IVF_RQ" and manifest.ann_index["rows"] == manifest.num_examples
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     documents = ["d1", "d3", "d4"]

@@ -75,6 +75,9 @@ def test_query_tokenwise_top_writes_token_scores_and_heat_map(index):
     (topk,) = reports.glob("topk-*.csv")  # render_report's CSV is untouched
     with open(topk) as f:
         assert "side" not in next(csv.DictReader(f))
+    # the same scoring without the split keeps its run id: tokenwise_top changes no score
+    assert main([*args, "--no-mlflow"]) == 0
+    assert {r["run_id"] for r in store.read_scores().to_pylist()} == {run_id}
 
 
 @pytest.mark.parametrize(

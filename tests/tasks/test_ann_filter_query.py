@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from dataworth.config import ALL_SCORE_MODES, ANN_NPROBES, AnnConfig, GenerationConfig, QuerySpec, ScoreConfig
+from dataworth.config import (
+    ALL_SCORE_MODES,
+    ANN_NPROBES,
+    VECTOR_INDEX_TYPES,
+    AnnConfig,
+    GenerationConfig,
+    QuerySpec,
+    ScoreConfig,
+)
 from storage import IndexStore, results_store
 from tasks.index import assemble_manifest, build_ann_index, fit_curvature, publish_index
 from tasks.query import merge_scores, query_gradients, score_queries, score_shard_range
@@ -71,8 +79,9 @@ def _full(cfg, manifest, modes, path):
 def test_manifest_records_the_vector_index(published):
     cfg, manifest = published
     info = manifest.ann_index
-    assert info["index_type"] == "IVF_SQ" and info["metric"] == "dot" and info["rows"] == manifest.num_examples
+    assert info["index_type"] == "IVF_RQ" and info["metric"] == "dot" and info["rows"] == manifest.num_examples
     assert info["partitions"] == 1 and info["sub_vectors"] is None  # √rows, at most rows / 256
+    assert info["bits"] == 4
     # The build config (and so check_compatible and the gradients' fingerprint) does not hold ann.
     assert "ann" not in manifest.config.model_dump()
     # IVF_PQ: dim / 16 sub-vectors when 16 divides dim, else dim's largest divisor up to dim / 8.
@@ -107,6 +116,21 @@ def test_ann_with_rerank_equals_the_exact_top_k(published, tmp_path, candidates)
         assert scored.ann_recall == {m: 1.0 for m in ann}
     # The top-k CSV's columns are those of every other mode.
     assert {len(v) for v in rows.values()} == {k}
+
+
+@pytest.mark.parametrize("index_type", VECTOR_INDEX_TYPES)
+def test_every_index_type_returns_every_row_when_asked_for_all(published, index_type):
+    """Each vector index LanceDB builds here, searched for as many rows as the table holds, returns each query every
+    example once (so their exact rerank is the exact top-k), nearest first by its own (quantized) distance."""
+    cfg, manifest = published
+    store = IndexStore(cfg.index_uri)
+    info = store.build_vector_index(index_type)
+    assert info["index_type"] == index_type and info["rows"] == manifest.num_examples
+    assert (info["bits"] is not None) == (index_type == "IVF_RQ")
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((3, manifest.dim)).astype(np.float32)
+    found = store.search_vectors(queries, manifest.num_examples, info["version"], nprobes=1)
+    assert [sorted(ids.tolist()) for ids in found] == [list(range(manifest.num_examples))] * 3
 
 
 def test_ann_alone_streams_nothing_and_logs_no_recall(published):
