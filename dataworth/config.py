@@ -94,8 +94,11 @@ class LoggingConfig(StageConfig):
         description="Kronecker projection: random (seeded from the module name) or identity (exact gradients); "
         "rapidgrad: RapidIn's compression of each layer's whole gradient instead (see rapidgrad_dim).",
     )
-    proj_dim_in: int = Field(16, ge=1, description="Rows of P_in (projected input-activation size) per module.")
-    proj_dim_out: int = Field(16, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
+    # 64 x 64 (LogIX's LoGra rank): on facts-partial, KFAC-whitened with ekfac curvature, it keeps 0.99 of the exact
+    # gradients' SGD tail-patch and 0.95 of exact KFAC influence's recall@10, where 16 x 16 kept 0.90 and 0.74
+    # (README, "Which mode answers which question").
+    proj_dim_in: int = Field(64, ge=1, description="Rows of P_in (projected input-activation size) per module.")
+    proj_dim_out: int = Field(64, ge=1, description="Rows of P_out (projected output-gradient size) per module.")
     # The two rapidgrad fields are left out of dumps at their defaults, so existing configs' fingerprints hold.
     rapidgrad_dim: int | None = Field(
         None,
@@ -207,10 +210,11 @@ class LoggingConfig(StageConfig):
 
 class CurvatureConfig(StageConfig):
     kind: Literal["identity", "raw", "ekfac"] = Field(
-        "raw",
+        "ekfac",
         description="identity: no curvature; raw: block-diagonal empirical Fisher of the projected gradients; "
-        "ekfac: that Fisher in a Kronecker eigenbasis Q_S ⊗ Q_A (of E[G Gᵀ] and E[Gᵀ G] of each layer's "
-        "k_out × k_in projected gradient) with eigenvalues corrected to diag(Qᵀ F Q), as kronfluence's EKFAC.",
+        "ekfac (default): that Fisher in a Kronecker eigenbasis Q_S ⊗ Q_A (of E[G Gᵀ] and E[Gᵀ G] of each layer's "
+        "k_out × k_in projected gradient) with eigenvalues corrected to diag(Qᵀ F Q), as kronfluence's EKFAC, kept "
+        "factored (k_out² + k_in² numbers a block instead of raw's (k_out·k_in)²).",
     )
     damping_factor: float = Field(0.1, gt=0, description="λ = damping_factor × mean eigenvalue, per module block.")
     max_block_dim: int = Field(

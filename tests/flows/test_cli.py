@@ -398,7 +398,7 @@ def test_help_shows_each_commands_own_defaults():
     def help_of(command, flag):
         return command_parser(build_parser(), command)._option_string_actions[flag].help
 
-    assert help_of("index", "--proj-dim").endswith("(default: 16)")
+    assert help_of("index", "--proj-dim").endswith("(default: 64)")
     assert help_of("demo", "--proj-dim").endswith("(default: 32)")  # DemoConfig.logging's default_factory
     assert help_of("evaluate", "--batch-size").endswith("(default: 16)")
     assert help_of("demo", "--shard-size").endswith("(default: 128)")
