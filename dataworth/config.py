@@ -22,7 +22,7 @@ DEFAULT_SCORE_MODES: tuple[GradientMode, ...] = ("dot", "influence", "relatif", 
 # mode: reciprocal-rank fusion of both rankings, and BM25's candidates reranked by their exact gradient scores.
 # hybrid-ann-<mode>: the candidates of LanceDB's vector index on the stored gradients (IndexConfig.ann), reranked.
 LEXICAL_MODES = ("bm25",)
-HYBRID_KINDS = ("rrf", "rerank", "ann")
+HYBRID_KINDS = ("rrf", "rerank", "linear", "ann")
 HYBRID_MODES = tuple(f"hybrid-{kind}-{mode}" for kind in HYBRID_KINDS for mode in ALL_SCORE_MODES)
 # The hybrid modes that need a vector index (built by `dataworth index --ann.build`), not the full-text one.
 ANN_MODES = tuple(m for m in HYBRID_MODES if m.startswith("hybrid-ann-"))
@@ -236,7 +236,9 @@ class ScoreConfig(StageConfig):
         "examples table. hybrid-rrf-<mode>: reciprocal-rank fusion of the BM25 ranking and that gradient mode's, "
         "each cut at `candidates`: Σ 1/(rrf_k + rank). "
         "hybrid-rerank-<mode>: BM25's top `candidates` examples reranked by their exact scores in that gradient "
-        "mode (only those rows are read). hybrid-ann-<mode>: the `candidates` nearest stored gradients by dot "
+        "mode (only those rows are read). hybrid-linear-<mode>: the same candidates scored (1 - linear_weight) × BM25 "
+        "+ linear_weight × that exact score, each min-max normalized over the candidates. "
+        "hybrid-ann-<mode>: the `candidates` nearest stored gradients by dot "
         "product with the mode's query vector (g_q for dot, (F+λI)^-1 g_q for influence, relatif and cosine, "
         "(T+λI)^-1 g_q for trackstar), found by the index's vector index (build it with --ann.build), reranked by "
         "their exact scores in that mode.",
@@ -273,6 +275,15 @@ class ScoreConfig(StageConfig):
         description="k of reciprocal-rank fusion (hybrid-rrf-*): an example scores Σ 1/(k + rank) over the rankings "
         "it is in (rank 1 = first); a larger k flattens the weight of the first ranks.",
         exclude_if=lambda v: v == 60.0,
+    )
+    linear_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="w of hybrid-linear-*: a candidate scores (1 - w) × its BM25 score + w × its exact gradient score, "
+        "each min-max normalized over the query's candidates (0 at their lowest, 1 at their highest); 0 is BM25's "
+        "ranking, 1 the rerank's.",
+        exclude_if=lambda v: v == 0.5,
     )
 
     task_mix: float = Field(
@@ -358,7 +369,7 @@ class ScoreConfig(StageConfig):
 
 
 def hybrid_parts(mode: str) -> tuple[str, GradientMode] | None:
-    """("rrf", "rerank" or "ann", the gradient mode) of a hybrid mode's name; None for any other mode."""
+    """("rrf", "rerank", "linear" or "ann", the gradient mode) of a hybrid mode's name; None for any other mode."""
     if mode not in HYBRID_MODES:
         return None
     _, kind, gradient = mode.split("-", 2)
@@ -592,7 +603,7 @@ class QueryConfig(StageConfig):
                     "score.shards_per_task with checkpoint_indexes is not supported: a checkpoint sum is scored in "
                     "one task; leave shards_per_task unset"
                 )
-            reranks = [m for m in self.score.modes if (hybrid_parts(m) or ("",))[0] in ("rerank", "ann")]
+            reranks = [m for m in self.score.modes if (hybrid_parts(m) or ("",))[0] in ("rerank", "linear", "ann")]
             if reranks:
                 raise ValueError(
                     f"{reranks[0]} with checkpoint_indexes is not supported (a rerank reads one index's rows); use "

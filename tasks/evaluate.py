@@ -270,7 +270,7 @@ def store_precision_eval(
             f"store_precision_eval compares with a float32 store, and index {index_uri!r} stores "
             f"{manifest.config.logging.storage_dtype}: index with logging.storage_dtype='float32'"
         )
-    modes = gradient_modes(score.modes, kinds=("rrf", "rerank", "ann"))
+    modes = gradient_modes(score.modes, kinds=("rrf", "rerank", "linear", "ann"))
     _enc, q_grads = index_query_gradients(open_index_model(store, manifest), queries, GenerationConfig(), 16)
     damping = index_curvature(store, manifest, score.damping_factor).damping_factor
     layout, n = Layout.from_json(manifest.layout), manifest.num_examples

@@ -18,6 +18,7 @@ from dataworth.attribution.hybrid import (
     Ranking,
     ann_query_vectors,
     complete_ranking,
+    linear_fusion,
     recall_at_k,
     reciprocal_rank_fusion,
     rerank,
@@ -265,7 +266,7 @@ def streamed_depth(score: ScoreConfig) -> int:
 
 
 def _needs_norms(score: ScoreConfig) -> bool:
-    return needs_norms(gradient_modes(score.modes, kinds=("rrf", "rerank", "ann")))
+    return needs_norms(gradient_modes(score.modes, kinds=("rrf", "rerank", "linear", "ann")))
 
 
 def _text_modes(modes: list[str]) -> list[str]:
@@ -331,7 +332,8 @@ def lexical_and_hybrid(
     example shares no word with the query). hybrid-rrf-<g>: RRF of BM25's ranking and the streamed ranking of g
     (`streamed[g]`, ids and scores [queries, ≥ candidates]), both cut at `candidates` (0 for an example in
     neither). hybrid-rerank-<g>: BM25's top `candidates` ranked by their exact scores in g, read from the
-    gradients table by id (a full matrix holds NaN, not scored, elsewhere). hybrid-ann-<g>: the vector index's
+    gradients table by id (a full matrix holds NaN, not scored, elsewhere). hybrid-linear-<g>: the same candidates
+    scored by linear_fusion of their BM25 and exact g scores (NaN elsewhere). hybrid-ann-<g>: the vector index's
     `candidates` nearest rows to g's ANN query vector (ann_query_vectors), reranked the same way. `norms` (by
     example id) are needed by a rerank in relatif or cosine. `keep` (sorted example ids of a metadata filter)
     restricts every search to those examples."""
@@ -356,7 +358,7 @@ def lexical_and_hybrid(
         if "bm25" in modes:
             rankings["bm25"] = bm25
         candidates = [ids[:m_cut] for ids, _ in bm25]
-    reranks = [g for kind, g in map(hybrid_parts, hybrid) if kind == "rerank"]
+    reranks = list(dict.fromkeys(g for kind, g in map(hybrid_parts, hybrid) if kind in ("rerank", "linear")))
     reranked = _rerank(store, manifest, q_grads, curvature, reranks, candidates, norms, task) if reranks else {}
     for mode in hybrid:
         kind, gradient = hybrid_parts(mode)
@@ -366,6 +368,12 @@ def lexical_and_hybrid(
                 reciprocal_rank_fusion([c, ids[q][:m_cut]], score.rrf_k) for q, c in enumerate(candidates)
             ]
             fills[mode] = 0.0
+        elif kind == "linear":  # BM25's candidates, their BM25 and exact gradient scores combined
+            rankings[mode] = [
+                linear_fusion((ids[:m_cut], scores[:m_cut]), exact, score.linear_weight)
+                for (ids, scores), exact in zip(bm25, reranked[gradient], strict=True)
+            ]
+            fills[mode] = np.nan
         elif kind == "ann":  # the ANN candidates' rows read by id and reranked, as BM25's are
             vectors = ann_query_vectors(q_grads, curvature, gradient, task)
             found = _ann_candidates(store, manifest, vectors, score, n, where)

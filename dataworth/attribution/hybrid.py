@@ -54,6 +54,23 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: float = 60.0) -
     return ranked(list(fused), list(fused.values()))
 
 
+def linear_fusion(lexical: Ranking, exact: Ranking, weight: float) -> Ranking:
+    """One query's BM25 candidates scored (1 - weight) × BM25 + weight × their exact gradient score, each min-max
+    normalized over the candidates (0 at their lowest score, 1 at their highest; a score equal for every candidate
+    is 0), as LanceDB's linear-combination reranker fuses its two searches, with both scores put on one scale.
+    `lexical`: the candidates (ids, BM25 scores); `exact`: their exact gradient ranking (ids, scores, any order,
+    the same ids)."""
+    ids, lex = np.asarray(lexical[0], dtype=np.int64), np.asarray(lexical[1], dtype=np.float64)
+    by_id = dict(zip(np.asarray(exact[0]).tolist(), np.asarray(exact[1], dtype=np.float64).tolist()))
+    grad = np.array([by_id[i] for i in ids.tolist()], dtype=np.float64)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        span = x.max() - x.min() if len(x) else 0.0
+        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+    return ranked(ids, (1.0 - weight) * unit(lex) + weight * unit(grad))
+
+
 def ann_query_vectors(
     queries: torch.Tensor, curvature: Curvature, mode: GradientMode, task: Curvature | None = None
 ) -> torch.Tensor:

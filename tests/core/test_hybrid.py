@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from dataworth.attribution.curvature import FisherAccumulator
-from dataworth.attribution.hybrid import complete_ranking, ranked, reciprocal_rank_fusion, rerank, score_candidates
+from dataworth.attribution.hybrid import (
+    complete_ranking,
+    linear_fusion,
+    ranked,
+    reciprocal_rank_fusion,
+    rerank,
+    score_candidates,
+)
 from dataworth.attribution.projection import Block, Layout
 from dataworth.attribution.scoring import Scorer, prepare_queries
 from dataworth.config import (
@@ -94,8 +101,25 @@ def test_prepared_queries_take_keeps_each_mode():
     assert torch.equal(part.query_scale, prepared.query_scale[[3, 1]])
 
 
+def test_linear_fusion_is_the_weighted_sum_of_min_max_scores():
+    lexical = (np.array([7, 3, 5, 9]), np.array([4.0, 2.0, 2.0, 1.0]))  # BM25's candidates, best first
+    exact = (np.array([9, 5, 7, 3]), np.array([3.0, -1.0, 0.0, 1.0]))  # their gradient scores, any order
+    ids, scores = linear_fusion(lexical, exact, 0.25)
+    # min-max: BM25 7 → 1, 3 → 1/3, 5 → 1/3, 9 → 0; gradient 9 → 1, 5 → 0, 7 → 1/4, 3 → 1/2
+    want = {7: 0.75 + 0.0625, 3: 0.25 + 0.125, 5: 0.25, 9: 0.25}
+    assert ids.tolist() == [7, 3, 5, 9]  # 5 and 9 tie at 0.25: the smaller id first
+    np.testing.assert_allclose(scores, [want[i] for i in ids.tolist()], atol=1e-15)
+    # weight 0 is BM25's order, 1 the gradient's; a score equal for every candidate counts 0
+    assert linear_fusion(lexical, exact, 0.0)[0].tolist() == [7, 3, 5, 9]
+    assert linear_fusion(lexical, exact, 1.0)[0].tolist() == [9, 3, 7, 5]
+    flat = linear_fusion((lexical[0], np.zeros(4)), exact, 0.5)
+    assert flat[0].tolist() == [9, 3, 7, 5] and flat[1].max() == 0.5
+
+
 def test_mode_names_and_config_checks():
-    assert set(HYBRID_MODES) == {f"hybrid-{k}-{m}" for k in ("rrf", "rerank", "ann") for m in ALL_SCORE_MODES}
+    kinds = ("rrf", "rerank", "linear", "ann")
+    assert set(HYBRID_MODES) == {f"hybrid-{k}-{m}" for k in kinds for m in ALL_SCORE_MODES}
+    assert hybrid_parts("hybrid-linear-relatif") == ("linear", "relatif")
     assert set(ALL_MODES) == {*ALL_SCORE_MODES, "bm25", *HYBRID_MODES}
     assert hybrid_parts("hybrid-rerank-influence") == ("rerank", "influence")
     assert hybrid_parts("bm25") is None and hybrid_parts("dot") is None

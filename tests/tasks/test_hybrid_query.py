@@ -23,7 +23,7 @@ QUERIES = [
     QuerySpec(id="mill", prompt="The river runs past the", completion=" old mill"),
     QuerySpec(id="none", prompt="Zzz qqq", completion=" xxx"),  # shares no word with the corpus
 ]
-MODES = ["bm25", "hybrid-rrf-influence", "hybrid-rerank-relatif", "hybrid-rerank-dot", "dot"]
+MODES = ["bm25", "hybrid-rrf-influence", "hybrid-rerank-relatif", "hybrid-rerank-dot", "hybrid-linear-relatif", "dot"]
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_bm25_and_hybrid_modes(published, tmp_path):
     store = IndexStore(cfg.index_uri)
     n, m_cut, k = manifest.num_examples, 4, 3
     assert n > m_cut
-    score = ScoreConfig(modes=MODES, top_k=k, candidates=m_cut, rrf_k=10, query_batch_size=2)
+    score = ScoreConfig(modes=MODES, top_k=k, candidates=m_cut, rrf_k=10, linear_weight=0.3, query_batch_size=2)
     path = tmp_path / "m.npz"
     scored = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GenerationConfig(), str(path))
     rows = _rows(store, scored.score_run_id)
@@ -114,6 +114,19 @@ def test_bm25_and_hybrid_modes(published, tmp_path):
             got = full[mode][qi]
             assert np.flatnonzero(~np.isnan(got)).tolist() == sorted(candidates)
             np.testing.assert_allclose(got[candidates], exact[gradient][qi, candidates], rtol=1e-12)
+
+        # The linear combination: the same candidates, 0.7 × BM25 + 0.3 × exact relatif, each min-max normalized
+        # over the candidates (the query that shares no word: BM25 is 0 for all, so relatif alone orders them).
+        def unit(x):
+            return (x - x.min()) / (x.max() - x.min()) if x.max() > x.min() else np.zeros_like(x)
+
+        c = np.array(candidates)
+        row = np.full(n, np.nan)
+        row[c] = 0.7 * unit(full["bm25"][qi, c]) + 0.3 * unit(exact["relatif"][qi, c])
+        top = _top(rows, "hybrid-linear-relatif", q.id)
+        assert [i for i, _ in top] == _order(row, candidates)[:k]
+        np.testing.assert_allclose([s for _, s in top], row[[i for i, _ in top]], atol=1e-9)
+        np.testing.assert_allclose(full["hybrid-linear-relatif"][qi], row, atol=1e-9)
         # dot itself is the streamed top-k, unchanged by the hybrid modes beside it.
         assert [i for i, _ in _top(rows, "dot", q.id)] == _order(exact["dot"][qi])[:k]
 
