@@ -405,7 +405,7 @@ def test_help_shows_each_commands_own_defaults():
     assert help_of("query", "--modes").endswith("(default: dot influence relatif cosine)")
     hybrid = " ".join(
         f"hybrid-{kind}-{m}"
-        for kind in ("rrf", "rerank")
+        for kind in ("rrf", "rerank", "linear")
         for m in ("dot", "influence", "relatif", "cosine", "trackstar")
     )
     assert help_of("evaluate", "--modes").endswith(f"(default: dot influence relatif cosine trackstar {hybrid})")
