@@ -136,6 +136,11 @@ def test_every_index_type_returns_every_row_when_asked_for_all(published, index_
     queries = rng.standard_normal((3, manifest.dim)).astype(np.float32)
     found = store.search_vectors(queries, manifest.num_examples, info["version"], nprobes=1)
     assert [sorted(ids.tolist()) for ids in found] == [list(range(manifest.num_examples))] * 3
+    # exact=True: a flat scan, the exact nearest by dot product (the fallback of a query the index left short)
+    rows, _ = store.read_gradients_by_id(np.arange(manifest.num_examples), info["version"])
+    dots = queries.astype(np.float64) @ rows.astype(np.float64).T
+    flat = store.search_vectors(queries, 3, info["version"], nprobes=1, exact=True)
+    assert [ids.tolist() for ids in flat] == [np.argsort(-d, kind="stable")[:3].tolist() for d in dots]
 
 
 def test_ann_alone_streams_nothing_and_logs_no_recall(published):
@@ -223,9 +228,12 @@ def test_filtered_scores_are_the_unfiltered_ones_restricted(published, tmp_path,
         for gradient in ("dot", "cosine"):
             got = rows[(f"hybrid-rerank-{gradient}", q.id)]
             assert [i for i, _ in got] == _order(full[gradient][qi], bm25)[:k]
-        for gradient in ("influence", "relatif"):  # m_cut ≥ the examples kept: every one is an ANN candidate
+        for gradient in ("influence", "relatif"):
             got = rows[(f"hybrid-ann-{gradient}", q.id)]
-            assert [i for i, _ in got] == _order(full[gradient][qi], keep)[:k]
+            assert set(i for i, _ in got) <= set(keep)  # the filter holds for the vector search too
+            np.testing.assert_allclose([s for _, s in got], full[gradient][qi, [i for i, _ in got]], rtol=2e-5)
+            if len(keep) <= m_cut:  # every kept example is a candidate: the exact top-k
+                assert [i for i, _ in got] == _order(full[gradient][qi], keep)[:k]
     # Sharded scoring: the same rows, the range tasks reading only the shards that hold kept examples.
     for per in (1, 2):
         sharded = score.model_copy(update={"shards_per_task": per})
