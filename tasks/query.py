@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,13 @@ def scoring_run_id(
     checkpoint_weights: list[float] | None = None,
 ) -> str:
     """Run id of one scoring: the same whether it ran as one task or in shard ranges (shards_per_task is left out),
-    and whether or not its top scores are split token-wise afterwards (tokenwise_top: the scores are the same).
+    whether or not its top scores are split token-wise afterwards (tokenwise_top: the scores are the same), and
+    whether or not the vector index was prewarmed (ann_prewarm).
 
     The whole manifest (it carries published_at): table versions alone restart after an overwrite. A checkpoint
     sum adds its indexes' manifests and weights (a run without them keeps the id it always had)."""
-    parts = [manifest, queries, score.model_dump(mode="json", exclude={"shards_per_task", "tokenwise_top"}), generation]
+    left_out = {"shards_per_task", "tokenwise_top", "ann_prewarm"}
+    parts = [manifest, queries, score.model_dump(mode="json", exclude=left_out), generation]
     if checkpoints:
         parts += [[m for _uri, m in checkpoints], checkpoint_weights]
     return score_run_id(*parts)
@@ -376,8 +379,10 @@ def lexical_and_hybrid(
             fills[mode] = np.nan
         elif kind == "ann":  # the ANN candidates' rows read by id and reranked, as BM25's are
             vectors = ann_query_vectors(q_grads, curvature, gradient, task)
-            found = _ann_candidates(store, manifest, vectors, score, n, where, keep)
-            rankings[mode] = _rerank(store, manifest, q_grads, curvature, [gradient], found, norms, task)[gradient]
+            found, rows = _ann_candidates(store, manifest, vectors, score, n, where, keep)
+            rankings[mode] = _rerank(store, manifest, q_grads, curvature, [gradient], found, norms, task, rows)[
+                gradient
+            ]
             fills[mode] = np.nan
         else:
             rankings[mode], fills[mode] = reranked[gradient], np.nan
@@ -397,20 +402,53 @@ def _rerank(
     candidates: list[np.ndarray],
     norms: torch.Tensor | None,
     task: Curvature | None,
+    row_ids: list[np.ndarray] | None = None,
 ) -> dict[str, list[Ranking]]:
     """Each query's candidates ranked by their exact scores in each gradient mode: only the candidates' rows are
-    read (by example id, once for every mode), _RERANK_QUERIES queries at a time. `task` is trackstar's curvature
-    (Curvature.mixed of the whole query set)."""
+    read (once for every mode; by their Lance row ids when the search gave them, `row_ids` beside `candidates`,
+    else by example id), _RERANK_QUERIES queries at a time. `task` is trackstar's curvature (Curvature.mixed of
+    the whole query set)."""
     out: dict[str, list[Ranking]] = {m: [] for m in modes}
     for lo in range(0, len(candidates), _RERANK_QUERIES):
         part = candidates[lo : lo + _RERANK_QUERIES]
-        ids = np.unique(np.concatenate(part))
-        vectors, _ = store.read_gradients_by_id(ids, manifest.gradients_version)
+        ids, first = np.unique(np.concatenate(part), return_index=True)
+        if row_ids is None:
+            vectors, _ = store.read_gradients_by_id(ids, manifest.gradients_version)
+        else:
+            rows = np.concatenate(row_ids[lo : lo + _RERANK_QUERIES])[first]
+            vectors = store.read_gradients_by_row_id(rows, manifest.gradients_version)
         rows_norms = None if norms is None else norms[torch.from_numpy(ids)]
         queries = q_grads[lo : lo + _RERANK_QUERIES]
         for mode in modes:
             out[mode] += rerank(queries, curvature, mode, part, ids, torch.from_numpy(vectors), rows_norms, task)
     return out
+
+
+def prewarm_ann(store: IndexStore, manifest: IndexManifest, score: ScoreConfig) -> Callable[[], None]:
+    """Start loading the index's vector index into memory in a background thread when a hybrid-ann mode will
+    search it (score.ann_prewarm); returns the function that waits for it. A failed prewarm is logged as a warning,
+    not raised: the search then reads its partitions itself."""
+    if not score.ann_prewarm or not any(m in ANN_MODES for m in score.modes):
+        return lambda: None
+    log, outcome = get_run_logger(), {}
+
+    def load() -> None:
+        try:
+            outcome["seconds"] = store.prewarm_vector_index(manifest.gradients_version)
+        except Exception as err:  # noqa: BLE001 - reported by wait(); the search works without it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=load, name="ann-prewarm", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if "error" in outcome:
+            log.warning("the vector index was not prewarmed (%s); the search reads its partitions", outcome["error"])
+        else:
+            log.info("vector index prewarmed in %.2f s", outcome["seconds"])
+
+    return wait
 
 
 def _ann_candidates(
@@ -421,29 +459,34 @@ def _ann_candidates(
     available: int,
     where,
     keep: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """Each query's `candidates` example ids from the vector index (of the `available` rows a filter keeps), one
-    search for all queries. IVF reads only `ann_nprobes` partitions, which may hold fewer rows than asked for (a
-    small or filtered index): such a query is searched again through every partition, and one still short (a
-    quantized search can drop rows a filter keeps) by an exact flat scan of the rows that match, so each query
-    gets min(candidates, available) candidates. With a filter, ids outside `keep` are dropped first: IVF_RQ's
-    prefiltered search was seen to return some (tests/tasks/test_ann_filter_query.py, about 1 run in 3)."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each query's `candidates` example ids from the vector index (of the `available` rows a filter keeps), and
+    their Lance row ids beside them; one search for all queries. IVF reads only `ann_nprobes` partitions, which
+    may hold fewer rows than asked for (a small or filtered index): such a query is searched again through every
+    partition, and one still short (a quantized search can drop rows a filter keeps) by an exact flat scan of the
+    rows that match, so each query gets min(candidates, available) candidates. With a filter, ids outside `keep`
+    are dropped first: IVF_RQ's prefiltered search was seen to return some (tests/tasks/test_ann_filter_query.py,
+    about 1 run in 3)."""
     want, version = min(score.candidates, available), manifest.gradients_version
     every = int((manifest.ann_index or {}).get("partitions") or score.ann_nprobes)
-    found = store.search_vectors(vectors.numpy(), want, version, score.ann_nprobes, score.ann_refine_factor, where)
-    if keep is not None:
-        found = [ids[np.isin(ids, keep)] for ids in found]
+
+    def search(which: list[int] | None, nprobes: int, refine: int | None, exact: bool = False) -> None:
+        part = vectors if which is None else vectors[which]
+        ids, rows = store.search_vector_rows(part.numpy(), want, version, nprobes, refine, where, exact)
+        for q, i, r in zip(range(len(ids)) if which is None else which, ids, rows, strict=True):
+            kept = slice(None) if keep is None or exact else np.isin(i, keep)
+            found[q], row_ids[q] = i[kept], r[kept]
+
+    found: list[np.ndarray] = [np.empty(0, np.int64)] * len(vectors)
+    row_ids: list[np.ndarray] = [np.empty(0, np.uint64)] * len(vectors)
+    search(None, score.ann_nprobes, score.ann_refine_factor)
     short = [q for q, ids in enumerate(found) if len(ids) < want]
     if short and every > score.ann_nprobes:
-        again = store.search_vectors(vectors[short].numpy(), want, version, every, score.ann_refine_factor, where)
-        for q, ids in zip(short, again):
-            found[q] = ids if keep is None else ids[np.isin(ids, keep)]
+        search(short, every, score.ann_refine_factor)
     short = [q for q, ids in enumerate(found) if len(ids) < want]
     if short:
-        flat = store.search_vectors(vectors[short].numpy(), want, version, every, None, where, exact=True)
-        for q, ids in zip(short, flat):
-            found[q] = ids
-    return found
+        search(short, every, None, exact=True)
+    return found, row_ids
 
 
 def ann_recall(score: ScoreConfig, streamed: dict, searched: dict) -> dict[str, float]:
@@ -569,6 +612,7 @@ def score_queries(
     store, results = IndexStore(index_uri), results_store(index_uri, results_uri)
     check_text_index(store, manifest, score)  # before any model work; checkpoint indexes are never searched
     keep = filter_ids(store, manifest, score)
+    prewarmed = prewarm_ann(store, manifest, score)  # in the background, while the query gradients are taken
     encoded, q_grads, query_seconds, curvature, norms = _query_side(
         store, manifest, queries, score, generation, results
     )
@@ -611,6 +655,7 @@ def score_queries(
         matrices = {m: v.numpy() for m, v in scorer.full.items()} if full else {}
         pairs = scorer.pairs
     score_seconds = time.perf_counter() - start
+    prewarmed()
     searched, searched_full = lexical_and_hybrid(
         store, manifest, encoded, q_grads, curvature, norms, score, streamed, full, keep
     )

@@ -6,6 +6,7 @@ matching examples in every mode, single-task and sharded, and the errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from dataworth.config import (
     QuerySpec,
     ScoreConfig,
 )
-from storage import IndexStore, results_store
+from storage import IndexStore, IndexStoreError, results_store
 from tasks.index import assemble_manifest, build_ann_index, fit_curvature, publish_index
 from tasks.query import merge_scores, query_gradients, score_queries, score_shard_range
 
@@ -141,6 +142,72 @@ def test_every_index_type_returns_every_row_when_asked_for_all(published, index_
     dots = queries.astype(np.float64) @ rows.astype(np.float64).T
     flat = store.search_vectors(queries, 3, info["version"], nprobes=1, exact=True)
     assert [ids.tolist() for ids in flat] == [np.argsort(-d, kind="stable")[:3].tolist() for d in dots]
+    # The hits' Lance row ids, read back by row id: each query's rows are those of its example ids, in its order.
+    for exact in (False, True):
+        ids, row_ids = store.search_vector_rows(queries, 4, info["version"], nprobes=1, exact=exact)
+        for i, r in zip(ids, row_ids, strict=True):
+            assert len(i) == len(r) == 4 and r.dtype == np.uint64
+            np.testing.assert_array_equal(store.read_gradients_by_row_id(r, info["version"]), rows[i])
+
+
+def test_read_by_row_id_refuses_a_row_id_not_in_the_version(published):
+    cfg, manifest = published
+    store = IndexStore(cfg.index_uri)
+    version = manifest.gradients_version
+    _ids, row_ids = store.search_vector_rows(np.ones((1, manifest.dim), np.float32), 2, version, nprobes=1)
+    twice = np.concatenate([row_ids[0][::-1], row_ids[0]])  # any order, a row twice
+    got = store.read_gradients_by_row_id(twice, version)
+    np.testing.assert_array_equal(got[:2], got[2:][::-1])
+    with pytest.raises(IndexStoreError, match=r"no rows for row ids .*search and read the same one"):
+        store.read_gradients_by_row_id(np.array([int(row_ids[0][0]) + (1 << 40)], np.uint64), version)
+
+
+def test_prewarm_changes_neither_the_scores_nor_the_run_id(published, monkeypatch):
+    """score.ann_prewarm loads the vector index in a background thread while the query gradients are taken: the
+    same top-k and run id as without it, and the index was prewarmed (once, at the manifest's version)."""
+    cfg, manifest = published
+    calls = []
+    real = IndexStore.prewarm_vector_index
+
+    def spy(self, version):
+        calls.append(version)
+        return real(self, version)
+
+    monkeypatch.setattr(IndexStore, "prewarm_vector_index", spy)
+    ann = ["hybrid-ann-influence", "hybrid-ann-relatif"]
+    runs = {}
+    for prewarm in (True, False):
+        score = ScoreConfig(modes=ann, top_k=3, candidates=4, ann_prewarm=prewarm)
+        scored = score_queries.fn(cfg.index_uri, manifest, QUERIES, score, GEN)
+        runs[prewarm] = (scored.score_run_id, _rows(cfg.index_uri, scored.score_run_id))
+    assert calls == [manifest.gradients_version]
+    assert runs[True] == runs[False]
+    # A run with no ANN mode prewarms nothing.
+    score_queries.fn(cfg.index_uri, manifest, QUERIES, ScoreConfig(modes=["influence"], top_k=2), GEN)
+    assert calls == [manifest.gradients_version]
+
+
+def test_random_access_reads_switch_lances_scheduler_and_restore_it(published, monkeypatch):
+    """The lite I/O scheduler (flat memory in scans) is set when the store is imported; a read by id switches to the
+    standard one for its duration (Lance reads the setting per operation) and puts it back after."""
+    import storage.store as store_module
+
+    cfg, manifest = published
+    monkeypatch.setattr(store_module, "_LITE_BY_US", True)
+    monkeypatch.setenv("LANCE_USE_LITE_SCHEDULER", "1")
+    store = IndexStore(cfg.index_uri)
+    with store_module._random_access():
+        assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "0"
+        with store_module._random_access():  # nested (another thread's read): still standard
+            assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "0"
+        assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "0"
+    assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "1"
+    store.read_gradients_by_id(np.array([0, 1]), manifest.gradients_version)
+    assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "1"
+    # A value the user set is never touched.
+    monkeypatch.setattr(store_module, "_LITE_BY_US", False)
+    with store_module._random_access():
+        assert os.environ["LANCE_USE_LITE_SCHEDULER"] == "1"
 
 
 def test_ann_alone_streams_nothing_and_logs_no_recall(published):
