@@ -375,11 +375,12 @@ def _run(command: str, config, progress: bool, log: RunLog | None = None) -> Non
             log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
         warm_while(api.booting, warm_steps(command, config))  # the flow's own first work, while the API boots
     api.wait()
-    try:
-        out = run_command_flow(command, config, progress)
-    finally:
-        _send_prefect_events()
-        freeze_before_exit()  # the command ends after its flow
+    with api.settings():
+        try:
+            out = run_command_flow(command, config, progress)
+        finally:
+            _send_prefect_events()
+            freeze_before_exit()  # the command ends after its flow
     print_summary(command, flow_summary(command, out))
 
 

@@ -9,10 +9,14 @@ API server and points the run's settings, which prefect-dask sends with every ta
 
 from __future__ import annotations
 
+import contextvars
+import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataworth.config import RunnerConfig
@@ -90,7 +94,6 @@ _watchdogs: list = []  # their stdin pipes stay open as long as this process liv
 def _watch(pid: int) -> None:
     """Stop process `pid` when this process dies (Linux: reads /proc; elsewhere nothing is watched)."""
     import subprocess
-    import sys
 
     if os.path.exists(f"/proc/{pid}/stat"):
         _watchdogs.append(
@@ -122,25 +125,159 @@ def ephemeral_server() -> SubprocessASGIServer:
     return server
 
 
+class OwnAPI:
+    """A Prefect API server in a process of its own, started the way Prefect starts its ephemeral one (uvicorn on
+    Prefect's app factory, the UI off, ephemeral mode: no background services) but without importing Prefect
+    here: Prefect's `SubprocessASGIServer` costs the process that starts it the import of Prefect's server package
+    (2-4 s of CPU on a small machine) before the server process even begins its own boot. The process reads
+    Prefect's settings from the same environment, working directory and profile as this one. Used through a URL
+    (`temporary_settings` of PREFECT_API_URL), so Prefect itself never starts another one; stopped when this
+    process exits, and by a watchdog process when this one is killed."""
+
+    def __init__(self) -> None:
+        import atexit
+        import tempfile
+
+        spec = importlib.util.find_spec("prefect")
+        self._app_dir = str(Path(next(iter(spec.submodule_search_locations))).parent)
+        self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
+        self._env["PREFECT__SERVER_FINAL"] = "1"
+        self._log = tempfile.TemporaryFile()
+        self.port = _free_port()
+        self.process = self._launch()
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self):
+        import subprocess
+
+        args = [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory"]
+        args += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--log-level", "error", "--lifespan", "on"]
+        process = subprocess.Popen(args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        _watch(process.pid)
+        return process
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the server answers its health check; raise with what it printed if it does not in time."""
+        for _ in range(5):  # exit code 3: uvicorn found the port taken meanwhile; another port
+            code = self._wait(timeout)
+            if code is None:
+                return
+            if code != 3:
+                break
+            self.port = _free_port()
+            self.process = self._launch()
+        self._log.seek(0)
+        said = self._log.read().decode(errors="replace").strip().splitlines()[-20:]
+        raise RuntimeError(
+            f"the Prefect API server this command starts did not answer on {self.api_url} within {timeout:.0f} s "
+            f"(exit code {code}): {' / '.join(said) or 'it printed nothing'}; set "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher on a busy machine, or start a server "
+            "(`prefect server start`) and set PREFECT_API_URL"
+        )
+
+    def _wait(self, timeout: float) -> int | None:
+        """None once the server answers its health check; else the exit code it ended with (-1: still silent)."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                return code
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return None
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.process.kill()
+        return -1
+
+    def stop(self) -> None:
+        """Ask the server to stop and go on: it shuts down by itself (the watchdog kills it if it lingers)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+        self.process = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_own_api: list[OwnAPI] = []  # the one this process started, if any
+
+
+def own_api_url() -> str | None:
+    """The URL of the API server this process started for its own runs (EarlyAPI), if any."""
+    return _own_api[0].api_url if _own_api else None
+
+
+def _server_configured() -> bool:
+    """Whether Prefect is told to use a server (PREFECT_API_URL) or to start none: from its settings when Prefect is
+    imported already (then free to read), else from the environment alone (a profile, prefect.toml or .env that
+    sets one is found by EarlyAPI's thread, which then stops the server started meanwhile)."""
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+        return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value()
+    off = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").strip().lower() in ("0", "false", "no", "off")
+    return bool(os.environ.get("PREFECT_API_URL")) or off
+
+
 class EarlyAPI:
-    """Prefect's ephemeral API server, started in a background thread so that its boot (a separate process:
-    about 5–10 s of imports and database set-up) overlaps this process's own imports instead of following
-    them. Started only when no server is configured (PREFECT_API_URL unset) and ephemeral mode is allowed;
-    `wait()` before the first flow call, which then finds the same server (SubprocessASGIServer is one
-    instance per process) already running."""
+    """The command's Prefect API server, started at once so that its boot (a separate process: about 4 s of imports
+    and database set-up here) overlaps this process's own imports instead of following them. Started (as an
+    OwnAPI) unless PREFECT_API_URL or PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=false is in the environment; a thread
+    then reads Prefect's settings (every source: profile, prefect.toml, .env) and stops it when they configure a
+    server after all, else waits for it to answer. `wait()` before the first flow call, and run the flow inside
+    `settings()`, which points Prefect at it."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, name="prefect-api-start", daemon=True)
+        self.url: str | None = None
+        self._server: OwnAPI | None = None
+        if not _own_api and not _server_configured():
+            try:
+                self._server = OwnAPI()
+            except OSError as err:  # no process could be started: said by wait()
+                self.error = err
+        # In this context: Prefect's settings of a `temporary_settings` block (a test harness) are context variables.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._start,), name="prefect-api-start", daemon=True)
         self._thread.start()
 
     def _start(self) -> None:
+        if self.error is not None:
+            return
         try:
-            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+            from prefect.settings import (
+                PREFECT_API_URL,
+                PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            )
 
             if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-                return  # a configured server (or none allowed): nothing to start
-            ephemeral_server()
+                if self._server is not None:  # a configured server (or none allowed): the one started goes
+                    self._server.stop()
+                return
+            if self._server is None and not _own_api:  # (settings that allow it, set in this process)
+                self._server = OwnAPI()
+            if self._server is not None:
+                self._server.wait_ready(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+                _own_api.append(self._server)
+            self.url = _own_api[0].api_url
         except BaseException as err:  # re-raised in the main thread by wait()
             self.error = err
 
@@ -153,6 +290,18 @@ class EarlyAPI:
         self._thread.join()
         if self.error is not None:
             raise self.error
+
+    @contextmanager
+    def settings(self) -> Iterator[None]:
+        """Prefect's settings pointed at the started server for the duration (nothing changed when none was)."""
+        if self.url is None:
+            yield
+            return
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+        # No UI is served (as Prefect's own ephemeral server): no "View at <url>" line with a link that would not load.
+        with temporary_settings({PREFECT_API_URL: self.url, PREFECT_UI_URL: ""}):
+            yield
 
 
 T = TypeVar("T")
@@ -195,7 +344,7 @@ def run_flow(flow: Flow, config: Any, **kwargs: Any) -> Any:
     if runner is not None and runner.kind == "pool":
         from prefect.settings import PREFECT_API_URL
 
-        if not PREFECT_API_URL.value():
+        if not PREFECT_API_URL.value() or PREFECT_API_URL.value() == own_api_url():
             raise ValueError(
                 "runner kind=pool needs the Prefect server whose work pool runs the shards, and PREFECT_API_URL is "
                 "unset; start one (`prefect server start`), set PREFECT_API_URL to its API and start workers with "

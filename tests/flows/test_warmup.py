@@ -72,6 +72,7 @@ def test_booting_is_true_while_the_api_starts(monkeypatch):
 
     release = threading.Event()
     monkeypatch.setattr(EarlyAPI, "_start", lambda self: release.wait(30))
+    monkeypatch.setattr("flows.runner._server_configured", lambda: True)  # no server process for this test
     api = EarlyAPI()
     assert api.booting()
     release.set()
