@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import Field
 
 from dataworth.benchmarks.presets import BENCHMARKS
@@ -81,7 +83,16 @@ class PreparedBenchmark(StageResult):
         )
 
 
-@task(name="prepare_benchmark", cache_policy=CACHE - "progress", **PERSIST)
+def _interpreter_key(_context, _parameters) -> str:
+    """The running Python's version: docstrings-small's corpus is read from its standard library."""
+    return f"python-{platform.python_version()}"
+
+
+# A prepared benchmark is reused only by the same interpreter (another Python: another docstrings corpus).
+INTERPRETER = CacheKeyFnPolicy(cache_key_fn=_interpreter_key)
+
+
+@task(name="prepare_benchmark", cache_policy=CACHE - "progress" + INTERPRETER, **PERSIST)
 def prepare_benchmark(
     workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True
 ) -> PreparedBenchmark:

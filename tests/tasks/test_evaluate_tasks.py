@@ -363,3 +363,23 @@ def test_store_precision_eval_matches_an_explicit_rounding(published, tmp_path):
         assert got.table["bfloat16"][f"{mode}.spearman"] == pytest.approx(rho, abs=1e-6)
         assert got.table["bfloat16"][f"{mode}.top3_overlap"] == pytest.approx(overlap, abs=1e-9)
     assert rho < 1.0  # the rounding does move some ranks: the comparison is not trivially perfect
+
+
+def test_a_prepared_benchmark_is_cached_per_python_version(monkeypatch):
+    """docstrings-small's corpus is read from the running interpreter's standard library: prepare_benchmark's cache
+    key holds the Python version, so another interpreter prepares its own (and `progress` changes nothing)."""
+    import platform
+    from types import SimpleNamespace
+
+    from tasks.benchmark import prepare_benchmark
+
+    ctx = SimpleNamespace(task=prepare_benchmark)
+    inputs = {"workspace": "/w", "benchmark": "docstrings-small", "seed": 0, "train_epochs": None, "progress": True}
+
+    def key(**update):
+        return prepare_benchmark.cache_policy.compute_key(ctx, {**inputs, **update}, {})
+
+    base = key()
+    assert base and key(progress=False) == base and key(seed=1) != base
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    assert key() != base
