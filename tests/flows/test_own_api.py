@@ -33,9 +33,14 @@ def _ended(process, within: float = 30) -> bool:
 
 
 @pytest.fixture
-def no_server(monkeypatch):
-    """No Prefect server configured (the session's test harness may have set one), and no OwnAPI of this process."""
+def fresh(monkeypatch):
+    """No OwnAPI started by this process yet."""
     monkeypatch.setattr(runner, "_own_api", [])
+
+
+@pytest.fixture
+def no_server(fresh):
+    """No Prefect server configured (the session's test harness may have set one)."""
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         yield
 
@@ -62,26 +67,33 @@ def test_own_api_runs_the_flow_and_stops(no_server):
     assert _ended(process)
 
 
-def test_a_configured_server_starts_nothing(no_server):
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        api = EarlyAPI()
-        api.wait()
-        assert api._server is None and api.url is None and own_api_url() is None
-        with api.settings():
-            assert PREFECT_API_URL.value() == "http://127.0.0.1:9/api"
+def test_a_configured_server_starts_nothing(harness, fresh):
+    configured = PREFECT_API_URL.value()  # the test harness's server
+    assert configured
+    api = EarlyAPI()
+    api.wait()
+    assert api._server is None and api.url is None and own_api_url() is None
+    with api.settings():
+        assert PREFECT_API_URL.value() == configured
 
 
 @pytest.mark.timeout(300)
-def test_the_server_started_early_is_stopped_when_the_settings_name_one(no_server, monkeypatch):
+def test_the_server_started_early_is_stopped_when_the_settings_name_one(harness, fresh, monkeypatch):
     """Before Prefect is imported the CLI knows only the environment: it starts a server at once, and stops it when
     Prefect's settings (a profile, prefect.toml, .env) turn out to name a server."""
     monkeypatch.setattr(runner, "_server_configured", lambda: False)  # as when prefect is not imported yet
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        api = EarlyAPI()
-        process = api._server.process
-        api.wait()
-        assert api.url is None and own_api_url() is None
-    assert _ended(process)
+    launched = []
+    launch = OwnAPI._launch
+
+    def spy(self):
+        launched.append(launch(self))
+        return launched[-1]
+
+    monkeypatch.setattr(OwnAPI, "_launch", spy)
+    api = EarlyAPI()  # the harness's server is in Prefect's settings, not in the environment
+    api.wait()
+    assert api.url is None and own_api_url() is None
+    assert len(launched) == 1 and _ended(launched[0])
 
 
 @pytest.mark.timeout(300)
