@@ -112,16 +112,33 @@ def matmul_seconds(
     b = torch.randn(dim, min(n, chunk), generator=gen, dtype=dtype).to(device)
     (a @ b[:, : min(1024, b.shape[1])]).sum()  # warm-up: thread pool, kernels
     synchronize(device)
-    start = time.perf_counter()
-    done = 0
-    while done < n:
-        width = min(chunk, n - done)
-        out = a @ b[:, :width]  # [rows, dim] @ [dim, width] → [rows, width]
-        done += width
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    del out
-    return seconds
+
+    def once() -> float:
+        start = time.perf_counter()
+        done = 0
+        while done < n:
+            width = min(chunk, n - done)
+            out = a @ b[:, :width]  # [rows, dim] @ [dim, width] → [rows, width]
+            done += width
+        synchronize(device)
+        del out
+        return time.perf_counter() - start
+
+    return best_of(once)
+
+
+# A timed step shorter than this is repeated (up to BEST_OF_MAX times in all) and its best time kept: on shared
+# cores a 50 ms pass varies by half from one run to the next. Scoring passes and the matmul bound are timed alike.
+BEST_OF_SECONDS, BEST_OF_MAX = 1.0, 5
+
+
+def best_of(step: Callable[[], float]) -> float:
+    """The least of the times `step()` returns (each its own timing), run until they add up to BEST_OF_SECONDS or
+    BEST_OF_MAX runs; a step of a second or more runs once."""
+    times = [step()]
+    while sum(times) < BEST_OF_SECONDS and len(times) < BEST_OF_MAX:
+        times.append(step())
+    return min(times)
 
 
 def random_causal_lm(

@@ -36,3 +36,24 @@ def test_fact_proxy_needs_a_fact_benchmark():
     EvaluateConfig(benchmark="lm-small", calibrate=CalibrateConfig(enabled=True, proxy="lds"))
     EvaluateConfig(benchmark="lm-small", calibrate=CalibrateConfig(proxy="fact_mrr"))  # not enabled: nothing to check
     EvaluateConfig(benchmark="facts-medium", calibrate=CalibrateConfig(enabled=True))
+
+
+def test_best_of_repeats_a_short_step_and_keeps_its_best_time():
+    """Scoring passes and the matmul bound are timed alike: a step shorter than BEST_OF_SECONDS in all is run
+    again (at most BEST_OF_MAX times) and its least time kept; a long step runs once."""
+    from dataworth.benchmarks.throughput import BEST_OF_MAX, BEST_OF_SECONDS, best_of, matmul_seconds
+
+    assert (BEST_OF_SECONDS, BEST_OF_MAX) == (1.0, 5)
+    times = iter([0.3, 0.2, 0.4, 0.1, 0.05, 0.01])
+    calls = []
+
+    def step():
+        calls.append(1)
+        return next(times)
+
+    assert best_of(step) == 0.1 and len(calls) == 4  # 0.3 + 0.2 + 0.4 + 0.1 reaches 1 s
+    quick = iter([0.01] * 10)
+    assert best_of(lambda: next(quick)) == 0.01 and next(quick) == 0.01 and len(list(quick)) == 4  # 5 runs
+    long = iter([2.0, 0.1])
+    assert best_of(lambda: next(long)) == 2.0 and next(long) == 0.1  # ran once
+    assert matmul_seconds(8, 16, 32) > 0
