@@ -694,6 +694,10 @@ class IndexStore:
 
     def check_vector_index(self, version: int) -> None:
         """Raise unless the gradients table at `version` has the vector index search_vectors reads."""
+        self._vector_indexed(version)
+
+    def _vector_indexed(self, version: int) -> Any:
+        """The gradients table at `version`, opened once, after checking it has the vector index."""
         table = self._require(GRADIENTS, version)
         if not any(i.name == _VECTOR_INDEX for i in table.list_indices()):
             raise IndexStoreError(
@@ -701,6 +705,7 @@ class IndexStore:
                 "score modes search: run `dataworth index` on it again with the same options and --ann.build "
                 "(stored gradients are reused)"
             )
+        return table
 
     def search_vectors(
         self,
@@ -732,8 +737,7 @@ class IndexStore:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """search_vectors' example ids and, beside them, the hits' Lance row ids (uint64) in the same order, which
         read_gradients_by_row_id reads at the same table `version` (row ids are per version)."""
-        self.check_vector_index(version)
-        table = self._require(GRADIENTS, version)
+        table = self._vector_indexed(version)
         dim = vector_layout(table.schema)[0]
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, dim)
         search = table.search(list(queries), vector_column_name="vector").distance_type("dot").nprobes(int(nprobes))
@@ -778,12 +782,19 @@ class IndexStore:
         vectors[at] = decode_vectors(flat.reshape(-1, dim), dtype, scale)
         return vectors[back]
 
+    def read_candidate_rows(
+        self, ids: list[np.ndarray], row_ids: list[np.ndarray], version: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted unique example ids, their float32 vectors) of the candidates search_vector_rows gave several
+        queries (each query's example ids and row ids, as it returned them): each row read once, by row id."""
+        unique, first = np.unique(np.concatenate(ids), return_index=True)
+        return unique, self.read_gradients_by_row_id(np.concatenate(row_ids)[first], version)
+
     def prewarm_vector_index(self, version: int) -> float:
         """Load the vector index of `version` into Lance's index cache (every partition: about the size of its
         codes, 0.33 GB for IVF_RQ 4 bits at 1M × 1024), so that a search's partitions are in memory, not read and
         decoded at the search (0.3 s of the first 64-query search at 1M rows here); returns the seconds taken."""
-        self.check_vector_index(version)
-        table = self._require(GRADIENTS, version)
+        table = self._vector_indexed(version)
         start = time.perf_counter()
         table.prewarm_index(_VECTOR_INDEX)
         return time.perf_counter() - start

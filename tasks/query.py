@@ -409,14 +409,14 @@ def _rerank(
     else by example id), _RERANK_QUERIES queries at a time. `task` is trackstar's curvature (Curvature.mixed of
     the whole query set)."""
     out: dict[str, list[Ranking]] = {m: [] for m in modes}
+    version = manifest.gradients_version
     for lo in range(0, len(candidates), _RERANK_QUERIES):
         part = candidates[lo : lo + _RERANK_QUERIES]
-        ids, first = np.unique(np.concatenate(part), return_index=True)
         if row_ids is None:
-            vectors, _ = store.read_gradients_by_id(ids, manifest.gradients_version)
+            ids = np.unique(np.concatenate(part))
+            vectors, _ = store.read_gradients_by_id(ids, version)
         else:
-            rows = np.concatenate(row_ids[lo : lo + _RERANK_QUERIES])[first]
-            vectors = store.read_gradients_by_row_id(rows, manifest.gradients_version)
+            ids, vectors = store.read_candidate_rows(part, row_ids[lo : lo + _RERANK_QUERIES], version)
         rows_norms = None if norms is None else norms[torch.from_numpy(ids)]
         queries = q_grads[lo : lo + _RERANK_QUERIES]
         for mode in modes:

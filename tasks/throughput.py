@@ -376,8 +376,7 @@ def _ann_batch(
     start = time.perf_counter()
     found, row_ids = store.search_vector_rows(vectors, candidates, version, nprobes, refine_factor)
     search_seconds = time.perf_counter() - start
-    ids, first = np.unique(np.concatenate(found), return_index=True)
-    rows = store.read_gradients_by_row_id(np.concatenate(row_ids)[first], version)
+    ids, rows = store.read_candidate_rows(found, row_ids, version)
     ranked = rerank(q, curvature, "influence", found, ids, torch.from_numpy(rows))
     ann_seconds = time.perf_counter() - start
     recall = recall_at_k([i for i, _ in ranked], list(exact), top_k)

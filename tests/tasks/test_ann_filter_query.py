@@ -148,6 +148,10 @@ def test_every_index_type_returns_every_row_when_asked_for_all(published, index_
         for i, r in zip(ids, row_ids, strict=True):
             assert len(i) == len(r) == 4 and r.dtype == np.uint64
             np.testing.assert_array_equal(store.read_gradients_by_row_id(r, info["version"]), rows[i])
+        # every query's candidates at once, each row once: the sorted unique ids and their rows
+        unique, vectors = store.read_candidate_rows(ids, row_ids, info["version"])
+        np.testing.assert_array_equal(unique, np.unique(np.concatenate(ids)))
+        np.testing.assert_array_equal(vectors, rows[unique])
 
 
 def test_read_by_row_id_refuses_a_row_id_not_in_the_version(published):
