@@ -20,8 +20,8 @@ from typing import Any
 from dataworth.config import TrackingConfig
 
 log = logging.getLogger(__name__)
-# Commands whose flow renders an HTML report with plots.
-REPORTS = ("query", "evaluate", "demo")
+# Commands whose flow draws matplotlib figures (the evaluation report's plots; the query report's histograms are SVG).
+REPORTS = ("evaluate", "demo")
 
 
 def warm_steps(command: str, config: Any) -> list[Callable[[], object]]:
@@ -35,7 +35,7 @@ def warm_steps(command: str, config: Any) -> list[Callable[[], object]]:
     runner = getattr(config, "runner", None)
     if runner is None or runner.kind != "dask":  # the model is loaded in this process (not by Dask's workers)
         steps.append(partial(importlib.import_module, "transformers.modeling_utils"))
-    if command in REPORTS:  # the report's score histograms (dataworth.reports.html.figure)
+    if command in REPORTS:  # the evaluation report's plots (dataworth.reports.html.figure)
         steps += [partial(importlib.import_module, m) for m in ("matplotlib.figure", "matplotlib.backends.backend_agg")]
     return steps
 

@@ -5,7 +5,6 @@ info, the metrics and the score histograms (shared parts in html.py).
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from dataworth.reports.html import (
@@ -13,7 +12,7 @@ from dataworth.reports.html import (
     escape,
     fmt_number,
     heat_color,
-    histogram_png,
+    histogram_svg,
     metrics_html,
     run_info_html,
 )
@@ -39,11 +38,9 @@ def _cut(text: Any, limit: int = TEXT_LIMIT) -> str:
 
 
 def _histogram_html(score_samples: dict[str, list[float]]) -> str:
-    png = base64.b64encode(histogram_png(score_samples)).decode("ascii")
     return (
         '<section class="card"><h2 style="margin-top:0">Score distributions</h2>'
-        f'<img class="plot" alt="Histogram of scores per mode" src="data:image/png;base64,{png}">'
-        "</section>"
+        f"{histogram_svg(score_samples)}</section>"
     )
 
 

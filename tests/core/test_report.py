@@ -1,6 +1,5 @@
 """Reports: HTML escaping, relevance marking, optional sections, atomic writes; terminal tables."""
 
-import base64
 import os
 import re
 import stat
@@ -152,12 +151,28 @@ def test_metrics_table_present_with_best_in_bold_and_absent_without():
     assert '<table class="metrics">' not in render(metrics={})
 
 
-def test_histogram_image_only_with_score_samples():
-    page = render(score_samples={"influence": [0.1, 0.2, 0.2, 0.5], "cosine": [], "dot": [float("nan"), 1.0]})
-    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(imgs) == 1
-    assert base64.b64decode(imgs[0]).startswith(b"\x89PNG")
-    assert "data:image/png" not in render()
+def test_histograms_only_with_score_samples():
+    samples = {"influence": [0.1, 0.2, 0.2, 0.5, 0.5, 0.5], "cosine": [], "dot": [float("nan"), 1.0], "<b>": [3.0]}
+    page = render(score_samples=samples)
+    parse(page)
+    svgs = re.findall(r"<svg class=\"hist\".*?</svg>", page)
+    assert len(svgs) == 4  # one panel per mode, in order
+    assert [re.search(r'class="t">(.*?)  \(n=(\d+)\)', s).groups() for s in svgs] == [
+        ("influence", "6"),
+        ("cosine", "0"),
+        ("dot", "1"),  # the NaN dropped
+        ("&lt;b&gt;", "1"),
+    ]
+    # influence: 5 bins over [0.1, 0.5]; bar heights proportional to the counts 1, 2, 0, 0, 3 (tallest 3)
+    bars = re.findall(r'<rect x="[^"]+" y="[^"]+" width="[^"]+" height="([^"]+)"[^>]*><title>([^<]*)</title>', svgs[0])
+    assert [t.rsplit(": ", 1)[1] for _, t in bars] == ["1", "2", "3"]
+    heights = [float(h) for h, _ in bars]
+    assert heights[2] == max(heights)
+    assert abs(heights[0] * 3 - heights[2]) < 0.05 and abs(heights[1] * 1.5 - heights[2]) < 0.05
+    assert bars[0][1].startswith("0.1 – 0.18") and ">0.5</text>" in svgs[0]
+    assert "no scores" in svgs[1] and "<rect" not in svgs[1]
+    assert len(re.findall("<rect", svgs[2])) == 1  # a single value: one bar
+    assert "<svg" not in render() and "data:image/png" not in page
 
 
 def test_all_queries_and_modes_appear():
