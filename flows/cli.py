@@ -366,15 +366,17 @@ def print_summary(command: str, summary: dict[str, Any]) -> None:
 def _run(command: str, config, progress: bool, log: RunLog | None = None) -> None:
     module = _RUNS[command][0]
     from flows.runner import EarlyAPI
-    from flows.warmup import freeze_before_exit, imports_frozen, warm_steps, warm_while
+    from flows.warmup import freeze_before_exit, imports_frozen, warm_behind, warm_steps, warm_while
 
     api = EarlyAPI()  # the ephemeral Prefect API boots in its own process while the flow's modules import
     with imports_frozen():
         importlib.import_module(module)
         if log is not None:
             log.install()  # after the import, which configures Prefect's logging (and would drop an earlier handler)
-        warm_while(api.booting, warm_steps(command, config))  # the flow's own first work, while the API boots
+        steps = warm_steps(command, config)
+        done = warm_while(api.booting, steps)  # the flow's own first work, while the API boots
     api.wait()
+    warm_behind(steps[done:])  # the rest while the flow's first requests wait on the API
     with api.settings():
         try:
             out = run_command_flow(command, config, progress)

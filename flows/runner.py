@@ -300,7 +300,12 @@ class EarlyAPI:
         from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
         # No UI is served (as Prefect's own ephemeral server): no "View at <url>" line with a link that would not load.
-        with temporary_settings({PREFECT_API_URL: self.url, PREFECT_UI_URL: ""}):
+        # No flow-run heartbeats unless asked for (PREFECT_FLOWS_HEARTBEAT_FREQUENCY set anywhere wins): they serve a
+        # server's zombie-flow automations, which this server, gone with the command, never runs, and every flow
+        # run's exit joins the heartbeat thread, which sleeps in whole seconds (0-1 s per flow and sub-flow run).
+        with temporary_settings(
+            {PREFECT_API_URL: self.url, PREFECT_UI_URL: ""}, set_defaults={"flows.heartbeat_frequency": None}
+        ):
             yield
 
 

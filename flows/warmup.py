@@ -3,9 +3,10 @@ process, done while the CLI waits for Prefect's ephemeral API to boot (a process
 seconds on a new PREFECT_HOME) instead of after it: the MLflow store (mlflow's import, and a new sqlite store's
 tables) and transformers' model code (most of loading a model).
 
-Only while the API is still booting: with the API up (or a server configured) nothing is done ahead, so a run that
-never needs a step (tracking off, a cached task that loads no model, another process that loads it) pays for
-none of it. A step that fails is left for the flow, which does the same work and reports its failure."""
+What the boot left undone goes on in a thread of its own (warm_behind) while the flow's first requests wait on the
+API's first answers (most of a second of this thread blocked on a socket). Only what the flow will do anyway is
+warmed (steps follow the config: no tracking, no store; a model loaded by Dask's workers, no model code), and a
+step that fails is left for the flow, which does the same work and reports its failure."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import contextlib
 import gc
 import importlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -52,6 +54,17 @@ def warm_while(waiting: Callable[[], bool], steps: list[Callable[[], object]]) -
             log.debug("warm-up step %r failed; left for the flow", step, exc_info=True)
         done += 1
     return done
+
+
+def warm_behind(steps: list[Callable[[], object]]) -> threading.Thread | None:
+    """Run `steps` in order in a daemon thread (None when there are none). The flow doing the same work meanwhile
+    is safe: an import waits for the module the thread is importing, and the MLflow store is made under a lock
+    (tasks.tracking.tracking_client)."""
+    if not steps:
+        return None
+    thread = threading.Thread(target=warm_while, args=(lambda: True, steps), name="dataworth-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager

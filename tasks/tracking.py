@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DEFAULT_WORKSPACE = "dataworth-runs"
+_store_lock = threading.Lock()
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -36,7 +38,8 @@ def tracking_client(uri: str) -> MlflowClient:
     this module: seconds of every command's start-up, which the CLI spends while Prefect's API boots (open_store)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(uri)
+    with _store_lock:  # the CLI may be making it in a warm-up thread (flows.warmup.warm_behind) meanwhile
+        return MlflowClient(uri)
 
 
 def open_store(cfg: TrackingConfig) -> None:

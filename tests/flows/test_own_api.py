@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 from prefect import flow
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
 
 from dataworth.config import IndexConfig, RunnerConfig
 from flows import runner
@@ -56,12 +56,15 @@ def test_own_api_runs_the_flow_and_stops(no_server):
         assert answer.status == 200
     with api.settings():
         assert PREFECT_API_URL.value() == api.url and PREFECT_UI_URL.value() == ""  # no "View at" link
+        assert get_current_settings().flows.heartbeat_frequency is None  # no zombie-flow watch on this server
         run_id = probe()
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             assert str(client.read_flow_run(run_id).id) == str(run_id)  # recorded by this very server
     assert PREFECT_API_URL.value() is None  # the settings are back as they were
+    with temporary_settings({"flows.heartbeat_frequency": 60}), api.settings():
+        assert get_current_settings().flows.heartbeat_frequency == 60  # asked for: kept
     process = server.process
     server.stop()
     assert _ended(process)
