@@ -10,7 +10,6 @@ API server and points the run's settings, which prefect-dask sends with every ta
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import os
 import sys
 import threading
@@ -127,19 +126,20 @@ def ephemeral_server() -> SubprocessASGIServer:
 
 class OwnAPI:
     """A Prefect API server in a process of its own, started the way Prefect starts its ephemeral one (uvicorn on
-    Prefect's app factory, the UI off, ephemeral mode: no background services) but without importing Prefect
-    here: Prefect's `SubprocessASGIServer` costs the process that starts it the import of Prefect's server package
-    (2-4 s of CPU on a small machine) before the server process even begins its own boot. The process reads
-    Prefect's settings from the same environment, working directory and profile as this one. Used through a URL
-    (`temporary_settings` of PREFECT_API_URL), so Prefect itself never starts another one; stopped when this
-    process exits, and by a watchdog process when this one is killed."""
+    Prefect's app factory, here through flows.prefect_api, which prepares its routes ahead; the UI off, ephemeral
+    mode: no background services) but without importing Prefect here: Prefect's `SubprocessASGIServer` costs the
+    process that starts it the import of Prefect's server package (2-4 s of CPU on a small machine) before the
+    server process even begins its own boot. The process reads Prefect's settings from the same environment,
+    working directory and profile as this one. Used through a URL (`temporary_settings` of PREFECT_API_URL), so
+    Prefect itself never starts another one; stopped when this process exits, and by a watchdog process when this
+    one is killed."""
 
     def __init__(self) -> None:
         import atexit
         import tempfile
 
-        spec = importlib.util.find_spec("prefect")
-        self._app_dir = str(Path(next(iter(spec.submodule_search_locations))).parent)
+        # The folder holding this `flows` package: the server imports its app factory (flows.prefect_api) from there.
+        self._app_dir = str(Path(__file__).resolve().parent.parent)
         self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
         self._env["PREFECT__SERVER_FINAL"] = "1"
         self._log = tempfile.TemporaryFile()
@@ -155,7 +155,7 @@ class OwnAPI:
         import subprocess
 
         args = [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory"]
-        args += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["flows.prefect_api:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--log-level", "error", "--lifespan", "on"]
         process = subprocess.Popen(args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
         _watch(process.pid)

@@ -34,6 +34,8 @@ def warm_steps(command: str, config: Any) -> list[Callable[[], object]]:
         from tasks.tracking import open_store
 
         steps.append(partial(open_store, tracking))
+    if command == "index":  # the flow reads the corpus (dataworth.data) before any model
+        steps.append(partial(importlib.import_module, "datasets"))
     runner = getattr(config, "runner", None)
     if runner is None or runner.kind != "dask":  # the model is loaded in this process (not by Dask's workers)
         steps.append(partial(importlib.import_module, "transformers.modeling_utils"))

@@ -1,15 +1,16 @@
-"""The CLI's start-up: warm-up steps run only while the API boots, in order, failures left for the flow; the
-garbage collector is off during the imports and back as it was after."""
+"""The CLI's start-up: warm-up steps run while the API boots, the rest in a thread after, in order, failures left for
+the flow; the garbage collector is off during the imports and back as it was after."""
 
 from __future__ import annotations
 
 import gc
 import sqlite3
+import threading
 from functools import partial
 
 from dataworth.config import IndexConfig, QueryConfig, RunnerConfig, TrackingConfig
 from flows.runner import EarlyAPI
-from flows.warmup import freeze_before_exit, imports_frozen, warm_steps, warm_while
+from flows.warmup import freeze_before_exit, imports_frozen, warm_behind, warm_steps, warm_while
 
 
 def index_config(tmp_path, **update) -> IndexConfig:
@@ -31,11 +32,26 @@ def test_steps_run_in_order_while_waiting_and_failures_are_left_for_the_flow():
     assert warm_while(lambda: False, steps) == 0 and len(ran) == 3  # the API is up: nothing done ahead
 
 
+def test_the_rest_runs_in_a_thread_in_order():
+    ran: list[str] = []
+    main = threading.get_ident()
+
+    def fail():
+        ran.append("fail")
+        raise ImportError("left for the flow")
+
+    thread = warm_behind([partial(ran.append, "a"), fail, lambda: ran.append(threading.get_ident() != main)])
+    thread.join(30)
+    assert not thread.is_alive() and thread.daemon and ran == ["a", "fail", True]
+    assert warm_behind([]) is None
+
+
 def test_steps_follow_the_config(tmp_path):
     names = [getattr(s, "args", ("",))[0] for s in warm_steps("index", index_config(tmp_path))]
-    assert isinstance(names[0], TrackingConfig) and names[1:] == ["transformers.modeling_utils"]
+    assert isinstance(names[0], TrackingConfig) and names[1:] == ["datasets", "transformers.modeling_utils"]
     off = index_config(tmp_path, tracking={"enabled": False}, runner=RunnerConfig(kind="dask").model_dump())
-    assert warm_steps("index", off) == []  # no tracking; the model loads in the Dask workers
+    # no tracking; the model loads in the Dask workers; the corpus is read here
+    assert [s.args[0] for s in warm_steps("index", off)] == ["datasets"]
     query = QueryConfig.model_validate({"index_uri": str(tmp_path / "i"), "tracking": {"enabled": False}})
     assert [s.args[0] for s in warm_steps("query", query)] == ["transformers.modeling_utils"]  # SVG histograms
     assert [s.args[0] for s in warm_steps("evaluate", query)][1:] == [
