@@ -120,6 +120,9 @@ _FILTER_RANGES = 64
 _IDS_PER_FILTER = 4096
 # Rows per batch Lance decodes: small decoded batches in flight, merged into the caller's batch_size.
 _READ_ROWS = 1024
+# New gradient shards of a local index are staged (Lance's distributed write): each writes its data files and a
+# record of their fragment metadata here, <index>/_staged_gradients/shard-<n>.json, and one commit appends them all.
+_STAGED = "_staged_gradients"
 
 # Schema expected of each stored table, given what is stored (gradients carry their own dim/dtype).
 _EXPECTED: dict[str, Callable[[pa.Schema], pa.Schema]] = {
@@ -243,6 +246,8 @@ class IndexStore:
         check_stored_schema(table.schema, _EXPECTED[name], name)
 
     def _require(self, name: str, version: int | None = None) -> Any:
+        if name == GRADIENTS and version is None:
+            self.commit_staged()  # the latest version includes every shard written
         table = self._open(name, version)
         if table is None:
             raise IndexStoreError(f"no {name!r} table in {self.uri}; build the index first (the index flow)")
@@ -389,6 +394,7 @@ class IndexStore:
             # Emptied by reset_gradients for a rebuild with another layout: the new schema is one more version,
             # the old versions (which a published manifest may pin) keep theirs.
             with self._creation_lock(GRADIENTS):
+                self.discard_staged()
                 table = self._db.create_table(GRADIENTS, schema=schema, mode="overwrite")
             stored_dim, stored_dtype = dim, dtype
         if (stored_dim, stored_dtype) != (dim, dtype):
@@ -409,14 +415,18 @@ class IndexStore:
     ) -> int:
         """Store one shard's gradients so that it holds exactly these rows; returns the table version.
 
-        A new shard is one append: its own fragments, one commit, at a cost that does not grow with
-        the table (a merge on example_id would join every stored row); finding a shard's old rows
-        reads a bitmap index on shard, rebuilt every _INDEX_EVERY shards. A shard already stored (a
-        retried task, a changed corpus) is deleted first, then appended: between the two commits the
-        shard is absent, never doubled or half-written, and a retry converges (shards_present shows
-        it missing; publish checks one row per example). Creates the table on first use; with
-        parallel writers, call create_gradient_table first. sq_norms, when given, are stored instead of
-        the vectors' own (rows copied from an earlier version keep the norms of their unrounded values).
+        A new shard of a local index is staged (Lance's distributed write): its data files and a record of their
+        fragments (<index>/_staged_gradients/shard-<n>.json, written atomically), no commit, so its cost does not
+        grow with the table, whose manifest every commit rewrites; the next read of the latest version (or
+        commit_staged) appends every staged shard in one commit. A shard staged again replaces its record: stored
+        once. On an object store a new shard is one append: its own fragments, one commit (a merge on example_id
+        would join every stored row). The table version returned is then the latest committed one. Finding a
+        shard's old rows reads a bitmap index on shard, rebuilt every _INDEX_EVERY shards. A shard already stored
+        (a retried task, a changed corpus; its staged copy dropped) is deleted first, then appended: between the
+        two commits the shard is absent, never doubled or half-written, and a retry converges (shards_present
+        shows it missing; publish checks one row per example). Creates the table on first use; with parallel
+        writers, call create_gradient_table first. sq_norms, when given, are stored instead of the vectors' own
+        (rows copied from an earlier version keep the norms of their unrounded values).
 
         new=True says the caller knows the shard has no rows (the index flow read the stored shards
         before logging it, and this is the first attempt): the append is then the whole write, with
@@ -425,9 +435,13 @@ class IndexStore:
         """
         data = gradient_table(shard, example_ids, vectors, dtype, sq_norms)
         table = self._gradients_for(data.schema.field("vector").type.list_size, dtype, f"shard {shard} has")
+        if new and self._staged_dir() is not None:
+            self._stage_shard(table, int(shard), data)
+            return int(table.version)
         if new:
             table.add(data)
             return int(table.version)
+        self.discard_staged(int(shard))  # a staged copy would be appended beside the rows written now
         where = f"shard = {int(shard)}"
         if table.count_rows(where):
             table.delete(where)
@@ -447,6 +461,114 @@ class IndexStore:
             # Only a speed-up: a conflict with a concurrent writer's rebuild keeps the old index, still exact.
             table.create_index("shard", config=Bitmap(), replace=True, name=_SHARD_INDEX)
 
+    # ---- staged shards (Lance's distributed write) ------------------------------------------------
+
+    def _staged_dir(self) -> str | None:
+        return None if self._local_path is None else os.path.join(self._local_path, _STAGED)
+
+    @contextlib.contextmanager
+    def _staged_lock(self) -> Iterator[None]:
+        # Serialises the commit of staged shards (two commits of the same records would append them twice) and
+        # the removal of records, across the processes writing one local index.
+        os.makedirs(self._local_path, exist_ok=True)
+        with open(os.path.join(self._local_path, f".{GRADIENTS}.staged.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _staged_records(self) -> dict[int, tuple[str, str]]:
+        """{shard: (record path, record text)} of the staged shards."""
+        folder = self._staged_dir()
+        if folder is None or not os.path.isdir(folder):
+            return {}
+        records = {}
+        for name in os.listdir(folder):
+            if name.startswith("shard-") and name.endswith(".json"):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):  # committed by another process meanwhile
+                    with open(path, encoding="utf-8") as f:
+                        records[int(name[len("shard-") : -len(".json")])] = (path, f.read())
+        return records
+
+    def _stage_shard(self, table: Any, shard: int, data: pa.Table) -> None:
+        from lance.fragment import write_fragments
+
+        fragments = write_fragments(
+            data, os.path.join(self._local_path, f"{GRADIENTS}.lance"), schema=table.schema, max_rows_per_file=1 << 20
+        )
+        record = json.dumps({"shard": shard, "rows": data.num_rows, "fragments": [f.to_json() for f in fragments]})
+        folder = self._staged_dir()
+        os.makedirs(folder, exist_ok=True)
+        # Written whole, then renamed over the shard's record: a reader sees the old record or the new one, and a
+        # writer killed before the rename leaves only data files no manifest references (the shard is absent).
+        tmp = os.path.join(folder, f".shard-{shard}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(folder, f"shard-{shard}.json"))
+
+    def commit_staged(self) -> int | None:
+        """Append every staged shard to the gradients table in one commit and remove their records; returns the
+        table version after it (None when nothing was staged). Idempotent: fragments whose data files the table
+        already references (a commit whose records a killed process did not remove) are not appended again."""
+        folder = self._staged_dir()
+        if folder is None or not os.path.isdir(folder) or not any(n.endswith(".json") for n in os.listdir(folder)):
+            return None
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        with self._staged_lock():
+            records = self._staged_records()
+            if not records:
+                return None
+            table = self._open(GRADIENTS)
+            if table is None:
+                raise IndexStoreError(
+                    f"shards {sorted(records)[:10]} are staged in {folder} but there is no gradients table; "
+                    f"{REBUILD_HINT}"
+                )
+            dataset = table.to_lance()
+            stored = {d.path for frag in dataset.get_fragments() for d in frag.metadata.data_files()}
+            fragments = []
+            for shard, (path, text) in sorted(records.items()):
+                try:
+                    listed = json.loads(text)["fragments"]
+                    metas = [FragmentMetadata.from_json(json.dumps(f)) for f in listed]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise IndexStoreError(
+                        f"staged shard record {path} is unreadable ({exc}); delete it and log shard {shard} again"
+                    ) from exc
+                fragments += [m for m in metas if not any(d.path in stored for d in m.data_files())]
+            if fragments:
+                lance.LanceDataset.commit(
+                    dataset.uri, lance.LanceOperation.Append(fragments), read_version=dataset.version
+                )
+            for path, text in records.values():
+                self._remove_record(path, text)
+        return int(self._open(GRADIENTS).version)
+
+    @staticmethod
+    def _remove_record(path: str, text: str) -> None:
+        # Only the record that was read: a shard staged again meanwhile keeps its new one.
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, encoding="utf-8") as f:
+                if f.read() != text:
+                    return
+            os.remove(path)
+
+    def discard_staged(self, shard: int | None = None) -> None:
+        """Forget the staged copy of `shard` (of every shard when None): a rewrite, an emptied or dropped table.
+        Its data files stay until cleanup_versions (no manifest references them)."""
+        if self._staged_dir() is None or not os.path.isdir(self._staged_dir()):
+            return
+        with self._staged_lock():
+            for staged, (path, text) in self._staged_records().items():
+                if shard is None or staged == shard:
+                    self._remove_record(path, text)
+
     def compact_gradients(self, min_fragments: int = 1, keep_old_versions: bool = True) -> int | None:
         """Merge the gradients table's fragments (one or more per shard) once there are min_fragments or more.
 
@@ -456,6 +578,7 @@ class IndexStore:
         keep_old_versions is False: then their files are removed, which is safe only when no
         published manifest pins one (a first build) and no other process writes the table.
         """
+        self.commit_staged()
         table = self._open(GRADIENTS)
         if table is None:
             return None
@@ -806,6 +929,7 @@ class IndexStore:
         """
         if isinstance(first_shard, bool) or not isinstance(first_shard, (int, np.integer)) or first_shard < 0:
             raise IndexStoreError(f"first_shard must be a non-negative int, got {first_shard!r}")
+        self.commit_staged()
         table = self._open(GRADIENTS)
         if table is None:
             return None
@@ -815,10 +939,11 @@ class IndexStore:
         return int(table.version)
 
     def shards_present(self) -> set[int]:
+        """Shards with rows stored: committed, or staged (written, to be committed by the next read)."""
         table = self._open(GRADIENTS)
         if table is None:
             return set()
-        present: set[int] = set()
+        present: set[int] = set(self._staged_records())
         for batch in table.search().select(["shard"]).to_batches(batch_size=65536):
             present.update(np.unique(batch.column("shard").to_numpy()).tolist())
         return present
@@ -965,6 +1090,7 @@ class IndexStore:
 
     def state(self) -> IndexState:
         """What the index holds now (None for absent tables)."""
+        self.commit_staged()
         examples = self._open(EXAMPLES)
         gradients = self._open(GRADIENTS)
         return IndexState(
@@ -980,6 +1106,7 @@ class IndexStore:
     def drop(self) -> None:
         """Remove every table of the index (overwrite of an unpublished or damaged index); table versions start
         again at 1. A table Lance cannot drop (damaged) is removed as a directory when the index is local."""
+        self.discard_staged()
         for name in sorted(self._table_names() & set(TABLES)):
             try:
                 self._db.drop_table(name, ignore_missing=True)
@@ -1005,8 +1132,10 @@ class IndexStore:
         when there is no gradients table)."""
         table = self._open(GRADIENTS)
         if table is None:
+            self.discard_staged()
             return None
         with self._creation_lock(GRADIENTS):
+            self.discard_staged()
             table = self._db.create_table(GRADIENTS, schema=table.schema, mode="overwrite")
         return int(table.version)
 

@@ -16,3 +16,13 @@ def write_shard(uri: str, shard: int, barrier) -> None:
     store = IndexStore(uri)
     store.write_gradient_shard(shard, ids, vectors, "float32")
     store.write_gradient_shard(shard, ids, vectors, "float32")
+
+
+def stage_shard(uri: str, shard: int, barrier) -> None:
+    """A new shard staged (new=True), then read at once: every writer commits what is staged, concurrently."""
+    ids = np.arange(shard * ROWS, (shard + 1) * ROWS)
+    vectors = np.full((ROWS, DIM), shard, dtype=np.float32)
+    store = IndexStore(uri)
+    store.write_gradient_shard(shard, ids, vectors, "float32", new=True)
+    barrier.wait()  # every shard staged; now all commit together
+    store.num_gradients()

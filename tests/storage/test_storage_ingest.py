@@ -156,10 +156,12 @@ def test_shard_known_new_is_one_append_with_no_lookup_and_a_rewrite_repairs_a_wr
         monkeypatch.setattr(LanceTable, name, spy)
     version = store.gradients_version()
     ids, vecs = np.arange(4, 8), np.ones((4, 6), np.float32)
-    assert store.write_gradient_shard(1, ids, vecs, new=True) == version + 1  # one commit
+    assert store.write_gradient_shard(1, ids, vecs, new=True) == version  # staged: no commit yet
     assert calls == []  # no lookup of old rows, no index upkeep
+    assert store.shards_present() == {0, 1}
     monkeypatch.undo()
-    store.check_gradient_ids(8)
+    store.check_gradient_ids(8)  # a read of the latest version commits it
+    assert store.gradients_version() == version + 1
     # A wrong hint (the shard was stored after all) doubles it; publish's check names it, a rewrite repairs it.
     store.write_gradient_shard(1, ids, vecs, new=True)
     with pytest.raises(IndexStoreError, match="more than once"):
@@ -167,3 +169,92 @@ def test_shard_known_new_is_one_append_with_no_lookup_and_a_rewrite_repairs_a_wr
     store.write_gradient_shard(1, ids, 2 * vecs)
     store.check_gradient_ids(8)
     assert all((_vectors_by_id(store)[i] == 2).all() for i in range(4, 8))
+
+
+def _staged(store):
+    return sorted(store._staged_records())
+
+
+def _stage(store, shard, n=4, value=None, dim=6):
+    ids = np.arange(shard * n, shard * n + n)
+    vecs = np.full((n, dim), shard if value is None else value, np.float32)
+    store.write_gradient_shard(shard, ids, vecs, "float32", new=True)
+
+
+def test_new_shards_are_staged_and_one_commit_appends_them_all(store):
+    store.create_gradient_table(6)
+    version = store.gradients_version()
+    for shard in range(5):
+        _stage(store, shard)
+    assert _staged(store) == [0, 1, 2, 3, 4] and store.shards_present() == set(range(5))
+    assert int(store._open("gradients").version) == version  # nothing committed while logging
+    got = _vectors_by_id(store)  # the read commits them: one version for the five shards
+    assert store.gradients_version() == version + 1 and _staged(store) == []
+    assert sorted(got) == list(range(20)) and all((got[i] == i // 4).all() for i in got)
+    store.check_gradient_ids(20)
+    assert store.commit_staged() is None  # nothing left to commit
+
+
+def test_a_commit_whose_records_were_left_behind_appends_nothing_again(store):
+    store.create_gradient_table(6)
+    _stage(store, 0)
+    _stage(store, 1)
+    records = store._staged_records()
+    version = store.commit_staged()
+    for path, text in records.values():  # killed after the commit, before removing its records
+        with open(path, "w") as f:
+            f.write(text)
+    assert store.shards_present() == {0, 1}
+    assert store.commit_staged() == version  # every fragment already referenced: no commit
+    store.check_gradient_ids(8)
+    assert _staged(store) == []
+
+
+def test_writer_killed_before_its_record_leaves_the_shard_absent_and_a_retry_stores_it_once(store, monkeypatch):
+    store.create_gradient_table(6)
+    _stage(store, 0)
+    real = storage.store.os.replace
+    monkeypatch.setattr(storage.store.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        _stage(store, 1)
+    monkeypatch.setattr(storage.store.os, "replace", real)
+    assert store.shards_present() == {0}  # its data files are written, but no record names them
+    _stage(store, 1, value=7)
+    store.check_gradient_ids(8)
+    assert all((_vectors_by_id(store)[i] == 7).all() for i in range(4, 8))
+
+
+def test_a_shard_staged_twice_or_rewritten_is_stored_once_with_the_last_rows(store):
+    store.create_gradient_table(6)
+    _stage(store, 0)
+    _stage(store, 1, value=5)
+    _stage(store, 1, value=6)  # a retried first attempt: its record replaced
+    _stage(store, 2, value=1)
+    ids, vecs = np.arange(8, 12), np.full((4, 6), 9, np.float32)
+    store.write_gradient_shard(2, ids, vecs, "float32")  # a rewrite drops the staged copy
+    store.check_gradient_ids(12)
+    got = _vectors_by_id(store)
+    assert all((got[i] == 6).all() for i in range(4, 8)) and all((got[i] == 9).all() for i in range(8, 12))
+
+
+def test_reset_drop_and_shard_pruning_take_staged_shards_into_account(store):
+    store.create_gradient_table(6)
+    _stage(store, 0)
+    store.reset_gradients()
+    assert _staged(store) == [] and store.num_gradients() == 0  # emptied: the staged shard is gone too
+    _stage(store, 0)
+    _stage(store, 1)
+    store.delete_shards_from(1)  # committed first, then pruned
+    assert store.shards_present() == {0} and store.num_gradients() == 4
+    _stage(store, 1)
+    store.drop()
+    assert _staged(store) == [] and store.shards_present() == set()
+
+
+def test_an_object_store_index_appends_each_new_shard_at_once(store, monkeypatch):
+    # No local directory to stage in (an s3:// or gs:// index): each new shard is its own commit.
+    store.create_gradient_table(6)
+    monkeypatch.setattr(store, "_staged_dir", lambda: None)
+    version = store.gradients_version()
+    _stage(store, 0)
+    assert int(store._open("gradients").version) == version + 1 and store.shards_present() == {0}

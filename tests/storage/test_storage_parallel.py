@@ -6,6 +6,7 @@ import multiprocessing as mp
 
 import numpy as np
 from shard_writer import ROWS, SHARDS
+from shard_writer import stage_shard as _stage_shard
 from shard_writer import write_shard as _write_shard
 
 from storage import IndexStore
@@ -26,5 +27,25 @@ def test_parallel_shard_writers_lose_nothing(tmp_path):
     assert [p.exitcode for p in procs] == [0] * SHARDS
     assert store.num_gradients() == SHARDS * ROWS
     assert store.shards_present() == set(range(SHARDS))
+    for ids, vectors, _ in store.iter_gradients(batch_size=16):
+        np.testing.assert_array_equal(vectors[:, 0], ids // ROWS)
+
+
+def test_staged_shards_committed_by_parallel_readers_are_stored_once(tmp_path):
+    # Every process stages its shard, then reads the latest version, which commits what is staged: the commits
+    # race, and each staged shard must still be appended exactly once.
+    uri = str(tmp_path / "index")
+    store = IndexStore(uri)
+    store.create_gradient_table(8)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(SHARDS)
+    procs = [ctx.Process(target=_stage_shard, args=(uri, s, barrier)) for s in range(SHARDS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * SHARDS
+    store.check_gradient_ids(SHARDS * ROWS)
+    assert store.shards_present() == set(range(SHARDS)) and store.commit_staged() is None
     for ids, vectors, _ in store.iter_gradients(batch_size=16):
         np.testing.assert_array_equal(vectors[:, 0], ids // ROWS)
