@@ -227,6 +227,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             full_log_probs=full,
             kronfluence_seconds=kron.seconds if kron else None,
             attribution_seconds=index["compute_seconds"] + query["compute_seconds"],
+            search_seconds=query.get("search_seconds", 0.0),
             loo=loo.model_dump() if loo else None,
             calibration=calibration,
         )

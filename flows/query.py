@@ -198,6 +198,7 @@ def query_flow(config: QueryConfig, relevant: dict[str, list[str]] | None = None
         "pairs": scored.pairs,
         "pairs_per_s": scored.pairs_per_s,
         "compute_seconds": scored.compute_seconds,
+        "search_seconds": scored.search_seconds,
         "report": report.report,
         "topk_csv": report.topk_csv,
         "tokens_csv": report.tokens_csv,

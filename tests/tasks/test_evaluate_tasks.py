@@ -183,7 +183,7 @@ def test_assemble_evaluation_report_writes_the_table_and_its_plots(tmp_path):
         str(tmp_path / "reports"),
         {"index": "somewhere"},
         paths,
-        [{"influence": {"mrr": 0.5}, "bm25": {"mrr": 0.25}}, lds.table],
+        [{"influence": {"mrr": 0.5}, "bm25": {"mrr": 0.25}, "hybrid-rerank-influence": {"mrr": 0.75}}, lds.table],
         (4, 8, 2),
         config.logging,
         lds_scatter=lds.scatter,
@@ -191,17 +191,20 @@ def test_assemble_evaluation_report_writes_the_table_and_its_plots(tmp_path):
         removed_log_probs=[[-1.0, -2.0], [-1.5, -2.0]],
         full_log_probs=[-0.5, -2.0],
         attribution_seconds=12.0,
+        search_seconds=5.0,
         loo=loo,
     )
     assert isinstance(report, EvaluationReport)
-    assert list(report.table) == ["influence", "bm25", "random"]
+    assert list(report.table) == ["influence", "bm25", "hybrid-rerank-influence", "random"]
     assert report.table["influence"] == {
         "mrr": 0.5,
         "lds": pytest.approx(1.0),
         "lds_valid_queries": 2,
         "brittle@1": 0.5,
-        "seconds": 12.0,
+        "seconds": 7.0,  # a gradient mode does not pay the full-text search
     }
+    assert report.table["hybrid-rerank-influence"] == {"mrr": 0.75, "seconds": 12.0}
+    assert "seconds" not in report.table["bm25"]
     assert report.table["random"] == {"brittle@1": 1.0}
     assert sorted(p.rsplit("/", 1)[-1] for p in report.plots) == [
         "brittleness.png",
@@ -213,7 +216,7 @@ def test_assemble_evaluation_report_writes_the_table_and_its_plots(tmp_path):
     assert report.notes[0].startswith(f"{config.benchmark}: 4 documents, 8 examples, 2 queries; projection ")
     assert report.notes[1].startswith("Leave-one-out on softmax regression: Pearson 0.990")
     markdown = open(report.markdown).read()
-    assert markdown.startswith("| method | mrr | lds | lds_valid_queries | brittle@1 | seconds |")
+    assert markdown.startswith("| method | mrr | lds | lds_valid_queries | brittle@1 | seconds |")  # first row's keys
     assert report.summary == "\n" + markdown.rstrip("\n")
     assert json.loads(report.record)["loo"] == loo
 
