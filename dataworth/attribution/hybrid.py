@@ -97,6 +97,11 @@ def recall_at_k(approximate: Sequence[np.ndarray], exact: Sequence[np.ndarray], 
     return float(np.mean(hits)) if hits else 1.0
 
 
+# score_candidates scores every query against every row read in one product when that costs at most this many times
+# the scores asked for (Q × U ≤ ratio × Σ_q M_q), else each query against its own candidates' rows.
+ONE_PRODUCT_RATIO = 4
+
+
 def score_candidates(
     queries: torch.Tensor,
     curvature: Curvature,
@@ -118,6 +123,12 @@ def score_candidates(
     if prepared.needs_norms:
         norms = curvature.whitened_norms(train) if norms is None else norms.to(torch.float64)
     task_norms = None if prepared.task_curvature is None else prepared.task_curvature.whitened_norms(train)
+    wanted = sum(len(p) for p in candidates)
+    if len(candidates) * train.shape[0] <= ONE_PRODUCT_RATIO * wanted:
+        # The queries share most of their candidates (a small corpus, common words): one product of every query
+        # with every row read, then each query's own, beats a gather of each query's rows.
+        every = score_batch(prepared, train, norms, task_norms)[mode]  # [Q, U]
+        return [every[q, torch.as_tensor(np.asarray(p, dtype=np.int64))].numpy() for q, p in enumerate(candidates)]
     out = []
     for q, positions in enumerate(candidates):
         rows = torch.as_tensor(np.asarray(positions, dtype=np.int64))

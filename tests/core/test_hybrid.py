@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataworth.attribution import hybrid
 from dataworth.attribution.curvature import FisherAccumulator
 from dataworth.attribution.hybrid import (
     complete_ranking,
@@ -70,8 +71,11 @@ def _fitted(seed=0):
     return G, Q, acc.finalize()
 
 
+@pytest.mark.parametrize("one_product", [False, True], ids=["per-query rows", "one product"])
 @pytest.mark.parametrize("mode", ALL_SCORE_MODES)
-def test_rerank_equals_the_exact_scores_restricted_to_the_candidates(mode):
+def test_rerank_equals_the_exact_scores_restricted_to_the_candidates(mode, one_product, monkeypatch):
+    # Both ways of scoring the candidates: each query against its own rows, or every query against every row read.
+    monkeypatch.setattr(hybrid, "ONE_PRODUCT_RATIO", 10**9 if one_product else 0)
     G, Q, curv = _fitted()
     full = Scorer(Q, curv, [mode], top_k=1, full_matrix_size=G.shape[0], dtype=torch.float64)
     full.update(torch.arange(G.shape[0]), G)
