@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -102,6 +103,8 @@ _DOCUMENT_INDEX = "document_idx"
 # tokenize_words and its scores that oracle's at k1 = 1.2 to float32 rounding, except that an example whose text
 # holds no word is not indexed, so N and the mean length count only the others (tests/storage/test_text_search.py).
 _TEXT_INDEX = "text_idx"
+# Full-text searches run at once by search_text (at most the machine's cores).
+_TEXT_SEARCH_THREADS = 4
 TEXT_INDEX = FTS(
     base_tokenizer="simple",
     lower_case=True,
@@ -332,20 +335,28 @@ class IndexStore:
         (the scores are those of the whole corpus)."""
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
             raise IndexStoreError(f"limit must be a positive int, got {limit!r}")
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise IndexStoreError(f"search_text takes strings, got {bad[0]}")
         table = self._text_table(version)
-        out = []
-        for text in texts:
-            if not isinstance(text, str):
-                raise IndexStoreError(f"search_text takes strings, got {type(text).__name__}")
-            search = table.search(MatchQuery(text, "text"), query_type="fts")
+
+        def search(text: str) -> tuple[np.ndarray, np.ndarray]:
+            query = table.search(MatchQuery(text, "text"), query_type="fts")
             if where:
-                search = search.where(where, prefilter=True)
-            hits = search.select(["example_id", "_score"]).limit(int(limit)).to_arrow()
+                query = query.where(where, prefilter=True)
+            hits = query.select(["example_id", "_score"]).limit(int(limit)).to_arrow()
             ids = hits.column("example_id").to_numpy().astype(np.int64)
             scores = hits.column("_score").to_numpy().astype(np.float64)
             order = np.lexsort((ids, -scores))  # score descending, then id ascending
-            out.append((ids[order], scores[order]))
-        return out
+            return ids[order], scores[order]
+
+        # One search per text, several at a time: each runs in Lance's native code, outside the GIL for much of
+        # it (200 searches: 0.76 s one at a time, 0.63 s on 2 threads, 0.59 s on 4, on 2 cores).
+        workers = min(len(texts), os.cpu_count() or 1, _TEXT_SEARCH_THREADS)
+        if workers <= 1:
+            return [search(t) for t in texts]
+        with ThreadPoolExecutor(workers, thread_name_prefix="text-search") as pool:
+            return list(pool.map(search, texts))
 
     def read_examples(
         self, columns: list[str] | None = None, version: int | None = None, where: str | None = None

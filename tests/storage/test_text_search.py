@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import storage.store
 from dataworth.evaluation.baselines.bm25 import BM25, tokenize_words
 from dataworth.evaluation.lds import spearman
 from storage import IndexStore, IndexStoreError
@@ -83,6 +84,26 @@ def test_bm25_equals_the_oracle_where_parameters_match(store):
     assert hits[-1][0].size == 0 and hits[-2][0].size == 0  # no words, no matches
     ids, scores = store.search_text(["w0 w1"], limit=3, version=version)[0]
     assert len(ids) == 3 and scores[0] >= scores[1] >= scores[2]
+
+
+def test_searches_run_at_once_give_the_serial_answers_in_order(store, monkeypatch):
+    texts = _corpus()
+    version = store.write_examples(_examples(texts))
+    queries = _queries() * 3
+    threads = []
+    real = storage.store.ThreadPoolExecutor
+    monkeypatch.setattr(storage.store, "ThreadPoolExecutor", lambda n, **k: threads.append(n) or real(n, **k))
+    monkeypatch.setattr(storage.store.os, "cpu_count", lambda: 4)
+    together = store.search_text(queries, limit=len(texts), version=version)
+    assert threads == [4]
+    monkeypatch.setattr(storage.store, "_TEXT_SEARCH_THREADS", 1)
+    serial = store.search_text(queries, limit=len(texts), version=version)
+    assert threads == [4]  # no pool the second time
+    assert len(together) == len(serial) == len(queries)
+    for (ids_t, scores_t), (ids_s, scores_s) in zip(together, serial, strict=True):
+        assert ids_t.tolist() == ids_s.tolist() and scores_t.tolist() == scores_s.tolist()
+    with pytest.raises(IndexStoreError, match="takes strings, got int"):
+        store.search_text(["red", 3], 10, version)  # refused before any search
 
 
 def test_bm25_ranks_like_the_oracle_at_its_own_parameters(store):
