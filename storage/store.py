@@ -264,8 +264,14 @@ class IndexStore:
         if self._local_path is None:
             yield
             return
+        with self._file_lock(f".{name}.create.lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _file_lock(self, filename: str) -> Iterator[None]:
+        """An exclusive lock on <index>/<filename>, across the threads and processes of one local index."""
         os.makedirs(self._local_path, exist_ok=True)
-        with open(os.path.join(self._local_path, f".{name}.create.lock"), "a") as lock:
+        with open(os.path.join(self._local_path, filename), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -477,17 +483,10 @@ class IndexStore:
     def _staged_dir(self) -> str | None:
         return None if self._local_path is None else os.path.join(self._local_path, _STAGED)
 
-    @contextlib.contextmanager
-    def _staged_lock(self) -> Iterator[None]:
+    def _staged_lock(self) -> contextlib.AbstractContextManager[None]:
         # Serialises the commit of staged shards (two commits of the same records would append them twice) and
         # the removal of records, across the processes writing one local index.
-        os.makedirs(self._local_path, exist_ok=True)
-        with open(os.path.join(self._local_path, f".{GRADIENTS}.staged.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return self._file_lock(f".{GRADIENTS}.staged.lock")
 
     def _staged_records(self) -> dict[int, tuple[str, str]]:
         """{shard: (record path, record text)} of the staged shards."""
@@ -573,7 +572,8 @@ class IndexStore:
     def discard_staged(self, shard: int | None = None) -> None:
         """Forget the staged copy of `shard` (of every shard when None): a rewrite, an emptied or dropped table.
         Its data files stay until cleanup_versions (no manifest references them)."""
-        if self._staged_dir() is None or not os.path.isdir(self._staged_dir()):
+        folder = self._staged_dir()
+        if folder is None or not os.path.isdir(folder):
             return
         with self._staged_lock():
             for staged, (path, text) in self._staged_records().items():
