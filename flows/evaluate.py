@@ -105,7 +105,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             ),
         )
         queries = load_queries(bench.queries)
-        logging_cfg = config.logging.model_copy(update={"seed": config.seed})
+        logging_cfg = config.logging.model_copy(update={"seed": config.projection_seed})
         if config.optimizer_correction:  # the optimizer.pt the benchmark model was saved with
             logging_cfg = logging_cfg.model_copy(update={"optimizer_state": bench.model_dir})
         build = partial(_build_index, config, ws, bench, sub_tracking, progress)

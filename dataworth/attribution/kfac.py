@@ -143,14 +143,27 @@ class CovarianceCollector(BackwardHooks):
         return {n: (self.a_sums[n] / self.tokens, self.s_sums[n] / self.tokens) for n in self.a_sums}
 
 
-def inverse_sqrt(factor: torch.Tensor, damping: float) -> torch.Tensor:
-    """(M + λ I)^-½ with λ = damping × mean eigenvalue of M (a PSD matrix)."""
+def _damped_eigen(factor: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues + λ, eigenvectors) of a PSD matrix M, ascending, with λ = damping × mean eigenvalue of M."""
     sym = (factor + factor.T) / 2
     evals, evecs = torch.linalg.eigh(sym)
     evals = evals.clamp(min=0.0)
     mean = float(evals.mean())
-    lam = damping * (mean if mean > 0 else 1.0)
-    return (evecs * (evals + lam).rsqrt()) @ evecs.T
+    return evals + damping * (mean if mean > 0 else 1.0), evecs
+
+
+def inverse_sqrt(factor: torch.Tensor, damping: float) -> torch.Tensor:
+    """(M + λ I)^-½ with λ = damping × mean eigenvalue of M (a PSD matrix)."""
+    evals, evecs = _damped_eigen(factor, damping)
+    return (evecs * evals.rsqrt()) @ evecs.T
+
+
+def pca_whitening(factor: torch.Tensor, damping: float, k: int) -> torch.Tensor:
+    """The k×d rows U_kᵀ (M + λ I)^-½ = (Λ_k + λ)^-½ U_kᵀ: the top-k eigenvectors of M, each scaled by its damped
+    eigenvalue's inverse square root (LoGra's PCA-initialized projection of a whitened side), largest first."""
+    evals, evecs = _damped_eigen(factor, damping)
+    top = evals.shape[0] - 1 - torch.arange(min(k, evals.shape[0]), device=evals.device)
+    return (evecs[:, top] * evals[top].rsqrt()).T
 
 
 def sample_indices(total: int, n: int) -> list[int]:
@@ -196,7 +209,8 @@ def whitened_projections(
     meta: dict | None = None,
     scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> FittedProjections:
-    """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (R = identity for projection='identity'),
+    """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (R = identity for projection='identity'; with
+    basis='pca' R = U_kᵀ, the top-k eigenvectors of the factor, so P = (Λ_k + λ)^-½ U_kᵀ),
     returned on the CPU; P = R (R0 A R0ᵀ + λ)^-½ R0 for a side in `pre_projection_dims`, whose factor is then
     the m×m one of R0 x (or R0 dy). The meta records those sides as `pre_projected`. With the optimizer-state
     `scales` (s_in, s_out) each side ends in diag(s), and its factor must be that of diag(s) x (or dy):
@@ -221,14 +235,19 @@ def whitened_projections(
                     f"the {side}put factor of {name!r} is {tuple(factor.shape)}, the logging config asks for "
                     f"{m or d[side]}×{m or d[side]}: fit the factors with the same logging config"
                 )
-            w = inverse_sqrt(factor, cfg.precondition_damping)
-            if m is None:
-                r = plain.random(name, side)
-                p = w if r is None else r.to(w.device) @ w
+            if cfg.basis == "pca":  # the top-k eigenvectors of the factor instead of k random rows
+                p = pca_whitening(factor, cfg.precondition_damping, k[side])
             else:
-                r = draw_projection(cfg.projection, k[side], m, cfg.seed, name, side).to(w.device)
-                r0 = draw_pre_projection(cfg.projection, m, d[side], cfg.seed, name, side).to(w.device)
-                p = r @ w @ r0  # [k, m] @ [m, m] @ [m, d] → [k, d]
+                w = inverse_sqrt(factor, cfg.precondition_damping)
+                r = (
+                    plain.random(name, side)
+                    if m is None
+                    else draw_projection(cfg.projection, k[side], m, cfg.seed, name, side)
+                )
+                p = w if r is None else r.to(w.device) @ w
+            if m is not None:
+                r0 = draw_pre_projection(cfg.projection, m, d[side], cfg.seed, name, side).to(p.device)
+                p = p @ r0  # [k, m] @ [m, d] → [k, d]
             if scales is not None:
                 p = p * scales[name][SIDES.index(side)].to(p)[None, :]  # P diag(s)
             sides.append(p.cpu())
@@ -241,6 +260,7 @@ def whitened_projections(
             **(meta or {}),
             "max_factor_dim": cfg.max_factor_dim,
             "pre_projected": pre_dims,
+            **({"basis": cfg.basis} if cfg.basis != "random" else {}),
         },
     )
 

@@ -85,12 +85,21 @@ def draw_projection(kind: str, k: int, d: int, seed: int, name: str, side: str) 
     if kind == "identity":
         return None
     gen = _generator(seed, name, side)
+    if kind == "orthogonal":
+        # Haar-random orthonormal rows (QR of a Gaussian, signs fixed by R's diagonal), scaled by sqrt(d / k):
+        # the same E[||P v||²] = ||v||² as a Gaussian, with less spread of inner products (no two rows share a
+        # direction), and exact inner products when k = d, where a square Gaussian is ill-conditioned.
+        if k > d:
+            raise ConfigError(f"an orthogonal projection has at most as many rows as columns; asked {k} rows of {d}")
+        q, r = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
+        return q.T * math.sqrt(d / k)
     if kind == "gaussian":
         p = torch.randn(k, d, generator=gen, dtype=torch.float64)
     elif kind == "rademacher":
         p = torch.randint(0, 2, (k, d), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
     else:
-        raise ConfigError(f"unknown projection {kind!r}; choose gaussian, rademacher or identity")
+        raise ConfigError(f"unknown projection {kind!r}; choose gaussian, orthogonal, rademacher or identity")
     return p / math.sqrt(k)
 
 
@@ -115,8 +124,10 @@ def check_projection(cfg: LoggingConfig) -> None:
 def draw_pre_projection(kind: str, m: int, d: int, seed: int, name: str, side: str) -> torch.Tensor:
     """The (m, d) first projection R0 of a side too wide for an exact KFAC factor (see
     `dataworth.attribution.kfac.pre_projection_dims`). Its own generator: R0 must not share rows with the
-    (k, m) projection R drawn for that side after the whitening."""
-    p = draw_projection(kind, m, d, seed, name, f"{side}:pre")
+    (k, m) projection R drawn for that side after the whitening. Gaussian for the orthogonal kind: R0 has
+    m = wide_layer_dim rows (thousands), and a QR of d × m at the widths that need it (d > max_factor_dim) costs
+    minutes per side; its spread matters less there, since the whitening and R follow it."""
+    p = draw_projection("gaussian" if kind == "orthogonal" else kind, m, d, seed, name, f"{side}:pre")
     if p is None:
         raise ConfigError("a pre-projection needs a random projection kind (gaussian or rademacher), not identity")
     return p

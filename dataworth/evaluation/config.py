@@ -101,7 +101,9 @@ class EvaluateConfig(StageConfig):
         "partially trained, a generated LM corpus, and real text (docstrings-small).",
     )
     workspace: str = Field("dataworth-runs/evaluate", description="Folder for corpora, models, indexes and reports.")
-    seed: int = Field(0, description="Seed of corpus, model and projections.")
+    seed: int = Field(
+        0, description="Seed of corpus, model and projections (the projections' own when --logging.seed is not 0)."
+    )
     train_epochs: int | None = Field(
         None, ge=1, description="Epochs of the benchmark model (preset default when unset)."
     )
@@ -166,3 +168,9 @@ class EvaluateConfig(StageConfig):
                     "add them to score.modes / baselines, or remove them from brittleness.methods"
                 )
         return self
+
+    @property
+    def projection_seed(self) -> int:
+        """The seed the index's projections are drawn with: the run's, unless logging.seed gives them their own (a
+        value other than its default 0), so projection draws can be compared on one corpus, model and retraining."""
+        return self.logging.seed or self.seed

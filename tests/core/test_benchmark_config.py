@@ -57,3 +57,12 @@ def test_best_of_repeats_a_short_step_and_keeps_its_best_time():
     long = iter([2.0, 0.1])
     assert best_of(lambda: next(long)) == 2.0 and next(long) == 0.1  # ran once
     assert matmul_seconds(8, 16, 32) > 0
+
+
+def test_projection_seed_follows_the_run_unless_given():
+    """evaluate's --seed draws the projections too; --logging.seed (not 0) draws them alone, on the same corpus,
+    model and retrainings; a replayed config (logging.seed 0 written out) keeps the run's seed."""
+    assert EvaluateConfig(seed=3).projection_seed == 3
+    assert EvaluateConfig(seed=3, logging={"seed": 5}).projection_seed == 5
+    replay = EvaluateConfig.model_validate(EvaluateConfig(seed=3).model_dump(mode="json"))
+    assert replay.projection_seed == 3

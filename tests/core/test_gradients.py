@@ -6,6 +6,7 @@ from gradcheck import SEQS, cross_device_tolerance, hook_gradients, plain, refer
 
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import draw_projection
+from dataworth.errors import ConfigError
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -18,7 +19,7 @@ def test_identity_projection_equals_autograd(tiny_model, reduction):
     assert expected.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "orthogonal", "rademacher"])
 def test_random_projection_equals_projected_autograd(tiny_model, kind):
     cfg = plain(projection=kind, proj_dim_in=4, proj_dim_out=3, seed=7)
     expected = reference_gradients(tiny_model, cfg, SEQS)
@@ -52,6 +53,31 @@ def test_projection_is_seeded_by_module_name():
     assert not torch.equal(a, draw_projection("gaussian", 4, 10, 1, "layer.a", "in"))
     r = draw_projection("rademacher", 4, 10, 0, "layer.a", "in")
     assert set((r * 2).abs().unique().tolist()) == {1.0}
+
+
+def test_orthogonal_projection_rows():
+    """Orthonormal rows scaled by sqrt(d / k): P Pᵀ = (d / k) I, so E||P v||² = ||v||² as for a Gaussian; at k = d
+    the projection is an orthogonal matrix and keeps every inner product exactly, where a square Gaussian does not."""
+    p = draw_projection("orthogonal", 4, 10, 0, "layer.a", "in")
+    assert p.shape == (4, 10)
+    assert torch.allclose(p @ p.T, torch.eye(4, dtype=torch.float64) * 10 / 4, atol=1e-12)
+    assert torch.equal(p, draw_projection("orthogonal", 4, 10, 0, "layer.a", "in"))
+    assert not torch.equal(p, draw_projection("orthogonal", 4, 10, 0, "layer.b", "in"))
+    square = draw_projection("orthogonal", 16, 16, 3, "layer.a", "out")
+    u, v = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose((square @ u) @ (square @ v), u @ v, atol=1e-12)
+    gaussian = torch.linalg.svdvals(draw_projection("gaussian", 16, 16, 3, "layer.a", "out"))
+    assert gaussian.max() / gaussian.min() > 2  # the ill-conditioning the orthogonal kind removes
+    # Over many draws the squared norm is kept on average, with less spread than a Gaussian's.
+    v = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    norms = {
+        kind: torch.stack([(draw_projection(kind, 8, 64, 0, f"m{i}", "in") @ v).square().sum() for i in range(400)])
+        for kind in ("orthogonal", "gaussian")
+    }
+    assert abs(norms["orthogonal"].mean() / v.square().sum() - 1) < 0.05
+    assert norms["orthogonal"].std() < norms["gaussian"].std()
+    with pytest.raises(ConfigError, match="at most as many rows"):
+        draw_projection("orthogonal", 11, 10, 0, "layer.a", "in")
 
 
 def test_collector_restores_model_state(tiny_model):

@@ -22,6 +22,7 @@ from dataworth.attribution.kfac import (
     fit_kfac_factors,
     fit_kfac_projections,
     inverse_sqrt,
+    pca_whitening,
     pre_projection_dims,
     sample_examples,
     sample_indices,
@@ -206,7 +207,7 @@ def test_pre_projected_side_equals_explicit_formula(tiny_model):
                 continue
             a = factors[name][i]  # d×d, explicit
             r0 = draw_pre_projection("gaussian", 12, a.shape[0], cfg.seed, name, side)
-            r = draw_projection("gaussian", k, 12, cfg.seed, name, side)
+            r = draw_projection("orthogonal", k, 12, cfg.seed, name, side)
             sketched = r0 @ a @ r0.T
             lam = 0.05 * torch.linalg.eigvalsh(sketched).mean()
             evals, evecs = torch.linalg.eigh(sketched + lam * torch.eye(12, dtype=torch.float64))
@@ -297,3 +298,64 @@ def test_cuda_projections_match_cpu(tiny_model):
     grads = hook_gradients(tiny_model, cfg, SEQS, fitted=gpu)
     assert grads.device.type == "cuda"
     assert relative_error(grads.cpu(), hook_gradients(tiny_model.cpu(), cfg, SEQS, fitted=cpu)) < 10 * tol
+
+
+def test_pca_whitening_is_top_eigenvectors_whitened():
+    """pca_whitening = (Λ_k + λ)^-½ U_kᵀ: rows are the top-k eigenvectors, largest first, and P M Pᵀ is diagonal
+    with entries λ_i / (λ_i + λ) — the whitened factor restricted to its top-k directions."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(7, 20, dtype=torch.float64, generator=g)
+    cov = m @ m.T
+    p = pca_whitening(cov, 0.1, 3)
+    evals, evecs = torch.linalg.eigh(cov)
+    lam = 0.1 * evals.mean()
+    top = evecs[:, [6, 5, 4]]
+    expected = (top * (evals[[6, 5, 4]] + lam).rsqrt()).T
+    signs = torch.sign((p * expected).sum(1))  # an eigenvector's sign is free
+    assert torch.allclose(p * signs[:, None], expected, atol=1e-10)
+    assert torch.allclose(p @ cov @ p.T, torch.diag(evals[[6, 5, 4]] / (evals[[6, 5, 4]] + lam)), atol=1e-10)
+    # All k = d rows: the full whitening, up to a rotation (same inner products).
+    full = pca_whitening(cov, 0.1, 7)
+    assert torch.allclose(full.T @ full, inverse_sqrt(cov, 0.1) @ inverse_sqrt(cov, 0.1), atol=1e-10)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_pca_basis_projections_equal_explicit(tiny_model, wide):
+    """basis='pca': each side is the top-k eigenvectors of its explicit fp64 KFAC factor (of R0 x for a side wider
+    than max_factor_dim, then times R0), whitened; the hooks log P_out G P_inᵀ with them, as autograd does."""
+    extra = WIDE if wide else dict(proj_dim_in=4, proj_dim_out=3, precondition_damping=0.05)
+    cfg = LoggingConfig(**extra, basis="pca", projection="orthogonal")
+    fitted = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), cfg)
+    assert fitted.meta["basis"] == "pca"
+    factors, _ = explicit_factors(tiny_model, cfg, SEQS)
+    pre = wide_sides(tiny_model, cfg) if wide else {}
+    checked = 0
+    for name, sides in factors.items():
+        for i, (side, k) in enumerate((("in", 4), ("out", 3))):
+            a, r0 = sides[i], None
+            if side in pre.get(name, {}):
+                r0 = draw_pre_projection("orthogonal", 12, a.shape[0], cfg.seed, name, side)
+                a = r0 @ a @ r0.T
+            k = min(k, a.shape[0])
+            evals, evecs = torch.linalg.eigh(a)
+            lam = 0.05 * evals.clamp(min=0).mean()
+            order = evals.argsort(descending=True)[:k]
+            expected = (evecs[:, order] * (evals[order] + lam).rsqrt()).T
+            if r0 is not None:
+                expected = expected @ r0
+                checked += 1
+            got = fitted.matrices[name][i]
+            signs = torch.sign((got * expected).sum(1))
+            assert torch.allclose(got * signs[:, None], expected, atol=1e-8), (name, side)
+    assert checked >= (2 if wide else 0)
+    got = hook_gradients(tiny_model, cfg, SEQS, batch_size=3, fitted=fitted)
+    assert torch.allclose(got, reference_gradients(tiny_model, cfg, SEQS, fitted=fitted), atol=1e-9, rtol=1e-7)
+
+
+def test_pca_basis_config():
+    """The PCA basis needs KFAC factors and a Kronecker projection; at its default it stays out of dumps."""
+    assert "basis" not in LoggingConfig().model_dump()
+    assert LoggingConfig(basis="pca").fingerprint() != LoggingConfig().fingerprint()
+    for bad in (dict(precondition="none"), dict(projection="identity")):
+        with pytest.raises(ValueError, match="basis='pca'"):
+            LoggingConfig(basis="pca", **bad)

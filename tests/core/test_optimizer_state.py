@@ -133,7 +133,7 @@ def test_kfac_factors_of_the_corrected_gradient(trained):
     for name, (a, s) in factors.items():
         s_in, s_out, _ = explicit_scales(model, opt, name)
         for i, (factor, d, k, side) in enumerate(((a, s_in, 4, "in"), (s, s_out, 3, "out"))):
-            r = draw_projection("gaussian", min(k, factor.shape[0]), factor.shape[0], cfg.seed, name, side)
+            r = draw_projection("orthogonal", min(k, factor.shape[0]), factor.shape[0], cfg.seed, name, side)
             scaled = d[:, None] * factor * d[None, :]
             expected = r @ inverse_sqrt(scaled, 0.05) * d[None, :]
             assert torch.allclose(fitted.matrices[name][i], expected, rtol=1e-7, atol=1e-9), (name, side)
