@@ -161,6 +161,21 @@ def train_causal_lm(
     return model
 
 
+def total_steps(cfg: RetrainConfig, n_sequences: int) -> int:
+    """Optimizer steps `fit_sequences` takes over n_sequences: max_steps, else epochs × batches per epoch."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * math.ceil(n_sequences / cfg.batch_size)
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a share of the peak: linear warm-up over
+    max(1, warmup_fraction · total) steps, then cosine decay to 10%."""
+    warmup = max(1, int(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+
 def fit_sequences(
     model,
     sequences: list[list[int]],
@@ -181,15 +196,10 @@ def fit_sequences(
     (`param_names`), for the optimizer-state correction and the optimizer-consistent tail-patch step.
     """
     device = next(model.parameters()).device
-    batches_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches_per_epoch
-    warmup = max(1, int(cfg.warmup_fraction * total))
+    total = total_steps(cfg, len(sequences))
 
     def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+        return lr_factor(step, total, cfg.warmup_fraction)
 
     optimizer = torch.optim.AdamW(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

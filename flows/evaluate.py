@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dataworth.config import QueryConfig
+from dataworth.config import ALL_SCORE_MODES, QueryConfig
 from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
 from dataworth.reports.terminal import format_store_precision
@@ -26,6 +26,7 @@ from tasks.evaluate import (
     loo_eval,
     plan_brittleness,
     plan_subsets,
+    prefix_methods,
     record_calibration,
     retrain_and_measure,
     store_precision_eval,
@@ -84,6 +85,61 @@ def _calibrate(config: EvaluateConfig, run, build, logging_cfg, built: tuple[str
     return {**chosen, "index_uri": uri, "index": summary}
 
 
+def _tracin(
+    config: EvaluateConfig,
+    ws: Path,
+    bench,
+    sub_tracking,
+    progress: bool,
+    logging_cfg,
+    built: tuple,
+    queries,
+    calibration,
+) -> dict:
+    """TracIn over the benchmark's checkpoints: one index per intermediate checkpoint (the evaluated index's logging
+    and curvature config, its own projections and curvature), then every gradient mode summed over them and the
+    final model, weighted by the learning rate at each; {"path": the tracin-<mode> matrices, "seconds": {method:
+    compute of every index, the final model's `built` = (URI, summary) included, and of the summed scoring}}."""
+    index_uri, summary = built
+    tag = f"{logging_cfg.fingerprint()}-{config.curvature.fingerprint()}"
+    uris, seconds = [], summary["compute_seconds"]
+    for c in bench.checkpoints:
+        uri = str(ws / f"index-{tag}-step-{c['step']}")
+        built = index_flow(
+            bench.index_config(logging_cfg, config.curvature, uri, sub_tracking, model_dir=c["path"]), progress=progress
+        )
+        uris.append(uri)
+        seconds += built["compute_seconds"]
+    modes = [m for m in config.score.modes if m in ALL_SCORE_MODES]
+    weights = [bench.final_lr, *(c["lr"] for c in bench.checkpoints)]
+    # The damping calibrated on the final model's index, when there is one, for every checkpoint's.
+    damping = (calibration or {}).get("damping_factor")
+    score = config.score.model_copy(
+        update={"full_matrix": True, "modes": modes, **({"damping_factor": damping} if damping else {})}
+    )
+    summed = query_flow(
+        QueryConfig(
+            index_uri=index_uri,
+            queries=queries,
+            checkpoint_indexes=uris,
+            checkpoint_weights=weights,
+            score=score,
+            report_dir=str(ws / "reports" / "tracin"),
+            tracking=sub_tracking,
+        ),
+        relevant=bench.relevant,
+        title=f"dataworth evaluate: {config.benchmark}, TracIn over {1 + len(uris)} checkpoints",
+    )
+    path = prefix_methods(summed["full_matrix"], "tracin-", str(ws / "eval" / f"tracin-{tag}.npz"))
+    seconds += summed["compute_seconds"]
+    return {
+        "path": path,
+        "seconds": {f"tracin-{m}": seconds for m in modes},
+        "indexes": [index_uri, *uris],
+        "weights": weights,
+    }
+
+
 @flow(name="evaluate")
 def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = True) -> dict:
     """Measure attribution quality on a generated benchmark; print and report the table."""
@@ -97,11 +153,19 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         config_path=ws / "evaluate_config.yaml",
     ) as run:
         sub_tracking = run.child_config(config.tracking)
-        fresh = not (ws / "model" / "config.json").exists()
+        # Trained again when the model, or a checkpoint asked for, is gone from disk (a cached result would name it).
+        saved = len(list((ws / "model-checkpoints").glob("step-*"))) if config.checkpoints else 0
+        fresh = not (ws / "model" / "config.json").exists() or saved != config.checkpoints
         bench = run.log_result(
             "prepare_benchmark",
             prepare_benchmark.with_options(refresh_cache=fresh)(
-                str(ws), config.benchmark, config.seed, config.train_epochs, progress=progress, return_state=True
+                str(ws),
+                config.benchmark,
+                config.seed,
+                config.train_epochs,
+                progress=progress,
+                checkpoints=config.checkpoints,
+                return_state=True,
             ),
         )
         queries = load_queries(bench.queries)
@@ -159,6 +223,11 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             title=f"dataworth evaluate: {config.benchmark}",
         )
         matrices = [query["full_matrix"]]
+        tracin = None
+        if config.checkpoints:
+            built = (index_uri, index)
+            tracin = _tracin(config, ws, bench, sub_tracking, progress, logging_cfg, built, queries, calibration)
+            matrices.append(tracin["path"])
         kron = None
         if "kronfluence" in config.baselines:
             kron = run.log_result(
@@ -228,6 +297,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             kronfluence_seconds=kron.seconds if kron else None,
             attribution_seconds=index["compute_seconds"] + query["compute_seconds"],
             search_seconds=query.get("search_seconds", 0.0),
+            method_seconds=tracin["seconds"] if tracin else None,
             loo=loo.model_dump() if loo else None,
             calibration=calibration,
         )
@@ -249,4 +319,5 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
         "tracking_uri": run.uri,
         "index_uri": index_uri,
         "store_precision": precision.table if precision else None,
+        "tracin": {k: tracin[k] for k in ("indexes", "weights")} if tracin else None,
     }

@@ -57,6 +57,12 @@ class PreparedBenchmark(StageResult):
     fact_accuracy: float | None = Field(None, description="Share of fact queries the model completes right.")
     relevant: dict[str, list[str]] | None = Field(None, description="Query id -> documents stating its fact.")
     expected: dict[str, str] | None = Field(None, description="Query id -> the fact's value (its completion).")
+    checkpoints: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Intermediate checkpoints of the training (`checkpoints`): {step, path, lr}, lr the learning rate "
+        "of the step after it (TracIn's weight).",
+    )
+    final_lr: float | None = Field(None, description="Learning rate of the last step: the final model's TracIn weight.")
 
     def metrics(self) -> dict[str, float]:
         out = {"train_seconds": self.train_seconds, "train_final_loss": self.train_final_loss}
@@ -69,11 +75,17 @@ class PreparedBenchmark(StageResult):
         return RetrainConfig(**{k: v for k, v in self.train_kwargs.items() if k in RetrainConfig.model_fields})
 
     def index_config(
-        self, logging: LoggingConfig, curvature: CurvatureConfig, index_uri: str, tracking: TrackingConfig
+        self,
+        logging: LoggingConfig,
+        curvature: CurvatureConfig,
+        index_uri: str,
+        tracking: TrackingConfig,
+        model_dir: str | None = None,
     ) -> IndexConfig:
-        """The index config of this benchmark (its documents fit the model's 128-token context)."""
+        """The index config of this benchmark (its documents fit the model's 128-token context), of the trained
+        model or of `model_dir` (one of its checkpoints)."""
         return IndexConfig(
-            model=ModelConfig(name_or_path=self.model_dir),
+            model=ModelConfig(name_or_path=model_dir or self.model_dir),
             data=DataConfig(dataset=self.documents, id_column="id", source_column="source", max_length=128),
             logging=logging,
             curvature=curvature,
@@ -92,11 +104,21 @@ def _interpreter_key(_context, _parameters) -> str:
 INTERPRETER = CacheKeyFnPolicy(cache_key_fn=_interpreter_key)
 
 
-@task(name="prepare_benchmark", cache_policy=CACHE - "progress" + INTERPRETER, **PERSIST)
+def _checkpoints_key(_context, parameters) -> str | None:
+    """Part of the key only when checkpoints are asked for: benchmarks prepared before the option keep theirs."""
+    n = parameters.get("checkpoints") or 0
+    return f"checkpoints-{n}" if n else None
+
+
+CHECKPOINTS = CacheKeyFnPolicy(cache_key_fn=_checkpoints_key)
+
+
+@task(name="prepare_benchmark", cache_policy=CACHE - "progress" - "checkpoints" + INTERPRETER + CHECKPOINTS, **PERSIST)
 def prepare_benchmark(
-    workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True
+    workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True, checkpoints: int = 0
 ) -> PreparedBenchmark:
-    """Write the generated corpus and queries as JSONL and train a tiny GPT-2 on the documents."""
+    """Write the generated corpus and queries as JSONL and train a tiny GPT-2 on the documents (saving
+    `checkpoints` intermediate models along the way, evenly spaced)."""
     log = get_run_logger()
     preset = BENCHMARKS[benchmark]
     ws = Path(workspace).absolute()
@@ -104,7 +126,9 @@ def prepare_benchmark(
     paths = write(corpus, ws / "corpus")
     train_kwargs = {"seed": seed, **preset.get("train", {}), **({"epochs": train_epochs} if train_epochs else {})}
     start = time.perf_counter()
-    result = train_tiny_gpt2([d["text"] for d in corpus.documents], ws / "model", progress=progress, **train_kwargs)
+    result = train_tiny_gpt2(
+        [d["text"] for d in corpus.documents], ws / "model", progress=progress, checkpoints=checkpoints, **train_kwargs
+    )
     seconds = time.perf_counter() - start
     facts = {}
     if preset["kind"] == "facts":
@@ -129,5 +153,7 @@ def prepare_benchmark(
         train_steps=result.steps,
         train_final_loss=result.final_loss,
         num_documents=len(corpus.documents),
+        checkpoints=[{"step": step, "path": str(path), "lr": lr} for step, path, lr in result.checkpoints],
+        final_lr=result.final_lr,
         **facts,
     )

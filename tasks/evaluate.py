@@ -25,7 +25,13 @@ from dataworth.config import ALL_SCORE_MODES, GenerationConfig, QuerySpec, Score
 from dataworth.data import pad_token_id
 from dataworth.evaluation.fact_tracing import trace_facts_in_scores
 from dataworth.evaluation.lds import linear_datamodeling_score, sample_subsets
-from dataworth.evaluation.matrices import attribution_values, merge_matrices, rank_agreement, save_matrices
+from dataworth.evaluation.matrices import (
+    attribution_values,
+    load_matrices,
+    merge_matrices,
+    rank_agreement,
+    save_matrices,
+)
 from dataworth.evaluation.subsets import plan_removals, subset_key
 from dataworth.evaluation.tail_patch import completion_log_probs, tail_patch_scores
 from dataworth.training import RetrainConfig, train_causal_lm
@@ -220,6 +226,14 @@ def retrain_and_measure(
         retrained = lm._replace(model=model)
         enc = encode_index_queries(retrained, queries, GenerationConfig(), _ENCODE_BATCH)
         return completion_log_probs(model, enc, pad_token_id(lm.tokenizer)).tolist()
+
+
+@task(name="prefix_methods")
+def prefix_methods(matrix_path: str, prefix: str, out_path: str) -> str:
+    """The score matrices of `matrix_path` written again to `out_path` with each method named prefix + name (the
+    checkpoint sums beside the final model's own modes in one table)."""
+    methods, query_ids = load_matrices(matrix_path)
+    return save_matrices(Path(out_path), {f"{prefix}{name}": m for name, m in methods.items()}, query_ids)
 
 
 @task(name="lds_eval")

@@ -58,6 +58,7 @@ def assemble_evaluation_report(
     kronfluence_seconds: float | None = None,
     attribution_seconds: float = 0.0,
     search_seconds: float = 0.0,
+    method_seconds: dict[str, float] | None = None,
     loo: dict[str, float] | None = None,
     calibration: dict[str, Any] | None = None,
 ) -> EvaluationReport:
@@ -67,6 +68,7 @@ def assemble_evaluation_report(
     sizes: (documents, examples, queries) of the benchmark; logging: the config of the index measured.
     attribution_seconds: the index's and the query run's compute; search_seconds, the part of it the full-text
     searches, fusions and reranks of bm25 and the hybrid modes took: a gradient mode's `seconds` leave it out.
+    method_seconds: the compute of methods that pay for more than that (tracin-*: every checkpoint's index).
     """
     table: dict[str, dict[str, float]] = {}
     for part in measured:
@@ -85,6 +87,9 @@ def assemble_evaluation_report(
         if method in table:
             own = attribution_seconds - (search_seconds if method in ALL_SCORE_MODES else 0.0)
             table[method]["seconds"] = max(own, 0.0)
+    for method, seconds in (method_seconds or {}).items():  # methods with compute of their own (TracIn's indexes)
+        if method in table:
+            table[method]["seconds"] = seconds
 
     damping = (
         config.score.damping_factor or (calibration or {}).get("damping_factor") or config.curvature.damping_factor

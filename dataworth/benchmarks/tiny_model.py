@@ -10,6 +10,7 @@ gradient of a training example is a function of the example alone.
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from dataworth.data import collate, pad_token_id
 from dataworth.errors import ConfigError, DataError, ModelError
 from dataworth.losses import IGNORE_INDEX, mean_token_loss
 from dataworth.queries import greedy_generate
-from dataworth.training import OPTIMIZER_FILE, RetrainConfig, fit_sequences, save_staged
+from dataworth.training import OPTIMIZER_FILE, RetrainConfig, fit_sequences, lr_factor, save_staged, total_steps
 
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token, so masking by id never hides a real end-of-text.
@@ -41,6 +42,9 @@ class TrainResult:
     steps: int
     seconds: float
     evals: list[tuple[int, Any]] = field(default_factory=list)  # (step, eval_fn result)
+    # Intermediate checkpoints (`checkpoints`): (optimizer steps taken, folder, learning rate of the next step).
+    checkpoints: list[tuple[int, Path, float]] = field(default_factory=list)
+    final_lr: float = 0.0  # learning rate of the last step: the final model's TracIn weight
 
 
 def train_tokenizer(
@@ -79,6 +83,13 @@ def train_tokenizer(
     return tokenizer
 
 
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    """Where `train_tiny_gpt2` saves the intermediate checkpoints of a model saved to out_dir: <out_dir>-checkpoints
+    (flows.evaluate looks for them there by name)."""
+    out = Path(out_dir)
+    return out.parent / f"{out.name}-checkpoints"
+
+
 def train_tiny_gpt2(
     texts: Sequence[str],
     out_dir: str | Path,
@@ -100,6 +111,7 @@ def train_tiny_gpt2(
     progress: bool = True,
     eval_fn: Callable[[GPT2LMHeadModel, PreTrainedTokenizerFast], Any] | None = None,
     eval_every: int | None = None,
+    checkpoints: int = 0,
 ) -> TrainResult:
     """Train a randomly initialised GPT-2 on `texts` (each + EOS) and save model and tokenizer to out_dir.
 
@@ -107,6 +119,9 @@ def train_tiny_gpt2(
     `eval_fn(model, tokenizer)` runs every `eval_every` steps (when set) and after the last
     step; its results land in `TrainResult.evals`. `num_threads` calls torch.set_num_threads,
     which holds for the whole process; 1 is steadier than the default on a busy machine.
+    `checkpoints` > 0 also saves that many intermediate models (with the tokenizer) at evenly spaced steps,
+    total · j / (checkpoints + 1), under `checkpoints_dir(out_dir)`/step-<s> (TracIn over checkpoints); saving
+    changes neither the training nor the final model.
     """
     if not texts:
         raise DataError("texts is empty: pass the training documents")
@@ -116,6 +131,8 @@ def train_tiny_gpt2(
         raise ConfigError(f"max_steps={max_steps} must be at least 1 (or None to train for `epochs`)")
     if max_steps is None and epochs < 1:
         raise ConfigError(f"epochs={epochs} must be at least 1")
+    if checkpoints < 0:
+        raise ConfigError(f"checkpoints={checkpoints} must be 0 (none) or more")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     out = Path(out_dir)
@@ -157,9 +174,25 @@ def train_tiny_gpt2(
     initial_loss = _corpus_loss(model, examples, tokenizer.pad_token_id)
     evals: list[tuple[int, Any]] = []
 
+    total = total_steps(recipe, len(examples))
+    if checkpoints >= total:
+        raise ConfigError(
+            f"checkpoints={checkpoints} needs more than {checkpoints} optimizer steps, but training takes {total}; "
+            "ask for fewer checkpoints or train longer"
+        )
+    save_at = {round(total * j / (checkpoints + 1)) for j in range(1, checkpoints + 1)}
+    # Beside the model's folder, not in it: the model's fingerprint (its folder's files) stays that of its weights.
+    checkpoint_root = checkpoints_dir(out)
+    shutil.rmtree(checkpoint_root, ignore_errors=True)  # an earlier training's are not this one's
+    saved: list[tuple[int, Path, float]] = []
+
     def after_step(step: int, total: int) -> None:
         if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
             evals.append((step, _run_eval(eval_fn, model, tokenizer)))
+        if step in save_at:
+            folder = checkpoint_root / f"step-{step}"
+            _save(model, tokenizer, folder)
+            saved.append((step, folder, lr * lr_factor(step, total, warmup_fraction)))
 
     optimizer_state: dict = {}
     step = fit_sequences(
@@ -186,6 +219,8 @@ def train_tiny_gpt2(
         steps=step,
         seconds=time.perf_counter() - start,
         evals=evals,
+        checkpoints=saved,
+        final_lr=lr * lr_factor(step - 1, total, warmup_fraction),
     )
 
 

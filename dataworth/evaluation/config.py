@@ -140,6 +140,15 @@ class EvaluateConfig(StageConfig):
         "gradient mode. Empty: not measured.",
         exclude_if=lambda v: v == ["bfloat16", "int8"],
     )
+    checkpoints: int = Field(
+        0,
+        ge=0,
+        description="TracIn over checkpoints: the benchmark model also saves this many intermediate checkpoints "
+        "(evenly spaced steps), each is indexed with the run's logging and curvature config, and every gradient "
+        "mode is scored again summed over them and the final model, Σ_c η_c score_c with η_c the learning rate "
+        "at checkpoint c (methods tracin-<mode>). 0: none.",
+        exclude_if=lambda v: v == 0,
+    )
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -94,6 +94,52 @@ def test_small_training_saves_reloads_and_lowers_loss(tmp_path, tiny_corpus):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_checkpoints_are_saved_along_the_same_training(tmp_path, tiny_corpus):
+    """checkpoints=2 saves the model after 10 and 20 of 30 steps, each loadable with its tokenizer, with the learning
+    rate of the step that follows (the schedule's own, read from the optimizer); the final model is the one a
+    training without checkpoints ends with, and an earlier training's checkpoints do not survive a new one."""
+    from dataworth.training import RetrainConfig, lr_factor
+
+    texts = [d["text"] for d in tiny_corpus.documents]
+    kwargs = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=400, max_steps=30, batch_size=8, progress=False)
+    plain = train_tiny_gpt2(texts, tmp_path / "plain", **kwargs)
+    result = train_tiny_gpt2(texts, tmp_path / "m", checkpoints=2, **kwargs)
+    assert [(s, p.name) for s, p, _ in result.checkpoints] == [(10, "step-10"), (20, "step-20")]
+    final = AutoModelForCausalLM.from_pretrained(result.path).state_dict()
+    for (name, a), b in zip(AutoModelForCausalLM.from_pretrained(plain.path).state_dict().items(), final.values()):
+        assert torch.equal(a, b), name
+    # Same files, same fingerprint: an evaluate run with checkpoints reuses the retrainings of one without.
+    from dataworth.config import ModelConfig
+    from dataworth.fingerprint import model_fingerprint
+
+    assert model_fingerprint(ModelConfig(name_or_path=str(plain.path))) == model_fingerprint(
+        ModelConfig(name_or_path=str(result.path))
+    )
+    first = AutoModelForCausalLM.from_pretrained(result.checkpoints[0][1]).state_dict()
+    assert any(not torch.equal(first[n], final[n]) for n in final)
+    assert (
+        AutoTokenizer.from_pretrained(result.checkpoints[0][1]).get_vocab()
+        == AutoTokenizer.from_pretrained(result.path).get_vocab()
+    )
+    # The weights are the schedule's learning rates: a LambdaLR over the same factor, stepped explicitly.
+    recipe = RetrainConfig(max_steps=30, batch_size=8, lr=3e-3, warmup_fraction=0.05)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 30, recipe.warmup_fraction))
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [w for *_, w in result.checkpoints] == pytest.approx([lrs[10], lrs[20]])
+    assert result.final_lr == pytest.approx(lrs[29]) and lrs[29] < lrs[10]
+    again = train_tiny_gpt2(texts, tmp_path / "m", checkpoints=1, **kwargs)
+    assert sorted(p.name for p in (tmp_path / "m-checkpoints").iterdir()) == ["step-15"]
+    assert not (tmp_path / "m" / "checkpoints").exists()  # the model's own folder holds the final model alone
+    assert again.checkpoints[0][0] == 15
+    with pytest.raises(ValueError, match="checkpoints=30"):
+        train_tiny_gpt2(texts, tmp_path / "x", checkpoints=30, **kwargs)
+
+
 def test_training_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="n_embd=30"):
         train_tiny_gpt2(["a b"], tmp_path, n_embd=30, n_head=4)

@@ -102,3 +102,59 @@ def test_retrained_models_are_shared_across_index_configs(harness, tmp_path):
     assert all(table[m]["lds_valid_queries"] == n_queries for m in cal["modes"])
     swept = (cal["tune"] * cal["tune_queries"] + cal["test"] * cal["test_queries"]) / n_queries
     assert math.isclose(sum(table[m]["lds"] for m in cal["modes"]) / len(cal["modes"]), swept, abs_tol=1e-9)
+
+
+def test_tracin_over_checkpoints(harness, tmp_path):
+    """--checkpoints 1: the benchmark model saves one intermediate checkpoint, it is indexed, and every gradient
+    mode is measured again as tracin-<mode> = η_final · score(final) + η_1 · score(checkpoint), checked against the
+    two indexes scored one at a time; the table's LDS, MRR and tail-patch cover the tracin methods."""
+    import numpy as np
+
+    from dataworth.config import QueryConfig, ScoreConfig
+    from dataworth.evaluation.matrices import load_matrices
+    from dataworth.queries import load_queries
+    from flows.evaluate import evaluate_flow
+    from flows.query import query_flow
+
+    config = EvaluateConfig(
+        workspace=str(tmp_path / "ws"),
+        train_epochs=2,
+        checkpoints=1,
+        score=ScoreConfig(modes=["dot", "influence", "relatif"], top_k=5),
+        lds=LDSConfig(n_subsets=3),
+        brittleness=BrittlenessConfig(enabled=False),
+        tail_patch=TailPatchConfig(max_queries=2, top_k=2),
+        retrain=RetrainConfig(epochs=1, seed=0),
+        loo=False,
+        store_dtypes=[],
+        tracking=TrackingConfig(enabled=False),
+    )
+    out = evaluate_flow(config, progress=False)
+    table, tracin = out["table"], out["tracin"]
+    final, checkpoint = tracin["indexes"]
+    assert final == out["index_uri"] and checkpoint == f"{final}-step-{checkpoint.rsplit('-', 1)[1]}"
+    assert len(tracin["weights"]) == 2 and tracin["weights"][1] > tracin["weights"][0] > 0  # cosine decay
+    for mode in ("dot", "influence", "relatif"):
+        row = table[f"tracin-{mode}"]
+        assert {"mrr", "recall@10", "tail_patch", "lds", "seconds"} <= set(row)
+        assert row["seconds"] > table[mode]["seconds"]  # it pays for the checkpoint's index too
+    # The summed matrices against each index scored alone (full matrices, same queries).
+    queries = load_queries(str(tmp_path / "ws" / "facts-small" / "corpus" / "queries.jsonl"))
+    alone = []
+    for uri in (final, checkpoint):
+        got = query_flow(
+            QueryConfig(
+                index_uri=uri,
+                queries=queries,
+                score=ScoreConfig(modes=["dot", "influence", "relatif"], full_matrix=True),
+                report_dir=str(tmp_path / "alone"),
+                tracking=TrackingConfig(enabled=False),
+            )
+        )
+        alone.append(load_matrices(got["full_matrix"])[0])
+    summed, _ = load_matrices(str(next((tmp_path / "ws" / "facts-small" / "eval").glob("tracin-*.npz"))))
+    w0, w1 = tracin["weights"]
+    for mode in ("dot", "influence", "relatif"):
+        np.testing.assert_allclose(
+            summed[f"tracin-{mode}"], w0 * alone[0][mode] + w1 * alone[1][mode], rtol=1e-4, atol=1e-9
+        )
