@@ -137,6 +137,7 @@ def _tracin(
         "seconds": {f"tracin-{m}": seconds for m in modes},
         "indexes": [index_uri, *uris],
         "weights": weights,
+        "steps": [c["step"] for c in bench.checkpoints],
     }
 
 
@@ -298,6 +299,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
             attribution_seconds=index["compute_seconds"] + query["compute_seconds"],
             search_seconds=query.get("search_seconds", 0.0),
             method_seconds=tracin["seconds"] if tracin else None,
+            tracin={"steps": tracin["steps"], "weights": tracin["weights"]} if tracin else None,
             loo=loo.model_dump() if loo else None,
             calibration=calibration,
         )

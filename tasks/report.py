@@ -59,6 +59,7 @@ def assemble_evaluation_report(
     attribution_seconds: float = 0.0,
     search_seconds: float = 0.0,
     method_seconds: dict[str, float] | None = None,
+    tracin: dict[str, Any] | None = None,
     loo: dict[str, float] | None = None,
     calibration: dict[str, Any] | None = None,
 ) -> EvaluationReport:
@@ -96,7 +97,7 @@ def assemble_evaluation_report(
     )
     calibrated = bool(calibration) and config.score.damping_factor is None
     notes = evaluation_notes(
-        config.benchmark, sizes, logging, config.curvature.kind, damping, calibrated, loo, calibration
+        config.benchmark, sizes, logging, config.curvature.kind, damping, calibrated, loo, calibration, tracin
     )
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -83,13 +83,17 @@ def evaluation_notes(
     calibrated: bool,
     loo: dict[str, float] | None = None,
     calibration: dict[str, Any] | None = None,
+    tracin: dict[str, Any] | None = None,
 ) -> list[str]:
     """What the table was measured on, as sentences under it: the benchmark's sizes (documents, examples,
-    queries), the projection, the curvature and its damping, leave-one-out agreement, the calibration."""
+    queries), the projection, the curvature and its damping, leave-one-out agreement, the calibration, the
+    checkpoints of the tracin-* methods ({"steps": of each checkpoint index, "weights": η of each, final first})."""
     documents, examples, queries = sizes
     kfac = ""
     if logging.precondition == "kfac":
         kfac = f", KFAC-whitened (λ {logging.precondition_damping:g} × mean eigenvalue)"
+    if logging.precondition == "kfac" and logging.basis == "pca":
+        kfac += ", PCA basis (top eigenvectors of each KFAC factor)"
     if logging.optimizer_state is not None:
         kfac += ", gradients divided by the optimizer's √v (factored)"
     notes = [
@@ -102,6 +106,14 @@ def evaluation_notes(
         + f"; curvature {curvature_kind}, damping {damping:g}"
         + (" (calibrated)." if calibrated else ".")
     ]
+    if tracin:
+        weights = ", ".join(f"{w:.3g}" for w in tracin["weights"])
+        n, steps = len(tracin["steps"]), ", ".join(str(s) for s in tracin["steps"])
+        notes.append(
+            f"tracin-*: every gradient mode summed over the final model and {n} earlier "
+            f"checkpoint{'s' if n != 1 else ''} (after steps {steps}), each indexed with the same "
+            f"config, weighted by the learning rate at each (final first: {weights})."
+        )
     if loo:
         notes.append(
             f"Leave-one-out on softmax regression: Pearson {loo['pearson_hessian']:.3f} (exact Hessian), "

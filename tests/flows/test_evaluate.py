@@ -138,6 +138,7 @@ def test_tracin_over_checkpoints(harness, tmp_path):
         row = table[f"tracin-{mode}"]
         assert {"mrr", "recall@10", "tail_patch", "lds", "seconds"} <= set(row)
         assert row["seconds"] > table[mode]["seconds"]  # it pays for the checkpoint's index too
+    assert "summed over the final model and 1 earlier checkpoint (after steps" in open(out["report"]).read()
     # The summed matrices against each index scored alone (full matrices, same queries).
     queries = load_queries(str(tmp_path / "ws" / "facts-small" / "corpus" / "queries.jsonl"))
     alone = []
