@@ -23,6 +23,7 @@ Choices that keep the test honest:
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import random
@@ -298,7 +299,9 @@ def write_fact_corpus(corpus: FactCorpus, out_dir: str | Path) -> dict[str, Path
 
 
 def write_records(records: dict[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
-    """Write each list of rows to out_dir/<name>.jsonl, atomically; returns the paths by name."""
+    """Write each list of rows to out_dir/<name>.jsonl, atomically; returns the paths by name. A file that already
+    holds exactly these rows is left as it is: its modification time, and so the fingerprint of an index's data
+    (path, size, mtime), stays the same, and what was cached on it (an evaluation's retrained models) holds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -308,7 +311,10 @@ def write_records(records: dict[str, list[dict]], out_dir: str | Path) -> dict[s
         with tmp.open("w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
         paths[name] = path
     return paths
 

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -132,6 +134,32 @@ def test_write_fact_corpus_round_trips(tmp_path, corpus):
     assert docs == corpus.documents and queries == corpus.queries
     assert not list((tmp_path / "data").glob("*.tmp"))
     assert relevant_documents(queries)[queries[0]["id"]] == set(queries[0]["relevant_document_ids"])
+
+
+def test_rewriting_the_same_corpus_keeps_the_files(tmp_path, corpus):
+    """The same rows written again leave each file (and its mtime, part of an index's data fingerprint) as it
+    was; changed rows replace it."""
+    from dataworth.config import DataConfig
+    from dataworth.fingerprint import data_fingerprint
+
+    paths = write_fact_corpus(corpus, tmp_path / "data")
+    cfg = DataConfig(dataset=str(paths["documents"]), id_column="id")
+    before = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    fingerprint = data_fingerprint(cfg)
+    for p in paths.values():  # an older time, so that a rewrite would show whatever the clock's resolution
+        os.utime(p, ns=(before["documents"] - 10**9, before["documents"] - 10**9))
+    kept = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    write_fact_corpus(corpus, tmp_path / "data")
+    assert {n: p.stat().st_mtime_ns for n, p in paths.items()} == kept
+    assert data_fingerprint(cfg) != fingerprint  # (the utime above moved it; the rewrite did not)
+    fingerprint = data_fingerprint(cfg)
+    write_fact_corpus(corpus, tmp_path / "data")
+    assert data_fingerprint(cfg) == fingerprint
+    changed = dataclasses.replace(corpus, documents=corpus.documents[:-1])
+    write_fact_corpus(changed, tmp_path / "data")
+    assert paths["documents"].stat().st_mtime_ns != kept["documents"]
+    assert paths["queries"].stat().st_mtime_ns == kept["queries"]
+    assert not list((tmp_path / "data").glob("*.tmp"))
 
 
 @pytest.mark.parametrize(
