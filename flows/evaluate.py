@@ -105,11 +105,11 @@ def _tracin(
     uris, seconds = [], summary["compute_seconds"]
     for c in bench.checkpoints:
         uri = str(ws / f"index-{tag}-step-{c['step']}")
-        built = index_flow(
+        checkpoint = index_flow(
             bench.index_config(logging_cfg, config.curvature, uri, sub_tracking, model_dir=c["path"]), progress=progress
         )
         uris.append(uri)
-        seconds += built["compute_seconds"]
+        seconds += checkpoint["compute_seconds"]
     modes = [m for m in config.score.modes if m in ALL_SCORE_MODES]
     weights = [bench.final_lr, *(c["lr"] for c in bench.checkpoints)]
     # The damping calibrated on the final model's index, when there is one, for every checkpoint's.

@@ -125,8 +125,9 @@ def draw_pre_projection(kind: str, m: int, d: int, seed: int, name: str, side: s
     """The (m, d) first projection R0 of a side too wide for an exact KFAC factor (see
     `dataworth.attribution.kfac.pre_projection_dims`). Its own generator: R0 must not share rows with the
     (k, m) projection R drawn for that side after the whitening. Gaussian for the orthogonal kind: R0 has
-    m = wide_layer_dim rows (thousands), and a QR of d × m at the widths that need it (d > max_factor_dim) costs
-    minutes per side; its spread matters less there, since the whitening and R follow it."""
+    m = wide_layer_dim rows, and a float64 QR of d × m at the widths that need it takes 1.2 s (m = 1,024) to 15 s
+    (m = 4,096) per side at d = 14,336 on 2 cores, minutes over a Llama-3-8B's wide sides; its spread matters less
+    there, since the whitening and R follow it."""
     p = draw_projection("gaussian" if kind == "orthogonal" else kind, m, d, seed, name, f"{side}:pre")
     if p is None:
         raise ConfigError("a pre-projection needs a random projection kind (gaussian or rademacher), not identity")
