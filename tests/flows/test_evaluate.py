@@ -156,6 +156,7 @@ def test_tracin_over_checkpoints(harness, tmp_path):
     summed, _ = load_matrices(str(next((tmp_path / "ws" / "facts-small" / "eval").glob("tracin-*.npz"))))
     w0, w1 = tracin["weights"]
     for mode in ("dot", "influence", "relatif"):
-        np.testing.assert_allclose(
-            summed[f"tracin-{mode}"], w0 * alone[0][mode] + w1 * alone[1][mode], rtol=1e-4, atol=1e-9
-        )
+        expected = w0 * alone[0][mode] + w1 * alone[1][mode]
+        # float32 scores: a score near 0 is compared at the matrix's own scale, not at its own
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(summed[f"tracin-{mode}"], expected, rtol=1e-4, atol=1e-6 * scale)
