@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from dataworth.benchmarks.tiny_model import checkpoints_dir
 from dataworth.config import ALL_SCORE_MODES, QueryConfig
 from dataworth.evaluation.config import EvaluateConfig
 from dataworth.queries import load_queries
@@ -155,7 +156,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), progress: bool = Tr
     ) as run:
         sub_tracking = run.child_config(config.tracking)
         # Trained again when the model, or a checkpoint asked for, is gone from disk (a cached result would name it).
-        saved = len(list((ws / "model-checkpoints").glob("step-*"))) if config.checkpoints else 0
+        saved = len(list(checkpoints_dir(ws / "model").glob("step-*"))) if config.checkpoints else 0
         fresh = not (ws / "model" / "config.json").exists() or saved != config.checkpoints
         bench = run.log_result(
             "prepare_benchmark",

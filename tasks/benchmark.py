@@ -104,16 +104,7 @@ def _interpreter_key(_context, _parameters) -> str:
 INTERPRETER = CacheKeyFnPolicy(cache_key_fn=_interpreter_key)
 
 
-def _checkpoints_key(_context, parameters) -> str | None:
-    """Part of the key only when checkpoints are asked for: benchmarks prepared before the option keep theirs."""
-    n = parameters.get("checkpoints") or 0
-    return f"checkpoints-{n}" if n else None
-
-
-CHECKPOINTS = CacheKeyFnPolicy(cache_key_fn=_checkpoints_key)
-
-
-@task(name="prepare_benchmark", cache_policy=CACHE - "progress" - "checkpoints" + INTERPRETER + CHECKPOINTS, **PERSIST)
+@task(name="prepare_benchmark", cache_policy=CACHE - "progress" + INTERPRETER, **PERSIST)
 def prepare_benchmark(
     workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True, checkpoints: int = 0
 ) -> PreparedBenchmark:

@@ -84,8 +84,7 @@ def train_tokenizer(
 
 
 def checkpoints_dir(out_dir: str | Path) -> Path:
-    """Where `train_tiny_gpt2` saves the intermediate checkpoints of a model saved to out_dir: <out_dir>-checkpoints
-    (flows.evaluate looks for them there by name)."""
+    """Where `train_tiny_gpt2` saves the intermediate checkpoints of a model saved to out_dir: <out_dir>-checkpoints."""
     out = Path(out_dir)
     return out.parent / f"{out.name}-checkpoints"
 
