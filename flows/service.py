@@ -44,6 +44,7 @@ SERVICE_ENV = "DATAWORTH_SERVICE"  # "0", "off", "false", "no": every command ru
 SERVED = ("index", "query", "evaluate", "demo")
 _PACKAGES = ("dataworth", "flows", "tasks", "storage")
 _ROOT = Path(__file__).resolve().parents[1]
+_own_api: list[str] = []  # the URL of the Prefect API server this service started for itself, if it did
 
 
 def home() -> Path:
@@ -157,7 +158,7 @@ def _execute(command: str, config: dict, cwd: str, debug: bool) -> dict:
     os.chdir(cwd)  # one command at a time (the worker's limit): relative paths are the client's
     try:
         log.install()
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), command_settings():
             summary = flow_summary(command, run_command_flow(command, cfg, progress=False))
     except Exception as err:
         log.log_failure(err)
@@ -170,6 +171,22 @@ def _execute(command: str, config: dict, cwd: str, debug: bool) -> dict:
         os.chdir(here)
     log.close(keep=False)
     return {"stdout": out.getvalue(), "summary": summary}
+
+
+@contextlib.contextmanager
+def command_settings():
+    """Prefect's settings for a command's flow runs: on the API server this service started for itself, no
+    flow-run heartbeats unless asked for (PREFECT_FLOWS_HEARTBEAT_FREQUENCY set anywhere wins), as on the one a
+    command starts for itself (flows.runner.EarlyAPI.settings). They serve a server's zombie-flow automations, which
+    this server (ephemeral mode: no services) never runs, and each flow run's exit joins its heartbeat thread, which
+    sleeps in whole seconds: 0-1 s of every command. A server the user configured keeps its heartbeats."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not _own_api or PREFECT_API_URL.value() != _own_api[0]:
+        yield
+        return
+    with temporary_settings(set_defaults={"flows.heartbeat_frequency": None}):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------------- client
@@ -312,6 +329,7 @@ def serve() -> int:
     url = PREFECT_API_URL.value()
     if not url:  # no server configured: this process's own, stopped with it
         url = ephemeral_server().api_url
+        _own_api.append(url)
     with temporary_settings({PREFECT_API_URL: url}):
         import importlib
 
@@ -353,6 +371,7 @@ def serve() -> int:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
+            _own_api.clear()
             with contextlib.suppress(OSError, ValueError, TypeError):
                 if json.loads(path.read_text())["pid"] == info.pid:
                     path.unlink()

@@ -131,6 +131,32 @@ def test_the_code_fingerprint_changes_with_a_module(tmp_path, monkeypatch):
     assert service.code_fingerprint() != before
 
 
+def test_commands_on_the_services_own_api_run_without_flow_heartbeats(monkeypatch):
+    """A command's settings reach the service with its task run (Task.delay serializes the client's context, the task
+    worker enters it): on the service's own server its flow runs send no heartbeats unless the client asked for
+    them; on a server the user configured they keep Prefect's default."""
+    from prefect.context import hydrated_context, serialize_context
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    own = "http://127.0.0.1:9/api"
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.setattr(service, "_own_api", [own])
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None  # Prefect's default: heartbeats on
+
+    def served(updates: dict) -> int | None:
+        with temporary_settings(updates):
+            sent = serialize_context()  # what the client's Task.delay sends
+        with hydrated_context(sent), service.command_settings():
+            return get_current_settings().flows.heartbeat_frequency
+
+    assert served({PREFECT_API_URL: own}) is None
+    assert served({PREFECT_API_URL: own, "flows.heartbeat_frequency": 60}) == 60  # asked for: kept
+    assert served({PREFECT_API_URL: "http://prefect.example:4200/api"}) == default  # the user's server
+    monkeypatch.setattr(service, "_own_api", [])  # a service on a configured server
+    assert served({PREFECT_API_URL: own}) == default
+
+
 def test_a_failure_keeps_its_line_exit_status_and_log_through_json():
     from prefect.serializers import JSONSerializer
 
