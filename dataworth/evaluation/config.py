@@ -146,7 +146,9 @@ class EvaluateConfig(StageConfig):
         description="TracIn over checkpoints: the benchmark model also saves this many intermediate checkpoints "
         "(evenly spaced steps), each is indexed with the run's logging and curvature config, and every gradient "
         "mode is scored again summed over them and the final model, Σ_c η_c score_c with η_c the learning rate "
-        "at checkpoint c (methods tracin-<mode>). 0: none.",
+        "at checkpoint c (methods tracin-<mode>). 0: none. Each checkpoint costs one index: with "
+        "--precondition none (one pass over the corpus instead of KFAC whitening's two) and the ekfac curvature, "
+        "about half.",
         exclude_if=lambda v: v == 0,
     )
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
