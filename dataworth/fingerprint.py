@@ -4,11 +4,16 @@ A local model is fingerprinted by its content: each file's path relative to the 
 and a hash of its first and last MiB (a retrained or replaced checkpoint differs there; hashing gigabytes of
 weights in full every night would cost more than it saves). It does not depend on where the directory lies or
 on modification times, so a copied model keeps its fingerprint and an index built with it stays usable.
+Only the files a model is loaded from count: those at the top of its directory (`from_pretrained` reads no
+subfolder), less what a Trainer or a training script writes beside the weights (its checkpoint-* folders, logs,
+optimizer and scheduler state, trainer_state.json, *results.json, the model card), so training on into the
+same output directory, or evaluating it there, does not make an index's model look replaced.
 Datasets are fingerprinted by path, size and modification time; hub references by name and revision.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
@@ -33,16 +38,42 @@ def _local_files(path: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
 
 
-# Prefix of content fingerprints: an index whose manifest has an older kind cannot be checked against its model.
-MODEL_FINGERPRINT_KIND = "m2:"
+# Prefix of content fingerprints. m2 hashed every file under the model's directory (still computed to check an
+# index that recorded one); m3 only the files it is loaded from. An index of an older kind is not checked.
+MODEL_FINGERPRINT_KIND = "m3:"
+_LEGACY_KIND = "m2:"
 _SAMPLE = 1 << 20
+# Files a Trainer (or a training or evaluation script) writes beside a model's weights, which no model load reads.
+_NOT_LOADED = (
+    "optimizer.*",
+    "scheduler.*",
+    "scaler.*",
+    "rng_state*",
+    "trainer_state.json",
+    "training_args.bin",
+    "*results.json",
+    "README.md",
+    "*.log",
+    "events.out.tfevents.*",
+    ".*",
+)
 
 
-def _content_fingerprint(path: str) -> str:
-    """Relative path, size, and the hash of the first and last MiB of every file under `path` (or of the file)."""
+def _loaded_files(path: str) -> list[str]:
+    """The files a model (or tokenizer) at `path` is loaded from: a directory's top-level files less _NOT_LOADED;
+    a file or glob as _local_files."""
+    if not os.path.isdir(path):
+        return _local_files(path)
+    names = [e.name for e in os.scandir(path) if e.is_file()]
+    return [os.path.join(path, n) for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in _NOT_LOADED)]
+
+
+def _content_fingerprint(path: str, files: list[str] | None = None) -> str:
+    """Relative path, size, and the hash of the first and last MiB of every file of `files` (default: every file
+    under `path`, or the file)."""
     root = path if os.path.isdir(path) else os.path.dirname(path)
     h = hashlib.sha256()
-    for f in sorted(_local_files(path)):
+    for f in sorted(_local_files(path) if files is None else files):
         size = os.path.getsize(f)
         with open(f, "rb") as fh:
             head = fh.read(_SAMPLE)
@@ -54,25 +85,39 @@ def _content_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def _source_fingerprint(name: str, revision: str | None) -> str:
-    return _content_fingerprint(name) if _local_files(name) else f"hub:{name}@{revision or 'main'}"
+def _source_fingerprint(name: str, revision: str | None, legacy: bool = False) -> str:
+    if not _local_files(name):
+        return f"hub:{name}@{revision or 'main'}"
+    return _content_fingerprint(name, None if legacy else _loaded_files(name))
 
 
-def model_fingerprint(cfg: ModelConfig) -> str:
-    """Fingerprint of the weights and the tokenizer a ModelConfig loads (and the dtype it loads them in)."""
-    weights = _source_fingerprint(cfg.name_or_path, cfg.revision)
-    tokenizer = _source_fingerprint(cfg.tokenizer, cfg.revision) if cfg.tokenizer else "same"
+def model_fingerprint(cfg: ModelConfig, kind: str = MODEL_FINGERPRINT_KIND) -> str:
+    """Fingerprint of the weights and the tokenizer a ModelConfig loads (and the dtype it loads them in); `kind`
+    _LEGACY_KIND computes the older kind (every file under the directories)."""
+    legacy = kind == _LEGACY_KIND
+    weights = _source_fingerprint(cfg.name_or_path, cfg.revision, legacy)
+    tokenizer = _source_fingerprint(cfg.tokenizer, cfg.revision, legacy) if cfg.tokenizer else "same"
     digest = hashlib.sha256(f"{weights}|{tokenizer}|{cfg.dtype}".encode()).hexdigest()[:16]
-    return MODEL_FINGERPRINT_KIND + digest
+    return kind + digest
+
+
+def index_model_fingerprint(cfg: ModelConfig, recorded: str | None) -> str:
+    """The fingerprint an index run records for its model: the current kind, or the older kind its published
+    manifest `recorded` while the model still matches it, so that an index built before the current kind keeps
+    its fitted projections and copies its unchanged documents' gradients instead of logging every one again."""
+    if recorded and recorded.startswith(_LEGACY_KIND) and model_fingerprint(cfg, _LEGACY_KIND) == recorded:
+        return recorded
+    return model_fingerprint(cfg)
 
 
 def check_model_fingerprint(model: ModelConfig, recorded: str, index_uri: str) -> str:
     """The fingerprint of `model` as it is on disk now; an IndexMismatchError if it is not `recorded`, the one
     the index at `index_uri` was built with (its gradients would be scored against another model's). A recorded
     fingerprint of an older kind cannot be compared: it is returned as it is."""
-    if not recorded.startswith(MODEL_FINGERPRINT_KIND):
+    kind = next((k for k in (MODEL_FINGERPRINT_KIND, _LEGACY_KIND) if recorded.startswith(k)), None)
+    if kind is None:
         return recorded
-    current = model_fingerprint(model)
+    current = model_fingerprint(model, kind)
     if current != recorded:
         raise IndexMismatchError(
             f"the model {model.name_or_path!r} is not the one index {index_uri!r} was built with "

@@ -9,7 +9,7 @@ import time
 from prefect import flow, get_run_logger
 
 from dataworth.config import IndexConfig
-from dataworth.fingerprint import data_fingerprint, model_fingerprint
+from dataworth.fingerprint import data_fingerprint, index_model_fingerprint
 from dataworth.model import check_model_source
 from flows.runner import in_window, model_processes
 from flows.shards import ShardJob, log_on_pool
@@ -72,7 +72,8 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
             ),
         )
         n_shards = math.ceil(tok.examples / config.logging.shard_size)
-        mfp = model_fingerprint(config.model)
+        recorded = state.manifest.model_fingerprint if state.manifest is not None and not config.overwrite else None
+        mfp = index_model_fingerprint(config.model, recorded)
         present = set(state.shards)
         proj = run.log_result(
             "fit_projections",

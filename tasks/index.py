@@ -26,7 +26,7 @@ from dataworth.attribution.kfac import sample_indices
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.config import AnnConfig, CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
-from dataworth.fingerprint import data_fingerprint, model_fingerprint, optimizer_fingerprint
+from dataworth.fingerprint import data_fingerprint, index_model_fingerprint, optimizer_fingerprint
 from dataworth.model import load_tokenizer
 from storage import (
     IndexBuildConfig,
@@ -532,7 +532,9 @@ def assemble_manifest(
     """The manifest of what the stages built; a calibration of `previous` is kept while still valid."""
     return IndexManifest(
         config=IndexBuildConfig.of(config),
-        model_fingerprint=model_fingerprint(config.model),
+        model_fingerprint=index_model_fingerprint(
+            config.model, previous.model_fingerprint if previous is not None and not config.overwrite else None
+        ),
         data_fingerprint=data_fingerprint(config.data),
         layout=shards[0].layout,
         dim=shards[0].dim,
