@@ -120,6 +120,54 @@ def test_a_changed_model_recomputes_everything(harness, tmp_path):
     assert rerun["examples_reused"] == 0 and rerun["examples"] > 0
 
 
+def test_training_on_into_the_model_directory_or_an_older_fingerprint_kind_copies_as_before(harness, tmp_path):
+    """A Trainer writing checkpoints and logs into the model's directory changes nothing an index checks; an index
+    published with the older fingerprint kind (every file under the directory) is queried, grown and published
+    again under that kind while its model matches it, copying its unchanged gradients."""
+    from dataworth import fingerprint
+    from flows.index import index_flow
+
+    assets = write_tiny_assets(tmp_path, TINY_CORPUS + NEW)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_docs(corpus / "a.jsonl", {f"d{i}": t for i, t in enumerate(TINY_CORPUS)})
+    cfg = tiny_index_config(assets, tmp_path, precondition="none")
+    cfg = cfg.model_copy(update={"data": DataConfig(dataset=str(corpus), id_column="id", max_length=16)})
+    first = index_flow(cfg, progress=False)
+    store = IndexStore(cfg.index_uri)
+    legacy = fingerprint.model_fingerprint(cfg.model, fingerprint._LEGACY_KIND)
+    store.publish_manifest(store.read_manifest().model_copy(update={"model_fingerprint": legacy}))
+    top_documents(cfg.index_uri, cfg.tracking)  # checked against the older kind: the same model, so it answers
+
+    write_docs(corpus / "b.jsonl", {f"n{i}": t for i, t in enumerate(NEW)})
+    grown = index_flow(cfg, progress=False)
+    assert (
+        grown["examples_reused"] == first["examples"]
+        and grown["examples_computed"] == grown["examples"] - first["examples"] > 0
+    )
+    assert IndexStore(cfg.index_uri).read_manifest().model_fingerprint == legacy
+
+    # Training goes on into the model's directory: a checkpoint folder, logs, results. The current kind ignores
+    # them; the older kind, which hashed them, no longer matches: the query is refused, and the next run records
+    # the current kind (its shards are those the first run logged under it, from Prefect's cache).
+    (assets / "model" / "checkpoint-5").mkdir()
+    (assets / "model" / "checkpoint-5" / "model.safetensors").write_bytes(b"early")
+    (assets / "model" / "trainer_state.json").write_text("{}")
+    (assets / "model" / "eval_results.json").write_text("{}")
+    current = fingerprint.model_fingerprint(cfg.model)
+    with pytest.raises(Exception, match="is not the one index"):
+        top_documents(cfg.index_uri, cfg.tracking)
+    rebuilt = index_flow(cfg, progress=False)
+    assert rebuilt["examples"] == grown["examples"]
+    assert IndexStore(cfg.index_uri).read_manifest().model_fingerprint == current
+    (assets / "model" / "checkpoint-10").mkdir()  # from now on, training on into the folder changes nothing
+    (assets / "model" / "checkpoint-10" / "model.safetensors").write_bytes(b"later")
+    (assets / "model" / "trainer_state.json").write_text('{"global_step": 10}')
+    top_documents(cfg.index_uri, cfg.tracking)
+    again = index_flow(cfg, progress=False)
+    assert again["examples_computed"] == 0 and again["examples_reused"] == again["examples"]
+
+
 def test_the_nightly_deployment_on_a_fresh_root_then_on_a_growing_corpus(harness, tmp_path, monkeypatch):
     """deployments/prefect.yaml's nightly-index, with its shipped parameters, run from a fresh root: it says what
     to run first, then indexes the corpus directory, and each later night copies what did not change."""
