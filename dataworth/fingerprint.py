@@ -39,7 +39,7 @@ def _local_files(path: str) -> list[str]:
 
 
 # Prefix of content fingerprints. m2 hashed every file under the model's directory (still computed to check an
-# index that recorded one); m3 only the files it is loaded from. An index of an older kind is not checked.
+# index that recorded one); m3 only the files it is loaded from. An index of a kind before m2 is not checked.
 MODEL_FINGERPRINT_KIND = "m3:"
 _LEGACY_KIND = "m2:"
 _SAMPLE = 1 << 20
@@ -112,8 +112,9 @@ def index_model_fingerprint(cfg: ModelConfig, recorded: str | None) -> str:
 
 def check_model_fingerprint(model: ModelConfig, recorded: str, index_uri: str) -> str:
     """The fingerprint of `model` as it is on disk now; an IndexMismatchError if it is not `recorded`, the one
-    the index at `index_uri` was built with (its gradients would be scored against another model's). A recorded
-    fingerprint of an older kind cannot be compared: it is returned as it is."""
+    the index at `index_uri` was built with (its gradients would be scored against another model's), computed as
+    the kind `recorded` is (m3, or m2 for an index built before m3). A recorded fingerprint of a kind before m2
+    cannot be compared: it is returned as it is."""
     kind = next((k for k in (MODEL_FINGERPRINT_KIND, _LEGACY_KIND) if recorded.startswith(k)), None)
     if kind is None:
         return recorded
