@@ -160,7 +160,7 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
                 uri, config.curvature, shards[0].layout, version, return_state=True
             ),
         )
-        manifest = assemble_manifest(config, tok, shards, version, curv, proj, run.run_id, state.manifest, ann)
+        manifest = assemble_manifest(config, tok, shards, version, curv, mfp, proj, run.run_id, state.manifest, ann)
         published = run.log_result(
             "publish_index", publish_index(uri, manifest, config.keep_versions_days, return_state=True)
         )

@@ -26,7 +26,7 @@ from dataworth.attribution.kfac import sample_indices
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.config import AnnConfig, CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
-from dataworth.fingerprint import data_fingerprint, index_model_fingerprint, optimizer_fingerprint
+from dataworth.fingerprint import data_fingerprint, optimizer_fingerprint
 from dataworth.model import load_tokenizer
 from storage import (
     IndexBuildConfig,
@@ -524,17 +524,18 @@ def assemble_manifest(
     shards: list[LoggedShard],
     gradients_version: int,
     curvature: FittedCurvature,
+    model_fingerprint: str,
     projections: FittedProjectionsResult | None = None,
     mlflow_run_id: str | None = None,
     previous: IndexManifest | None = None,
     ann: AnnIndexBuilt | None = None,
 ) -> IndexManifest:
-    """The manifest of what the stages built; a calibration of `previous` is kept while still valid."""
+    """The manifest of what the stages built, the gradients logged by the model of `model_fingerprint` (the one the
+    run logged them with, `dataworth.fingerprint.index_model_fingerprint`); a calibration of `previous` is kept
+    while still valid."""
     return IndexManifest(
         config=IndexBuildConfig.of(config),
-        model_fingerprint=index_model_fingerprint(
-            config.model, previous.model_fingerprint if previous is not None and not config.overwrite else None
-        ),
+        model_fingerprint=model_fingerprint,
         data_fingerprint=data_fingerprint(config.data),
         layout=shards[0].layout,
         dim=shards[0].dim,

@@ -77,7 +77,7 @@ def _build(cfg) -> tuple[Tokenized, list[LoggedShard], FittedCurvature, IndexMan
     shards = _log_all(cfg, tok)
     version = IndexStore(cfg.index_uri).gradients_version()
     curv = fit_curvature.fn(cfg.index_uri, cfg.curvature, shards[0].layout, version)
-    manifest = assemble_manifest.fn(cfg, tok, shards, version, curv)
+    manifest = assemble_manifest.fn(cfg, tok, shards, version, curv, model_fingerprint(cfg.model))
     return tok, shards, curv, manifest
 
 

@@ -21,6 +21,7 @@ from dataworth.config import (
     QuerySpec,
     ScoreConfig,
 )
+from dataworth.fingerprint import model_fingerprint
 from storage import IndexStore, IndexStoreError, results_store
 from tasks.index import assemble_manifest, build_ann_index, fit_curvature, publish_index
 from tasks.query import merge_scores, query_gradients, score_queries, score_shard_range
@@ -54,7 +55,9 @@ def published(stages, index_config, texts, tmp_path):
     built = build_ann_index.fn(cfg.index_uri, cfg.ann)
     assert built.gradients_version == IndexStore(cfg.index_uri).gradients_version()
     curv = fit_curvature.fn(cfg.index_uri, cfg.curvature, shards[0].layout, built.gradients_version)
-    manifest = assemble_manifest.fn(cfg, tok, shards, built.gradients_version, curv, ann=built)
+    manifest = assemble_manifest.fn(
+        cfg, tok, shards, built.gradients_version, curv, model_fingerprint(cfg.model), ann=built
+    )
     return cfg, publish_index.fn(cfg.index_uri, manifest).manifest
 
 
