@@ -68,12 +68,12 @@ def _loaded_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in _NOT_LOADED)]
 
 
-def _content_fingerprint(path: str, files: list[str] | None = None) -> str:
-    """Relative path, size, and the hash of the first and last MiB of every file of `files` (default: every file
-    under `path`, or the file)."""
+def _content_fingerprint(path: str, files: list[str]) -> str:
+    """Relative path (to `path`, a directory, or the file's folder), size, and the hash of the first and last MiB
+    of every file of `files`."""
     root = path if os.path.isdir(path) else os.path.dirname(path)
     h = hashlib.sha256()
-    for f in sorted(_local_files(path) if files is None else files):
+    for f in sorted(files):
         size = os.path.getsize(f)
         with open(f, "rb") as fh:
             head = fh.read(_SAMPLE)
@@ -86,9 +86,12 @@ def _content_fingerprint(path: str, files: list[str] | None = None) -> str:
 
 
 def _source_fingerprint(name: str, revision: str | None, legacy: bool = False) -> str:
-    if not _local_files(name):
+    files = _local_files(name) if legacy else _loaded_files(name)
+    # A local directory whose files all lie in subfolders (or are all written by training) is still local: only a
+    # name with no local file is a hub reference. The whole tree is listed only then.
+    if not files and not _local_files(name):
         return f"hub:{name}@{revision or 'main'}"
-    return _content_fingerprint(name, None if legacy else _loaded_files(name))
+    return _content_fingerprint(name, files)
 
 
 def model_fingerprint(cfg: ModelConfig, kind: str = MODEL_FINGERPRINT_KIND) -> str:
@@ -134,7 +137,8 @@ def optimizer_fingerprint(logging: LoggingConfig) -> str | None:
     if logging.optimizer_state is None:
         return None
     path = os.path.expanduser(logging.optimizer_state)
-    return _content_fingerprint(path)[:16] if _local_files(path) else None
+    files = _local_files(path)
+    return _content_fingerprint(path, files)[:16] if files else None
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
