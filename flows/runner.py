@@ -217,6 +217,11 @@ def _free_port() -> int:
 
 
 _own_api: list[OwnAPI] = []  # the one this process started, if any
+# Setting defaults (temporary_settings' set_defaults) of flow runs on an API server a dataworth process started for
+# itself: no flow-run heartbeats unless asked for (PREFECT_FLOWS_HEARTBEAT_FREQUENCY set anywhere wins). They serve
+# a server's zombie-flow automations, which such a server (ephemeral mode: no services) never runs, and every flow
+# run's exit joins the heartbeat thread, which sleeps in whole seconds (0-1 s per flow and sub-flow run).
+OWN_SERVER_DEFAULTS = {"flows.heartbeat_frequency": None}
 
 
 def own_api_url() -> str | None:
@@ -300,12 +305,7 @@ class EarlyAPI:
         from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
         # No UI is served (as Prefect's own ephemeral server): no "View at <url>" line with a link that would not load.
-        # No flow-run heartbeats unless asked for (PREFECT_FLOWS_HEARTBEAT_FREQUENCY set anywhere wins): they serve a
-        # server's zombie-flow automations, which this server, gone with the command, never runs, and every flow
-        # run's exit joins the heartbeat thread, which sleeps in whole seconds (0-1 s per flow and sub-flow run).
-        with temporary_settings(
-            {PREFECT_API_URL: self.url, PREFECT_UI_URL: ""}, set_defaults={"flows.heartbeat_frequency": None}
-        ):
+        with temporary_settings({PREFECT_API_URL: self.url, PREFECT_UI_URL: ""}, set_defaults=OWN_SERVER_DEFAULTS):
             yield
 
 

@@ -175,17 +175,18 @@ def _execute(command: str, config: dict, cwd: str, debug: bool) -> dict:
 
 @contextlib.contextmanager
 def command_settings():
-    """Prefect's settings for a command's flow runs: on the API server this service started for itself, no
-    flow-run heartbeats unless asked for (PREFECT_FLOWS_HEARTBEAT_FREQUENCY set anywhere wins), as on the one a
-    command starts for itself (flows.runner.EarlyAPI.settings). They serve a server's zombie-flow automations, which
-    this server (ephemeral mode: no services) never runs, and each flow run's exit joins its heartbeat thread, which
-    sleeps in whole seconds: 0-1 s of every command. A server the user configured keeps its heartbeats."""
+    """Prefect's settings for a command's flow runs: on the API server this service started for itself, those of
+    a server a command starts for itself (flows.runner.OWN_SERVER_DEFAULTS: no flow-run heartbeats unless asked
+    for). A command's settings are its client's (Task.delay sends them), which left Prefect's default heartbeats
+    on: 0-1 s of every served command. A server the user configured keeps its heartbeats."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runner import OWN_SERVER_DEFAULTS
 
     if not _own_api or PREFECT_API_URL.value() != _own_api[0]:
         yield
         return
-    with temporary_settings(set_defaults={"flows.heartbeat_frequency": None}):
+    with temporary_settings(set_defaults=OWN_SERVER_DEFAULTS):
         yield
 
 
