@@ -11,14 +11,23 @@ module imports nothing of dataworth's: it runs in the server's process."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+# Set by flows.runner.OwnAPI: this server's stdin is a pipe that only the command holds open.
+PARENT_PIPE_ENV = "DATAWORTH_API_PARENT_PIPE"
 
 
 def create_app() -> Any:
-    """Prefect's API app, its routes being prepared in a daemon thread (uvicorn `--factory` entry point)."""
+    """Prefect's API app, its routes being prepared in a daemon thread (uvicorn `--factory` entry point); with
+    PARENT_PIPE_ENV set, the server stops itself once its command is gone (watch_parent)."""
+    if os.environ.get(PARENT_PIPE_ENV) == "1":
+        watch_parent()
     from prefect.server.api.server import create_app as prefect_app
 
     app = prefect_app()
@@ -57,3 +66,25 @@ def prepare_routes(app: Any) -> int:
     except Exception:  # noqa: BLE001 - an optimization: the first requests prepare what is left, as without it
         log.debug("preparing the API's routes ahead failed; left to the first requests", exc_info=True)
         return 0
+
+
+def watch_parent(grace: float = 5.0) -> threading.Thread:
+    """Stop this process when the command that started it ends, however it ends: its stdin is a pipe only the
+    command holds, so end-of-file means the command is gone. The pipe exists from the moment this process does,
+    so a command killed while its server boots leaves nothing (a watchdog the command starts after the server,
+    flows.runner._watch, misses a kill between the two starts). SIGTERM (uvicorn shuts down), SIGKILL after
+    `grace` seconds."""
+
+    def run() -> None:
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except (OSError, ValueError):  # no stdin to watch
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
+    thread.start()
+    return thread

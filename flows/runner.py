@@ -131,8 +131,9 @@ class OwnAPI:
     process that starts it the import of Prefect's server package (2-4 s of CPU on a small machine) before the
     server process even begins its own boot. The process reads Prefect's settings from the same environment,
     working directory and profile as this one. Used through a URL (`temporary_settings` of PREFECT_API_URL), so
-    Prefect itself never starts another one; stopped when this process exits, and by a watchdog process when this
-    one is killed."""
+    Prefect itself never starts another one; stopped when this process exits, and when this one is killed by
+    itself (its stdin, a pipe only this process holds, ends: flows.prefect_api.watch_parent) and by a watchdog
+    process."""
 
     def __init__(self) -> None:
         import atexit
@@ -142,6 +143,7 @@ class OwnAPI:
         self._app_dir = str(Path(__file__).resolve().parent.parent)
         self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
         self._env["PREFECT__SERVER_FINAL"] = "1"
+        self._env["DATAWORTH_API_PARENT_PIPE"] = "1"  # flows.prefect_api.watch_parent: stdin is our pipe
         self._log = tempfile.TemporaryFile()
         self.port = _free_port()
         self.process = self._launch()
@@ -157,7 +159,10 @@ class OwnAPI:
         args = [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory"]
         args += ["flows.prefect_api:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--log-level", "error", "--lifespan", "on"]
-        process = subprocess.Popen(args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        # stdin: a pipe held by this process alone, whose end tells the server this process is gone.
+        process = subprocess.Popen(
+            args, env=self._env, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT
+        )
         _watch(process.pid)
         return process
 
