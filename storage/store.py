@@ -748,6 +748,16 @@ class IndexStore:
     def gradient_dim(self) -> int:
         return vector_layout(self._require(GRADIENTS).schema)[0]
 
+    def read_sq_norms(self, version: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """(example_ids int64, sq_norm float32, storage dtype) of every row of the gradients table at `version`: a
+        scan of two scalar columns, no vector is read. sq_norm is ‖g‖² of the gradient as logged (float32), which
+        is the stored vector's own only when the storage dtype is float32."""
+        table = self._require(GRADIENTS, version)
+        dtype = vector_layout(table.schema)[1]
+        rows = table.search().select(["example_id", "sq_norm"]).to_arrow()
+        ids = rows.column("example_id").to_numpy().astype(np.int64, copy=False)
+        return ids, rows.column("sq_norm").to_numpy().astype(np.float32, copy=False), dtype
+
     def gradient_dtype(self) -> str:
         return vector_layout(self._require(GRADIENTS).schema)[1]
 

@@ -292,6 +292,18 @@ def compute_norms(store: IndexStore, curvature: Curvature, version: int | None, 
     return norms[: last[-1] + 1 if last.size else 0]
 
 
+def logged_norms(store: IndexStore, version: int | None) -> np.ndarray | None:
+    """‖g_i‖ of every stored gradient, dense by example id as compute_norms returns them, from the sq_norm column
+    alone (no vector is read): the identity curvature's norms. None when the vectors are stored in a dtype other
+    than float32, whose decoded values, and so norms, differ from the logged ones that sq_norm holds."""
+    ids, sq, dtype = store.read_sq_norms(version)
+    if dtype != "float32":
+        return None
+    norms = np.full(int(ids.max()) + 1 if len(ids) else 0, np.nan)
+    norms[ids] = np.sqrt(sq.astype(np.float64))
+    return norms
+
+
 def write_array(store: IndexStore, key: str, array: np.ndarray) -> None:
     """Store a numpy array as an artifact of the index (.npy bytes, no pickle)."""
     buf = io.BytesIO()

@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 from pydantic import Field
 
-from dataworth.attribution.curvature import fit_fisher
+from dataworth.attribution.curvature import Curvature, fit_fisher
 from dataworth.attribution.gradients import log_example_gradients
 from dataworth.attribution.kfac import fit_projections as fit_data_projections
 from dataworth.attribution.kfac import sample_indices
@@ -48,6 +48,7 @@ from .common import (
     compute_norms,
     gradient_batches,
     load_projections,
+    logged_norms,
     norms_key,
     peak_memory_mb,
     store_norms,
@@ -501,14 +502,23 @@ def fit_curvature(
     """
     store = IndexStore(index_uri)
     start = time.perf_counter()
+    # The identity fits nothing: its count and norms ‖g_i‖ come from the logged sq_norm column, not a scan of the
+    # vectors (two scans of the whole table otherwise, about what logging the gradients took on a small model).
+    norms = logged_norms(store, gradients_version) if curvature.kind == "identity" else None
+    if norms is not None:
+        curv = Curvature(
+            Layout.from_json(layout), "identity", {}, int(np.count_nonzero(~np.isnan(norms))), curvature.damping_factor
+        )
+    else:
 
-    def batches():  # one scan per pass (two for ekfac blocks wider than max_block_dim)
-        return (vectors for _ids, vectors in gradient_batches(store, batch_size, gradients_version))
+        def batches():  # one scan per pass (two for ekfac)
+            return (vectors for _ids, vectors in gradient_batches(store, batch_size, gradients_version))
 
-    curv = fit_fisher(Layout.from_json(layout), curvature, batches)
+        curv = fit_fisher(Layout.from_json(layout), curvature, batches)
+        norms = compute_norms(store, curv, gradients_version, batch_size)
     key = f"curvature-{curvature.fingerprint()}-v{gradients_version}"
     store.write_artifact(key, curv.to_bytes())
-    store_norms(store, norms_key(key, curv), compute_norms(store, curv, gradients_version, batch_size))
+    store_norms(store, norms_key(key, curv), norms)
     return FittedCurvature(
         artifact=key,
         examples=curv.count,

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -134,28 +135,46 @@ def _score_checkpoints(
     sources = [(store, manifest)] + [(o_store, m) for o_store, m, *_ in others]
     shard_size = manifest.config.logging.shard_size
     seen = 0
-    for chunk in manifest.shard_ranges(max(1, score.train_batch_size // shard_size)):
-        parts = []
-        for s, m in sources:  # each index's batches of these shards, put in shard order (a batch is of one shard)
-            by_shard: dict[int, list] = {}
-            for batch in shard_batches(s, score.train_batch_size, shard_size, m.gradients_version, chunk):
-                by_shard.setdefault(int(batch[0][0]) // shard_size, []).append(batch)
-            parts.append([b for shard in sorted(by_shard) for b in by_shard[shard]])
-        for (s, _m), got in zip(sources[1:], parts[1:]):
-            if len(got) != len(parts[0]) or any(
-                not torch.equal(mine[0], theirs[0]) for mine, theirs in zip(parts[0], got)
-            ):
-                raise IndexMismatchError(
-                    f"checkpoint index {s.uri!r} holds other examples in shards {chunk[0]}-{chunk[-1]} than the "
-                    "index being queried",
-                    fix="build every checkpoint's index from the same data with the same shard_size",
-                )
-        for batches in zip(*parts):
-            ids = batches[0][0]
-            scorer.keep(ids, checkpoint_sum(scorers, weights, ids, [b[1] for b in batches]))
-            seen += len(ids)
+
+    def read(source: tuple[IndexStore, IndexManifest], chunk: list[int]) -> list:
+        """One index's batches of these shards, put in shard order (a batch is of one shard)."""
+        s, m = source
+        by_shard: dict[int, list] = {}
+        for batch in shard_batches(s, score.train_batch_size, shard_size, m.gradients_version, chunk):
+            by_shard.setdefault(int(batch[0][0]) // shard_size, []).append(batch)
+        return [b for shard in sorted(by_shard) for b in by_shard[shard]]
+
+    # Every index's shards of a chunk are read at the same time, each on its own thread (Lance's reads release the
+    # GIL), and the next chunk's while this one is summed: read one index after the other, with nothing overlapped,
+    # the reads took most of a small corpus's scoring time. Two chunks of every index are held at most.
+    chunks = manifest.shard_ranges(max(1, score.train_batch_size // shard_size))
+    with ThreadPoolExecutor(len(sources), thread_name_prefix="dataworth-checkpoint-read") as pool:
+
+        def submit(chunk: list[int]) -> list:
+            return [pool.submit(read, source, chunk) for source in sources]
+
+        pending = submit(chunks[0]) if chunks else []
+        for i, chunk in enumerate(chunks):
+            parts = [f.result() for f in pending]
+            pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
+            _sum_chunk(scorer, scorers, sources, parts, chunk, weights)
+            seen += sum(len(b[0]) for b in parts[0])
     if seen != manifest.num_examples:
         raise IndexMismatchError(f"the checkpoint sum read {seen} examples, the index has {manifest.num_examples}")
+
+
+def _sum_chunk(scorer: Scorer, scorers: list[Scorer], sources: list, parts: list, chunk: list[int], weights) -> None:
+    """Check that every index holds the same example ids in these shards, then keep their weighted sum."""
+    for (s, _m), got in zip(sources[1:], parts[1:]):
+        if len(got) != len(parts[0]) or any(not torch.equal(mine[0], theirs[0]) for mine, theirs in zip(parts[0], got)):
+            raise IndexMismatchError(
+                f"checkpoint index {s.uri!r} holds other examples in shards {chunk[0]}-{chunk[-1]} than the "
+                "index being queried",
+                fix="build every checkpoint's index from the same data with the same shard_size",
+            )
+    for batches in zip(*parts):
+        ids = batches[0][0]
+        scorer.keep(ids, checkpoint_sum(scorers, weights, ids, [b[1] for b in batches]))
 
 
 def shard_batches(

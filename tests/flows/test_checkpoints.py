@@ -73,6 +73,19 @@ def test_scores_are_the_weighted_sum_over_checkpoints(built):
         assert not np.allclose(summed[mode], alone_a[mode], rtol=1e-3)
 
 
+def test_the_checkpoint_sum_is_the_same_read_a_shard_at_a_time(built):
+    """Batches of one shard: the indexes are read chunk by chunk, the next chunk while one is summed."""
+    root, a, b = built
+    kw = {"checkpoint_indexes": [b.index_uri], "checkpoint_weights": [1, 0.5]}
+    whole = full_matrices(query(root, a, a.index_uri, **kw))
+    config = query(root, a, a.index_uri, **kw)
+    config = config.model_copy(update={"score": config.score.model_copy(update={"train_batch_size": 4})})
+    assert a.logging.shard_size == 4  # one shard per chunk: as many chunks as shards
+    by_shard = full_matrices(config)
+    for mode in MODES:
+        assert np.allclose(by_shard[mode], whole[mode], rtol=1e-5, atol=1e-6 * np.abs(whole[mode]).max()), mode
+
+
 def test_checkpoint_indexes_of_another_corpus_are_refused_before_work(built, tmp_path):
     from flows.index import index_flow
     from flows.query import query_flow

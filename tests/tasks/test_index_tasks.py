@@ -16,6 +16,7 @@ from storage import IndexStore, IndexStoreError
 from tasks.common import norms_key, read_norms
 from tasks.index import (
     Published,
+    fit_curvature,
     fit_projections,
     index_state,
     log_gradients,
@@ -98,6 +99,32 @@ def test_fit_curvature_stores_every_examples_whitened_norm(stages, index_config)
     explicit = torch.sqrt(torch.einsum("nd,de,ne->n", G, inverse, G)).numpy()
     assert np.allclose(norms[np.concatenate(ids)], explicit, rtol=1e-6)
     assert norms_key(curv.artifact, fitted.with_damping(0.5)) != norms_key(curv.artifact, fitted)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_identity_curvature_norms_are_the_stored_vectors_norms(stages, index_config, dtype, monkeypatch):
+    """The identity fits nothing: with float32 vectors its count and ‖g_i‖ come from the logged sq_norm column
+    without a scan of the vectors; with another storage dtype from the decoded vectors (their own norms)."""
+    import tasks.index as index_tasks
+
+    cfg = index_config(precondition="none", storage_dtype=dtype)
+    cfg = cfg.model_copy(update={"curvature": cfg.curvature.model_copy(update={"kind": "identity"})})
+    tok = stages.tokenize(cfg)
+    shards = stages.log_all(cfg, tok)
+    store = IndexStore(cfg.index_uri)
+    scans = []
+    real = index_tasks.gradient_batches
+    monkeypatch.setattr(index_tasks, "gradient_batches", lambda *a, **k: scans.append(1) or real(*a, **k))
+    real_norms = index_tasks.compute_norms
+    monkeypatch.setattr(index_tasks, "compute_norms", lambda *a, **k: scans.append(2) or real_norms(*a, **k))
+    curv = fit_curvature.fn(cfg.index_uri, cfg.curvature, shards[0].layout, store.gradients_version())
+    assert bool(scans) == (dtype != "float32")
+    fitted = Curvature.from_bytes(store.read_artifact(curv.artifact))
+    assert fitted.kind == "identity" and curv.examples == tok.examples
+    norms = read_norms(store, norms_key(curv.artifact, fitted))
+    ids, vectors, _ = zip(*store.iter_gradients(5))
+    explicit = np.linalg.norm(np.concatenate(vectors).astype(np.float64), axis=1)
+    assert norms.shape == (tok.examples,) and np.allclose(norms[np.concatenate(ids)], explicit, rtol=1e-6)
 
 
 def test_publish_index_makes_the_index_visible(stages, index_config):
