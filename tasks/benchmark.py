@@ -17,7 +17,7 @@ from dataworth.benchmarks.tiny_model import fact_accuracy, train_tiny_gpt2
 from dataworth.config import CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig, TrackingConfig
 from dataworth.training import RetrainConfig
 
-from .common import CACHE, PERSIST, StageResult
+from .common import CACHE, PERSIST, StageResult, on_compute_thread
 
 
 def _generate(kind: str, corpus_kwargs: dict, seed: int):
@@ -105,6 +105,7 @@ INTERPRETER = CacheKeyFnPolicy(cache_key_fn=_interpreter_key)
 
 
 @task(name="prepare_benchmark", cache_policy=CACHE - "progress" + INTERPRETER, **PERSIST)
+@on_compute_thread
 def prepare_benchmark(
     workspace: str, benchmark: str, seed: int, train_epochs: int | None, progress: bool = True, checkpoints: int = 0
 ) -> PreparedBenchmark:

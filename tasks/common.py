@@ -3,11 +3,15 @@ an index's own model, projections and curvature (the query side of every scoring
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import io
+import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +91,67 @@ def _model_lock() -> _ModelLock:
 # Hooks live on the shared model object: two threads collecting on it at once would mix
 # their activations, so model work in one process is serialized (scale out with processes).
 MODEL_LOCK = _ModelLock()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_COMPUTE_THREAD = "dataworth-compute"
+
+
+class _ComputeThread:
+    """The one long-lived thread of a process that runs the tasks' torch work.
+
+    Why one: torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of worker threads for every thread
+    that has run a parallel region, for as long as that thread lives. Once the pools' threads outnumber the cores,
+    libgomp stops letting idle workers spin between regions, and every region pays for waking them. Tasks run on
+    Prefect's worker threads, which live as long as the flow run, so a flow whose tasks did torch work on two
+    threads ran every later forward/backward pass at about 0.6× the speed of one thread's: 0.72-0.79 s against
+    0.39-0.46 s for one logging pass over 256 docstrings (2 cores; tests/tasks/test_compute_thread.py states the
+    rule, the README the measurement). The tasks' compute is therefore handed to this thread and awaited; it is
+    serialized anyway (MODEL_LOCK), so nothing that ran at the same time before is serialized now. Streaming
+    passes still read on a second thread (`prefetched`), for as long as the pass lasts.
+
+    The caller's context (Prefect's run context, so get_run_logger and the task's run count) goes with the work.
+    A forked child starts without the thread and makes its own; an unpickled copy (a task shipped to a Dask worker)
+    is the receiving process's own."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """fn(*args, **kwargs) on the compute thread, waited for; at once when called on it."""
+        if threading.current_thread().name.startswith(_COMPUTE_THREAD):
+            return fn(*args, **kwargs)
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=_COMPUTE_THREAD)
+            executor = self._executor
+        return executor.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+
+    def _forget(self) -> None:  # in a forked child: the parent's thread does not exist there
+        self._executor, self._lock = None, threading.Lock()
+
+    def __reduce__(self) -> tuple:
+        return (_compute_thread, ())
+
+
+def _compute_thread() -> _ComputeThread:
+    return COMPUTE
+
+
+COMPUTE = _ComputeThread()
+os.register_at_fork(after_in_child=COMPUTE._forget)
+
+
+def on_compute_thread(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run every call of `fn` on the process's compute thread (COMPUTE); for a task's body, under `@task` (its
+    source, signature and annotations stay the function's own, so its cache key does too)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return COMPUTE.run(fn, *args, **kwargs)
+
+    return run
 
 
 def cached_model(cfg: ModelConfig):

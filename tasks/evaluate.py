@@ -48,6 +48,7 @@ from .common import (
     index_curvature,
     index_query_gradients,
     index_task_mix,
+    on_compute_thread,
     open_index_model,
     published_manifest,
 )
@@ -134,6 +135,7 @@ def fact_tracing_eval(
 
 
 @task(name="tail_patch_eval", tags=["gpu"])
+@on_compute_thread
 def tail_patch_eval(
     index_uri: str, matrix_paths: list[str], queries: list[QuerySpec], top_k: int, lr: float, optimizer: str
 ) -> MethodTable:
@@ -205,6 +207,7 @@ def plan_brittleness(
     **IO_RETRIES,
     task_run_name="retrain-{keep_key}",
 )
+@on_compute_thread
 def retrain_and_measure(
     index_uri: str,
     corpus_key: str,
@@ -269,6 +272,7 @@ class StorePrecision(StageResult):
 
 
 @task(name="store_precision_eval", tags=["gpu"])
+@on_compute_thread
 def store_precision_eval(
     index_uri: str, queries: list[QuerySpec], score: ScoreConfig, dtypes: list[str], workdir: str, k: int = 10
 ) -> StorePrecision:
@@ -315,6 +319,7 @@ def store_precision_eval(
 
 
 @task(name="loo_eval", cache_policy=CACHE, **PERSIST)
+@on_compute_thread
 def loo_eval(seed: int) -> LOOResult:
     """Influence vs actual leave-one-out retraining on softmax regression (a convex problem)."""
     from dataworth.evaluation.loo import loo_agreement
@@ -326,6 +331,7 @@ def loo_eval(seed: int) -> LOOResult:
 
 
 @task(name="kronfluence_scores", cache_policy=CACHE, **PERSIST, tags=["gpu"])
+@on_compute_thread
 def kronfluence_eval(
     index_uri: str, examples_version: int, queries: list[QuerySpec], out_path: str
 ) -> KronfluenceResult:
@@ -365,6 +371,7 @@ def _proxy(
 
 
 @task(name="calibrate_damping", tags=["gpu"])
+@on_compute_thread
 def calibrate_damping(
     index_uri: str,
     queries: list[QuerySpec],

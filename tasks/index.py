@@ -40,6 +40,7 @@ from storage import (
 
 from .common import (
     CACHE,
+    COMPUTE,
     IO_RETRIES,
     MODEL_LOCK,
     PERSIST,
@@ -50,6 +51,7 @@ from .common import (
     load_projections,
     logged_norms,
     norms_key,
+    on_compute_thread,
     peak_memory_mb,
     store_norms,
 )
@@ -297,6 +299,7 @@ def projections_key(logging: LoggingConfig, model_fingerprint: str) -> str:
 
 
 @task(name="fit_projections", tags=["gpu"], **IO_RETRIES)
+@on_compute_thread
 def fit_projections(
     index_uri: str,
     model: ModelConfig,
@@ -404,17 +407,21 @@ def log_gradients(
     ids, rows, norms = ([part] for part in copied) if copied is not None else ([], [], [])
     done = set(ids[0].tolist()) if ids else set()
     examples_left = [e for e in examples if e.example_id not in done]
-    fitted = load_projections(store, projections)
-    lm, tokenizer = cached_model(model)
-    compute_seconds = 0.0
-    if examples_left:
+
+    def compute() -> tuple[Any, float]:  # on the compute thread, model loading included (it runs torch too)
+        fitted = load_projections(store, projections)
+        lm, tokenizer = cached_model(model)
+        if not examples_left:
+            return lm, 0.0
         with MODEL_LOCK:
             start = time.perf_counter()
             for batch_ids, grads in log_example_gradients(lm, tokenizer, examples_left, logging, progress, fitted):
                 ids.append(batch_ids.numpy())
                 rows.append(grads.numpy())
                 norms.append(squared_norms(rows[-1]))
-            compute_seconds = time.perf_counter() - start
+            return lm, time.perf_counter() - start
+
+    lm, compute_seconds = COMPUTE.run(compute)
     first_attempt = task_run.run_count <= 1  # 0 when called outside a task run (.fn)
     start = time.perf_counter()
     store.write_gradient_shard(
@@ -490,6 +497,7 @@ def worker_id() -> str:
 
 
 @task(name="fit_curvature", cache_policy=CACHE, **PERSIST, **IO_RETRIES)
+@on_compute_thread
 def fit_curvature(
     index_uri: str,
     curvature: CurvatureConfig,

@@ -63,6 +63,7 @@ from .common import (
     index_query_gradients,
     index_task_mix,
     norms_key,
+    on_compute_thread,
     open_index_model,
     prefetched,
     read_array,
@@ -605,6 +606,7 @@ def _query_side(
 
 
 @task(name="score_queries", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
+@on_compute_thread
 def score_queries(
     index_uri: str,
     manifest: IndexManifest,
@@ -740,6 +742,7 @@ class RangeScores(StageResult):
 
 
 @task(name="query_gradients", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
+@on_compute_thread
 def query_gradients(
     index_uri: str,
     manifest: IndexManifest,
@@ -782,6 +785,7 @@ def _query_grads(index_uri: str, results: IndexStore, query: QueryGradients) -> 
 
 
 @task(name="score_shard_range", cache_policy=CACHE, **PERSIST, tags=["gpu"], **IO_RETRIES)
+@on_compute_thread
 def score_shard_range(
     index_uri: str,
     manifest: IndexManifest,

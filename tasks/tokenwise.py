@@ -25,6 +25,7 @@ from .common import (
     index_norms,
     index_query_gradients,
     index_task_mix,
+    on_compute_thread,
     open_index_model,
 )
 
@@ -66,6 +67,7 @@ def _decoder(tokenizer):
 
 
 @task(name="tokenwise_scores", tags=["gpu"], **IO_RETRIES)
+@on_compute_thread
 def tokenwise_scores(
     index_uri: str,
     manifest: IndexManifest,
