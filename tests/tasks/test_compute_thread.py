@@ -104,3 +104,11 @@ def test_tasks_that_run_torch_run_on_the_compute_thread_with_their_own_source(ta
     every such task shares: equal inputs of two tasks would then share a cached result)."""
     assert task.fn.__wrapped__.__name__ == task.fn.__name__
     assert f"def {task.fn.__name__}(" in task.source_code and "COMPUTE.run(fn" not in task.source_code
+
+
+def test_a_task_shipped_to_a_dask_worker_uses_that_processs_compute_thread():
+    # Dask ships task functions by pickling them with their globals (cloudpickle, by value for closures).
+    import cloudpickle
+
+    shipped = pickle.loads(cloudpickle.dumps(tasks.index.fit_curvature.fn))
+    assert shipped.__globals__["COMPUTE"] is COMPUTE
