@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataworth.config import RunnerConfig
+from flows.prefect_api import PARENT_PIPE_ENV
 
 if TYPE_CHECKING:  # prefect is imported where used: the CLI starts EarlyAPI before any heavy import
     from prefect import Flow
@@ -143,7 +144,7 @@ class OwnAPI:
         self._app_dir = str(Path(__file__).resolve().parent.parent)
         self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
         self._env["PREFECT__SERVER_FINAL"] = "1"
-        self._env["DATAWORTH_API_PARENT_PIPE"] = "1"  # flows.prefect_api.watch_parent: stdin is our pipe
+        self._env[PARENT_PIPE_ENV] = "1"  # flows.prefect_api.watch_parent: stdin is our pipe
         self._log = tempfile.TemporaryFile()
         self.port = _free_port()
         self.process = self._launch()
