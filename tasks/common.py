@@ -106,9 +106,9 @@ class _ComputeThread:
     Prefect's worker threads, which live as long as the flow run, so a flow whose tasks did torch work on two
     threads ran every later forward/backward pass at about 0.6× the speed of one thread's: 0.72-0.79 s against
     0.39-0.46 s for one logging pass over 256 docstrings (2 cores; tests/tasks/test_compute_thread.py states the
-    rule, the README the measurement). The tasks' compute is therefore handed to this thread and awaited; it is
-    serialized anyway (MODEL_LOCK), so nothing that ran at the same time before is serialized now. Streaming
-    passes still read on a second thread (`prefetched`), for as long as the pass lasts.
+    rule, the README the measurement). The tasks' compute is therefore handed to this thread and awaited. Model
+    work was serialized anyway (MODEL_LOCK); in-process scoring ranges on threads (score_shard_range) now run one
+    at a time too. Streaming passes still read on a second thread (`prefetched`), for as long as the pass lasts.
 
     The caller's context (Prefect's run context, so get_run_logger and the task's run count) goes with the work.
     A forked child starts without the thread and makes its own; an unpickled copy (a task shipped to a Dask worker)
