@@ -78,19 +78,23 @@ class BackwardHooks(AbstractContextManager):
             if not self._active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
             x = inputs[0]
-            if x.dim() == 2:  # (batch, features) layers seen once per example
-                x = x.unsqueeze(1)
-            batch = self._mask.shape[0]
+            batch, length = self._mask.shape
+            # A 2-D input is either every position of the batch flattened, (batch·time, features), as OPT's MLP
+            # sees them, or one row per example, (batch, features): both become (batch, time, features).
+            flat = x.dim() == 2 and length > 1 and x.shape[0] == batch * length
+            x = x.reshape(batch, length, -1) if flat else x.unsqueeze(1) if x.dim() == 2 else x
             if x.shape[0] != batch:
                 raise ModelError(
-                    f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences; "
-                    "layers that mix examples (e.g. token-routed experts) cannot be tracked, exclude them"
+                    f"module {name!r} sees a leading dimension {x.shape[0]} but the batch has {batch} sequences of "
+                    f"{length} positions; layers that mix examples (e.g. token-routed experts) cannot be tracked, "
+                    "exclude them"
                 )
             kept = self._capture(name, x.to(self.capture_dtype))
 
             def backward(grad_out: torch.Tensor):
                 dy = grad_out.to(self.capture_dtype)
-                self._consume(name, kept, dy.unsqueeze(1) if dy.dim() == 2 else dy)
+                dy = dy.reshape(batch, length, -1) if flat else dy.unsqueeze(1) if dy.dim() == 2 else dy
+                self._consume(name, kept, dy)
 
             output.register_hook(backward)
 

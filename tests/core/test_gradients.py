@@ -178,3 +178,33 @@ def test_shared_layer_and_pooled_layer(projection):
     assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8)
     for bs in (1, 3):
         assert torch.allclose(hook_gradients(model, cfg, SEQS, batch_size=bs), expected, atol=1e-10, rtol=1e-8)
+
+
+# Other decoder architectures than the fixture's GPT-2 and Llama, tiny and in fp64: OPT hands its MLP every position
+# of the batch flattened to (batch·time, features); the others differ in fused projections, biases, parallel blocks
+# and position schemes (rotary, ALiBi, learned).
+_ARCHITECTURES = {
+    "opt": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=24, word_embed_proj_dim=16),
+    "gpt_neox": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24),
+    "qwen2": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=24),
+    "bloom": dict(hidden_size=16, n_layer=2, n_head=2),
+    "falcon": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, new_decoder_architecture=False),
+    "phi": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHITECTURES))
+def test_other_architectures_equal_autograd(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=61, max_position_embeddings=64, **_ARCHITECTURES[arch])
+    model = AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+    for cfg in (plain(projection="identity"), plain(projection="gaussian", proj_dim_in=4, proj_dim_out=3)):
+        expected = reference_gradients(model, cfg, SEQS)
+        assert expected.abs().sum() > 0
+        # Padded together (SEQS differ in length) and one at a time: the same rows.
+        for bs in (None, 1):
+            got = hook_gradients(model, cfg, SEQS, batch_size=bs)
+            assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8), (arch, cfg.projection, bs)
