@@ -73,6 +73,13 @@ class DataConfig(StageConfig):
     text_column: str = Field("text", description="Column holding the document text.")
     id_column: str | None = Field(None, description="Column with a document id; row numbers when unset.")
     source_column: str | None = Field(None, description="Optional column copied into the examples table as `source`.")
+    prompt_column: str | None = Field(
+        None,
+        description="Column holding a prompt that comes before each document's text (instruction data: prompt, "
+        "response): the example is the prompt's tokens then the text's, and the loss, so the logged gradient, falls "
+        "on the text's tokens only, as in fine-tuning on responses. Unset: the loss covers every token.",
+        exclude_if=lambda v: v is None,
+    )
     max_length: int = Field(256, ge=2, description="Tokens per example; longer documents are split into chunks.")
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (for trials).")
     skip_empty: bool = Field(False, description="Drop empty documents instead of raising an error.")

@@ -25,6 +25,8 @@ class Documents:
     texts: list[str]
     ids: list[str]
     sources: list[str]
+    # With data.prompt_column: each document's prompt, whose tokens come first and carry no loss.
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -36,10 +38,20 @@ class Example:
     token_end: int
     input_ids: list[int] = field(repr=False)
     source: str = ""
+    # How many of this chunk's first tokens are prompt (data.prompt_column): their labels are masked, so the loss
+    # falls on the tokens after them only. 0: a loss on every token.
+    label_start: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def label_mask(self) -> list[bool] | None:
+        """True where a token's label counts; None when every one does."""
+        if self.label_start <= 0:
+            return None
+        return [False] * self.label_start + [True] * (len(self.input_ids) - self.label_start)
 
 
 def _data_files(path: str) -> list[str]:
@@ -145,6 +157,7 @@ def load_documents(cfg: DataConfig) -> Documents:
         ("text_column", cfg.text_column),
         ("id_column", cfg.id_column),
         ("source_column", cfg.source_column),
+        ("prompt_column", cfg.prompt_column),
     ):
         if col is not None and col not in columns:
             raise DataError(f"dataset {cfg.dataset!r} has no column {col!r} (columns: {columns}); set {label}")
@@ -156,11 +169,17 @@ def load_documents(cfg: DataConfig) -> Documents:
         texts = list(ds[cfg.text_column])  # a lazy column in datasets 4: decode it here
         ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
         sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
+        prompts = list(ds[cfg.prompt_column]) if cfg.prompt_column else None
     except UnicodeDecodeError as err:
         raise unreadable_files(_data_files(cfg.dataset), err) from err
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"id_column {cfg.id_column!r} repeats the id {dup!r}; document ids must be unique")
+    for i, p in enumerate(prompts or []):
+        if p is not None and not isinstance(p, str):
+            raise DataError(
+                f"document {ids[i]!r} (row {i}): prompt_column {cfg.prompt_column!r} holds {type(p).__name__}, not text"
+            )
     keep = []
     for i, t in enumerate(texts):
         # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
@@ -175,22 +194,51 @@ def load_documents(cfg: DataConfig) -> Documents:
         keep.append(i)
     if not keep:
         raise DataError(f"every document of {cfg.dataset!r} is empty")
-    return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep])
+    picked = [prompts[i] or "" for i in keep] if prompts is not None else None
+    return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep], picked)
 
 
 def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool = True) -> list[Example]:
-    """Tokenize each document once and cut it into consecutive chunks of ≤ max_length tokens."""
+    """Tokenize each document once and cut it into consecutive chunks of ≤ max_length tokens.
+
+    A document with a prompt (data.prompt_column) is the prompt's tokens (with the tokenizer's special tokens) then
+    the text's (without), as a query's prompt and completion are encoded; the prompt tokens' labels are masked
+    (Example.label_start). A prompt must leave room in the first chunk for a token of loss."""
     examples: list[Example] = []
     eos = tokenizer.eos_token_id
-    encoded = tokenizer(docs.texts, add_special_tokens=True)["input_ids"]
-    for doc_id, source, ids in zip(docs.ids, docs.sources, encoded):
+    if docs.prompts is None:
+        encoded = tokenizer(docs.texts, add_special_tokens=True)["input_ids"]
+        prompt_lengths = [0] * len(encoded)
+    else:
+        heads = tokenizer(docs.prompts, add_special_tokens=True)["input_ids"]
+        tails = tokenizer(docs.texts, add_special_tokens=False)["input_ids"]
+        encoded = [list(h) + list(t) for h, t in zip(heads, tails)]
+        prompt_lengths = [len(h) for h in heads]
+        for doc_id, n_prompt in zip(docs.ids, prompt_lengths):
+            if n_prompt >= max_length:
+                raise DataError(
+                    f"document {doc_id!r} has a prompt of {n_prompt} tokens, as long as an example "
+                    f"(max_length {max_length}): its text would be cut from the prompt it answers",
+                    fix="raise data.max_length (--max-length), or shorten or drop that document's prompt",
+                )
+    for doc_id, source, ids, n_prompt in zip(docs.ids, docs.sources, encoded, prompt_lengths):
         ids = list(ids)
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         for c, start in enumerate(range(0, len(ids), max_length)):
             chunk = ids[start : start + max_length]
-            examples.append(Example(len(examples), doc_id, c, start, start + len(chunk), chunk, source))
+            masked = min(max(n_prompt - start, 0), len(chunk))
+            examples.append(Example(len(examples), doc_id, c, start, start + len(chunk), chunk, source, masked))
     return examples
+
+
+def collate_examples(examples: list[Example], pad_id: int):
+    """collate() of examples' tokens, with labels masked on their prompt tokens (Example.label_start)."""
+    masks = [e.label_mask for e in examples]
+    if all(m is None for m in masks):
+        return collate([e.input_ids for e in examples], pad_id)
+    full = [m if m is not None else [True] * e.num_tokens for m, e in zip(masks, examples)]
+    return collate([e.input_ids for e in examples], pad_id, full)
 
 
 def pad_token_id(source) -> int:

@@ -97,11 +97,13 @@ class IndexManifest(BaseModel):
         if config.overwrite:
             return
         old, new = self.config.model_dump(mode="json"), config.model_dump(mode="json")
+        # Over both sides' fields: a field left at its default is not written (exclude_if), so one set before and
+        # unset now shows only on the old side.
         diffs = "; ".join(
-            f"{k}.{f}: {old[k].get(f)!r} → {new[k][f]!r}"
+            f"{k}.{f}: {old[k].get(f)!r} → {new[k].get(f)!r}"
             for k in GRADIENT_KEYS
-            for f in new[k]
-            if old[k].get(f) != new[k][f]
+            for f in dict.fromkeys([*new[k], *old[k]])
+            if old[k].get(f) != new[k].get(f)
         )
         if diffs:
             raise IndexStoreError(

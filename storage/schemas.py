@@ -41,8 +41,20 @@ def examples_schema() -> pa.Schema:
             pa.field("source", pa.string()),
             # The exact tokens gradients are logged on, so no shard task re-tokenizes.
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            # Leading prompt tokens whose labels carry no loss (data.prompt_column); 0: a loss on every token.
+            pa.field(LABEL_START, pa.int32(), nullable=False),
         ]
     )
+
+
+# Added to the examples table after schema version 1 was released: a stored table without it (written before)
+# reads as a loss on every token, which is what it was logged with.
+LABEL_START = "label_start"
+
+
+def legacy_examples_schema() -> pa.Schema:
+    """The examples table as written before it had the label_start column."""
+    return _schema([f for f in examples_schema() if f.name != LABEL_START])
 
 
 def gradients_schema(dim: int, dtype: str) -> pa.Schema:

@@ -23,6 +23,7 @@ class ExampleRow(Protocol):
     token_end: int
     input_ids: list[int]
     source: str | None
+    label_start: int
 
     @property
     def num_tokens(self) -> int: ...
@@ -53,6 +54,7 @@ def examples_table(examples: Sequence[ExampleRow], texts: Sequence[str]) -> pa.T
             "text": list(texts),
             "source": [e.source or None for e in examples],
             "input_ids": [list(e.input_ids) for e in examples],
+            "label_start": [e.label_start for e in examples],
         },
         schema=examples_schema(),
     )

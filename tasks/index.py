@@ -273,6 +273,8 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
         h = hashlib.sha256()
         for e in examples[lo : lo + shard_size]:
             h.update(f"{e.example_id}|{e.document_id}|{e.chunk_index}|{e.token_start}|".encode())
+            if e.label_start:  # (added only when set: the hashes of corpora without prompts stay as they were)
+                h.update(f"prompt {e.label_start}|".encode())
             h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
         out.append(h.hexdigest()[:20])
     return out
@@ -280,14 +282,20 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
 
 def _read_examples(store: IndexStore, examples_version: int, where: str) -> list[Example]:
     t = store.read_examples(
-        columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids"],
+        columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids", "label_start"],
         version=examples_version,
         where=where,
     ).to_pydict()
     return [
-        Example(eid, doc, c, s, e, ids)
-        for eid, doc, c, s, e, ids in zip(
-            t["example_id"], t["document_id"], t["chunk_index"], t["token_start"], t["token_end"], t["input_ids"]
+        Example(eid, doc, c, s, e, ids, label_start=start)
+        for eid, doc, c, s, e, ids, start in zip(
+            t["example_id"],
+            t["document_id"],
+            t["chunk_index"],
+            t["token_start"],
+            t["token_end"],
+            t["input_ids"],
+            t["label_start"],
         )
     ]
 
@@ -475,13 +483,16 @@ def copy_unchanged(
     """
     old = store.previous_examples(previous.examples_version, [e.document_id for e in examples]).to_pydict()
     before = {
-        (doc, bytes(np.asarray(tokens, dtype=np.int32))): eid
-        for eid, doc, tokens in zip(old["example_id"], old.get("document_id", []), old.get("input_ids", []))
+        (doc, bytes(np.asarray(tokens, dtype=np.int32)), start): eid
+        for eid, doc, tokens, start in zip(
+            old["example_id"], old.get("document_id", []), old.get("input_ids", []), old.get("label_start", [])
+        )
     }
+    # The same tokens with another prompt boundary (label_start) are another loss, so another gradient.
     pairs = [
         (e.example_id, before[key])
         for e in examples
-        if (key := (e.document_id, bytes(np.asarray(e.input_ids, dtype=np.int32)))) in before
+        if (key := (e.document_id, bytes(np.asarray(e.input_ids, dtype=np.int32)), e.label_start)) in before
     ]
     if not pairs:
         return None

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import FittedProjections
 from dataworth.config import LoggingConfig
-from dataworth.data import Example, collate, pad_token_id
+from dataworth.data import Example, collate_examples, pad_token_id
 from dataworth.queries import EncodedQuery, collate_queries
 
 
@@ -32,7 +32,7 @@ def log_example_gradients(
         bar = tqdm(total=len(examples), desc="log gradients", unit="ex", disable=not progress)
         for start in range(0, len(order), cfg.batch_size):
             batch = [examples[i] for i in order[start : start + cfg.batch_size]]
-            input_ids, attention, labels = collate([e.input_ids for e in batch], pad)
+            input_ids, attention, labels = collate_examples(batch, pad)
             grads, _ = collector.batch_gradients(input_ids, attention, labels)
             yield torch.tensor([e.example_id for e in batch], dtype=torch.long), grads.detach().float().cpu()
             bar.update(len(batch))

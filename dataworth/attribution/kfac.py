@@ -40,7 +40,7 @@ from dataworth.attribution.projection import (
     select_modules,
 )
 from dataworth.config import LoggingConfig
-from dataworth.data import Example, collate, pad_token_id
+from dataworth.data import Example, collate_examples, pad_token_id
 from dataworth.errors import ConfigError, DataError
 
 SIDES = ("in", "out")
@@ -196,7 +196,7 @@ def fit_kfac_factors(
         bar = tqdm(total=len(ordered), desc="fit KFAC factors", unit="ex", disable=not progress)
         for start in range(0, len(ordered), cfg.batch_size):
             batch = ordered[start : start + cfg.batch_size]
-            collector.update(*collate([e.input_ids for e in batch], pad))
+            collector.update(*collate_examples(batch, pad))
             bar.update(len(batch))
         bar.close()
         return collector.factors(), collector.tokens, collector.examples

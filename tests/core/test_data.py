@@ -323,3 +323,54 @@ def test_collate_label_masks():
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert attention.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert labels.tolist() == [[-100, 6, 7], [8, -100, -100], [-100, 10, -100]]
+
+
+# --- prompt and response (data.prompt_column) --------------------------------------------------
+
+PROMPTED = [
+    {"id": "a", "prompt": "one two three", "text": "the cat sat on the mat."},
+    {"id": "b", "prompt": "", "text": "the dog ran after the cat, twice."},
+    {"id": "c", "prompt": None, "text": "a bird sang in the tree."},
+]
+
+
+def test_prompt_tokens_come_first_and_carry_no_loss(tmp_path, tokenizer):
+    docs = load(write_jsonl(tmp_path / "c.jsonl", PROMPTED), id_column="id", prompt_column="prompt")
+    assert docs.prompts == ["one two three", "", ""]  # a null prompt is no prompt
+    n_a = len(tokenizer("one two three", add_special_tokens=True)["input_ids"])
+    examples = chunk_documents(docs, tokenizer, max_length=n_a + 3)
+    for doc, row in zip(("a", "b", "c"), PROMPTED):
+        head = tokenizer(row["prompt"] or "", add_special_tokens=True)["input_ids"]
+        tail = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        mine = [e for e in examples if e.document_id == doc]
+        # the tokens are the prompt's then the text's (then EOS), chunked as any document
+        assert sum((e.input_ids for e in mine), []) == head + tail + [tokenizer.eos_token_id]
+        # label_start: the prompt tokens of each chunk, so only chunks reaching into the prompt mask any
+        for e in mine:
+            assert e.label_start == min(max(len(head) - e.token_start, 0), e.num_tokens)
+    a = [e for e in examples if e.document_id == "a"]
+    assert a[0].label_start == n_a and a[0].label_mask == [False] * n_a + [True] * 3 and a[1].label_mask is None
+    # collated: the prompt's labels are -100, the rest are the tokens
+    from dataworth.data import collate_examples
+
+    ids, att, labels = collate_examples(a[:2], 0)
+    assert labels[0].tolist() == [-100] * n_a + a[0].input_ids[n_a:]
+    assert labels[1, : a[1].num_tokens].tolist() == a[1].input_ids
+    # without a prompt column the same rows carry a loss on every token
+    plain = chunk_documents(load(write_jsonl(tmp_path / "p.jsonl", ROWS), id_column="id"), tokenizer, 6)
+    assert all(e.label_start == 0 and e.label_mask is None for e in plain)
+
+
+def test_prompt_column_errors(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", PROMPTED)
+    with pytest.raises(DataError, match="no column 'question'.*set prompt_column"):
+        load(path, prompt_column="question")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": 3, "text": "hi"}])
+    with pytest.raises(DataError, match="document 'x' .*prompt_column 'prompt' holds int, not text"):
+        load(bad, id_column="id", prompt_column="prompt")
+    docs = load(path, id_column="id", prompt_column="prompt")
+    n_a = len(tokenizer("one two three", add_special_tokens=True)["input_ids"])
+    with pytest.raises(DataError, match=f"document 'a' has a prompt of {n_a} tokens, as long as an example") as err:
+        chunk_documents(docs, tokenizer, max_length=n_a)
+    assert chunk_documents(docs, tokenizer, max_length=n_a + 1)[0].label_start == n_a  # one token of loss: fine
+    assert "--max-length" in err.value.fix

@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from gradcheck import SEQS, cross_device_tolerance, hook_gradients, plain, reference_gradients, relative_error
+from gradcheck import (
+    SEQS,
+    _Tok,
+    cross_device_tolerance,
+    hook_gradients,
+    plain,
+    reference_gradients,
+    relative_error,
+)
 
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import draw_projection
@@ -186,8 +194,9 @@ def test_shared_layer_and_pooled_layer(projection):
 _ARCHITECTURES = {
     "opt": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=24, word_embed_proj_dim=16),
     "gpt_neox": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24),
-    "qwen2": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  intermediate_size=24),
+    "qwen2": dict(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=24
+    ),
     "bloom": dict(hidden_size=16, n_layer=2, n_head=2),
     "falcon": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, new_decoder_architecture=False),
     "phi": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24),
@@ -208,3 +217,21 @@ def test_other_architectures_equal_autograd(arch):
         for bs in (None, 1):
             got = hook_gradients(model, cfg, SEQS, batch_size=bs)
             assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8), (arch, cfg.projection, bs)
+
+
+def test_prompt_masked_examples_equal_autograd_on_the_response(tiny_model):
+    """Examples with prompt tokens (Example.label_start) log the gradient of the loss on the tokens after them,
+    batched with examples that have none."""
+    from dataworth.attribution.gradients import log_example_gradients
+    from dataworth.data import Example
+
+    starts = [3, 0, 5, 1]
+    examples = [Example(i, f"d{i}", 0, 0, len(s), s, label_start=k) for i, (s, k) in enumerate(zip(SEQS, starts))]
+    masks = [[t >= k for t in range(len(s))] for s, k in zip(SEQS, starts)]
+    cfg = plain(projection="gaussian", proj_dim_in=4, proj_dim_out=3, batch_size=4)
+    expected = reference_gradients(tiny_model, cfg, SEQS, masks)
+    ids, got = next(log_example_gradients(tiny_model, _Tok(), examples, cfg))
+    got = got.double()[ids.argsort()]
+    assert torch.allclose(got, expected.float().double(), atol=1e-6, rtol=1e-5)
+    unmasked = reference_gradients(tiny_model, cfg, SEQS)
+    assert relative_error(got[0], unmasked[0]) > 1e-3  # the prompt's loss is left out, not only reweighted

@@ -1,0 +1,75 @@
+"""An instruction corpus (data.prompt_column): `dataworth index` logs each example's gradient of the loss on its
+response tokens only, as fine-tuning on responses takes it (checked against autograd on the stored tokens), and a
+token-wise query splits those scores over the example's tokens, the prompt's included."""
+
+import json
+
+import pytest
+import torch
+from gradcheck import reference_gradients
+from tiny import TINY_CORPUS, tiny_index_config, write_tiny_assets
+
+from flows.cli import main
+from storage import IndexStore
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Where does the river run?", "Who keeps cats?", "", "What is sold at the market?"]
+
+
+@pytest.mark.timeout(600)
+def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flows.index import index_flow
+
+    assets = write_tiny_assets(tmp_path / "assets", TINY_CORPUS + [p for p in PROMPTS if p])
+    rows = [{"id": f"d{i}", "prompt": PROMPTS[i % len(PROMPTS)], "text": t} for i, t in enumerate(TINY_CORPUS)]
+    (assets / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_index_config(assets, tmp_path, precondition="none")
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"dataset": str(assets / "chat.jsonl"), "prompt_column": "prompt", "max_length": 24}
+            )
+        }
+    )
+    index_flow(cfg, progress=False)
+
+    store = IndexStore(cfg.index_uri)
+    ex = store.read_examples(["example_id", "document_id", "input_ids", "label_start"]).to_pydict()
+    starts = dict(zip(ex["example_id"], ex["label_start"]))
+    # every document with a prompt masks it in its first chunk; the empty prompt masks only the start token
+    first = {
+        d: s
+        for d, s, eid in zip(ex["document_id"], ex["label_start"], ex["example_id"])
+        if eid == min(e for e, dd in zip(ex["example_id"], ex["document_id"]) if dd == d)
+    }
+    assert all(first[f"d{i}"] > 1 for i in range(len(rows)) if PROMPTS[i % len(PROMPTS)])
+    assert sum(1 for s in starts.values() if s == 0) >= 1  # the long document's later chunks: no prompt there
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "model").to(torch.float64).eval()
+    seqs = ex["input_ids"]
+    masks = [[t >= s for t in range(len(q))] for q, s in zip(seqs, ex["label_start"])]
+    expected = reference_gradients(model, cfg.logging, seqs, masks)
+    manifest = store.read_manifest()
+    vectors, _ = store.read_gradients_by_id(torch.tensor(ex["example_id"]).numpy(), manifest.gradients_version)
+    got = torch.from_numpy(vectors).double()
+    scale = expected.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    assert ((got - expected).norm(dim=1, keepdim=True) / scale).max() < 1e-4
+    unmasked = reference_gradients(model, cfg.logging, seqs)
+    assert ((got - unmasked).norm(dim=1, keepdim=True) / scale).max() > 1e-2  # the prompts' loss is left out
+
+    # token-wise, every example: the train side of each, prompt-masked ones included, sums to its stored score
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"id": "q", "prompt": "Who keeps", "completion": " three grey cats"}) + "\n")
+    results = tmp_path / "results"
+    args = ["query", "--index", cfg.index_uri, "--queries", str(queries), "--results", str(results)]
+    assert main([*args, "--modes", "dot", "--top-k", "12", "--tokenwise-top", "12", "--no-mlflow"]) == 0
+    out = IndexStore(str(results))
+    parts = [r for r in out.read_token_scores().to_pylist() if r["side"] == "train"]
+    assert {r["example_id"] for r in parts} and any(starts[r["example_id"]] > 0 for r in parts)
+    for eid in {r["example_id"] for r in parts}:
+        mine = [r for r in parts if r["example_id"] == eid]
+        total = mine[0]["total"]
+        assert abs(sum(r["score"] for r in mine) - total) <= 1e-4 * max(1.0, abs(total))
