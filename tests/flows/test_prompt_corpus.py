@@ -49,16 +49,20 @@ def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
     assert sum(1 for s in starts.values() if s == 0) >= 1  # the long document's later chunks: no prompt there
 
     model = AutoModelForCausalLM.from_pretrained(assets / "model").to(torch.float64).eval()
-    seqs = ex["input_ids"]
-    masks = [[t >= s for t in range(len(q))] for q, s in zip(seqs, ex["label_start"])]
-    expected = reference_gradients(model, cfg.logging, seqs, masks)
-    manifest = store.read_manifest()
-    vectors, _ = store.read_gradients_by_id(torch.tensor(ex["example_id"]).numpy(), manifest.gradients_version)
-    got = torch.from_numpy(vectors).double()
-    scale = expected.norm(dim=1, keepdim=True).clamp(min=1e-6)
-    assert ((got - expected).norm(dim=1, keepdim=True) / scale).max() < 1e-4
-    unmasked = reference_gradients(model, cfg.logging, seqs)
-    assert ((got - unmasked).norm(dim=1, keepdim=True) / scale).max() > 1e-2  # the prompts' loss is left out
+    check_stored_gradients(store, model, cfg)
+
+    # The next night one document's prompt ends a word earlier: the same tokens, another loss. An incremental run
+    # logs it again instead of copying its gradient, and copies the others.
+    before = store.read_examples(["document_id", "input_ids", "label_start"]).to_pylist()
+    rows[1] = {"id": "d1", "prompt": "Who keeps", "text": " cats?" + rows[1]["text"]}
+    (assets / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = index_flow(cfg, progress=False)
+    after = store.read_examples(["document_id", "input_ids", "label_start"]).to_pylist()
+    old_d1, new_d1 = ([r for r in t if r["document_id"] == "d1"] for t in (before, after))
+    assert [r["input_ids"] for r in new_d1] == [r["input_ids"] for r in old_d1]
+    assert new_d1[0]["label_start"] < old_d1[0]["label_start"]
+    assert out["examples_computed"] == 1 and out["examples_reused"] == len(after) - 1  # its first chunk only
+    check_stored_gradients(store, model, cfg)
 
     # token-wise, every example: the train side of each, prompt-masked ones included, sums to its stored score
     queries = tmp_path / "q.jsonl"
@@ -73,3 +77,21 @@ def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
         mine = [r for r in parts if r["example_id"] == eid]
         total = mine[0]["total"]
         assert abs(sum(r["score"] for r in mine) - total) <= 1e-4 * max(1.0, abs(total))
+
+
+def check_stored_gradients(store: IndexStore, model, cfg) -> dict:
+    """The published gradients equal autograd's of the loss after each example's label_start; returns the examples."""
+    manifest = store.read_manifest()
+    ex = store.read_examples(
+        ["example_id", "document_id", "input_ids", "label_start"], version=manifest.examples_version
+    ).to_pydict()
+    seqs = ex["input_ids"]
+    masks = [[t >= s for t in range(len(q))] for q, s in zip(seqs, ex["label_start"])]
+    expected = reference_gradients(model, cfg.logging, seqs, masks)
+    vectors, _ = store.read_gradients_by_id(torch.tensor(ex["example_id"]).numpy(), manifest.gradients_version)
+    got = torch.from_numpy(vectors).double()
+    scale = expected.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    assert ((got - expected).norm(dim=1, keepdim=True) / scale).max() < 1e-4
+    unmasked = reference_gradients(model, cfg.logging, seqs)
+    assert ((got - unmasked).norm(dim=1, keepdim=True) / scale).max() > 1e-2  # the prompts' loss is left out
+    return ex
