@@ -234,11 +234,7 @@ def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool =
 
 def collate_examples(examples: list[Example], pad_id: int):
     """collate() of examples' tokens, with labels masked on their prompt tokens (Example.label_start)."""
-    masks = [e.label_mask for e in examples]
-    if all(m is None for m in masks):
-        return collate([e.input_ids for e in examples], pad_id)
-    full = [m if m is not None else [True] * e.num_tokens for m, e in zip(masks, examples)]
-    return collate([e.input_ids for e in examples], pad_id, full)
+    return collate([e.input_ids for e in examples], pad_id, [e.label_mask for e in examples])
 
 
 def pad_token_id(source) -> int:
@@ -255,7 +251,8 @@ def pad_token_id(source) -> int:
 
 
 def collate(sequences: list[list[int]], pad_id: int, label_masks: list[list[bool]] | None = None):
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 on padding and masked tokens."""
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on padding and masked tokens (a mask of
+    None: every token's label counts)."""
     width = max(len(s) for s in sequences)
     n = len(sequences)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -266,7 +263,7 @@ def collate(sequences: list[list[int]], pad_id: int, label_masks: list[list[bool
         input_ids[i, : len(seq)] = t
         attention[i, : len(seq)] = 1
         lab = t.clone()
-        if label_masks is not None:
+        if label_masks is not None and label_masks[i] is not None:
             lab[~torch.tensor(label_masks[i], dtype=torch.bool)] = -100
         labels[i, : len(seq)] = lab
     return input_ids, attention, labels

@@ -79,12 +79,22 @@ def _as_examples(train, tokenizer, max_length: int) -> list[Example]:
         if len(set(ids)) != len(ids):
             raise DataError("the training examples repeat an example_id; ids must be unique")
         return train
+    prompts = None
+    if all(isinstance(t, dict) for t in train):  # {"text", "prompt"?}: the loss on the text only (prompt_column)
+        for i, row in enumerate(train):
+            if not isinstance(row.get("text"), str) or not isinstance(row.get("prompt", ""), (str, type(None))):
+                raise DataError(f"training example {i} must be {{'text': str, 'prompt': str?}}, got {row!r}")
+        prompts = [row.get("prompt") or "" for row in train]
+        train = [row["text"] for row in train]
     if not all(isinstance(t, str) for t in train):
-        raise DataError("train must be all texts (str) or all dataworth.data.Example chunks, not a mix")
+        raise DataError(
+            "train must be all texts (str), all {'text', 'prompt'?} dicts or all dataworth.data.Example chunks, "
+            "not a mix"
+        )
     for i, text in enumerate(train):
         if not text.strip():
             raise DataError(f"training text {i} is empty; drop it")
-    docs = Documents(texts=train, ids=[str(i) for i in range(len(train))], sources=[""] * len(train))
+    docs = Documents(texts=train, ids=[str(i) for i in range(len(train))], sources=[""] * len(train), prompts=prompts)
     return chunk_documents(docs, tokenizer, max_length)
 
 
@@ -123,7 +133,7 @@ def _in_memory_dtype(storage_dtype: str) -> str:
 def attribute(
     model,
     tokenizer,
-    train: Sequence[str] | Sequence[Example],
+    train: Sequence[str] | Sequence[dict] | Sequence[Example],
     queries: Sequence[str | dict | QuerySpec] | str,
     *,
     logging: LoggingConfig | None = None,
@@ -139,8 +149,9 @@ def attribute(
     """Attribute each query's completion to the training data, in memory.
 
     `train` is a list of texts (each tokenized and cut into chunks of `max_length` tokens,
-    default the model's context) or of `dataworth.data.Example` chunks. A query is a prompt
-    string (its completion is generated greedily), a dict with 'prompt' and optionally
+    default the model's context), of {'text', 'prompt'?} dicts (instruction data: the prompt's tokens come
+    first and carry no loss, as the index's data.prompt_column) or of `dataworth.data.Example` chunks.
+    A query is a prompt string (its completion is generated greedily), a dict with 'prompt' and optionally
     'completion' and 'id', or a QuerySpec; string and dict queries without an id are named
     q0, q1, ... by position. `logging`, `curvature`, `modes` and `top_k` mean what they mean
     in the `index` and `query` configs (their defaults when None), as does `task_mix` (trackstar's).

@@ -109,6 +109,25 @@ def test_scores_equal_the_pipeline_steps(model, tokenizer, precondition, kind):
         assert result.fitted is not None and result.fitted.digest() == fitted.digest()
 
 
+def test_prompted_training_texts_score_the_loss_on_their_text(model, tokenizer):
+    """{'prompt', 'text'} training rows (instruction data): dot equals autograd's with each prompt's labels masked."""
+    rows = [{"prompt": t[:12], "text": t[12:]} for t in TEXTS[:3]] + [{"text": TEXTS[3]}]
+    logging = plain(projection="identity", batch_size=2)
+    result = attribute(
+        model, tokenizer, rows, QUERIES, logging=logging, curvature=CurvatureConfig(kind="identity"), modes=["dot"]
+    )
+    examples = result.examples
+    assert len(examples) == 4 and all(e.label_start > 0 for e in examples[:3])
+    assert examples[3].label_start == len(tokenizer("", add_special_tokens=True)["input_ids"])  # no prompt
+    masks = [e.label_mask for e in examples]
+    train = reference_gradients(model, logging, [e.input_ids for e in examples], masks)
+    q_masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in result.queries]
+    queries = reference_gradients(model, logging, [q.input_ids for q in result.queries], q_masks)
+    assert relative_error(result.scores["dot"], queries @ train.T) < 1e-5
+    with pytest.raises(DataError, match="training example 1 must be"):
+        attribute(model, tokenizer, [{"text": "a"}, {"prompt": "b"}], "the cat")
+
+
 def test_examples_as_input_and_model_mode_restored(model, tokenizer):
     docs = Documents(TEXTS[:3], ["a", "b", "c"], [""] * 3)
     examples = chunk_documents(docs, tokenizer, MAX_LENGTH)[2:]  # ids no longer start at 0
