@@ -292,6 +292,19 @@ def describe_validation_error(err, command: str, flags: dict[str, list[str]]) ->
 
 
 # command -> (flow module, flow function, whether it takes `progress`, the closing summary's rows).
+def _tracked(out: dict) -> str:
+    """The index summary's line on which of the model's weights the gradients cover."""
+    tracked, untracked = out["tracked_params"], out.get("untracked_params", 0)
+    if not untracked:
+        return f"{tracked:,} (every weight matrix but the embeddings and the layers --modules, --exclude-modules omit)"
+    names = out.get("untracked_tensors", [])
+    shown = ", ".join(names[:2]) + (" …" if len(names) > 2 else "")
+    return (
+        f"{tracked:,}; {untracked:,} more ({100 * untracked / (tracked + untracked):.0f}%) are in no Linear/Conv1D "
+        f"layer and in no score: {shown}"
+    )
+
+
 _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]] = {
     "index": (
         "flows.index",
@@ -304,6 +317,7 @@ _RUNS: dict[str, tuple[str, str, bool, list[tuple[str, Callable[[dict], Any]]]]]
             ("gradient dim", lambda o: o["dim"]),
             ("compression", lambda o: f"{o['compression_ratio']:.0f}×"),
             ("bytes stored", lambda o: o["bytes_stored"]),
+            ("weights tracked", _tracked),
         ],
     ),
     "query": (

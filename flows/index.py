@@ -168,6 +168,16 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
 
     tokens = sum(s.tokens_computed for s in shards)
     seconds = sum(s.compute_seconds for s in shards)
+    untracked = shards[0].untracked_weights
+    if untracked:
+        names = list(untracked)
+        log.warning(
+            "%d weights in %d tensors of the model are in no Linear/Conv1D layer, so in no gradient and no score "
+            "(e.g. %s): fused mixture-of-experts weights or convolutions are not tracked",
+            sum(untracked.values()),
+            len(names),
+            ", ".join(names[:3]) + (" …" if len(names) > 3 else ""),
+        )
     summary = {
         "index_uri": uri,
         "examples": tok.examples,
@@ -180,6 +190,9 @@ def index_flow(config: IndexConfig, progress: bool = True) -> dict:
         "dim": manifest.dim,
         "compression_ratio": published.compression_ratio,
         "bytes_stored": published.bytes_stored,
+        "tracked_params": published.manifest.full_gradient_params,
+        "untracked_params": sum(untracked.values()),
+        "untracked_tensors": list(untracked),
         "tokens_per_s": tokens / seconds if seconds else None,
         "mlflow_run_id": run.run_id,
         "tracking_uri": run.uri,

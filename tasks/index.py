@@ -23,7 +23,7 @@ from dataworth.attribution.curvature import Curvature, fit_fisher
 from dataworth.attribution.gradients import log_example_gradients
 from dataworth.attribution.kfac import fit_projections as fit_data_projections
 from dataworth.attribution.kfac import sample_indices
-from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
+from dataworth.attribution.projection import FittedProjections, Layout, describe_layout, untracked_weights
 from dataworth.config import AnnConfig, CurvatureConfig, DataConfig, IndexConfig, LoggingConfig, ModelConfig
 from dataworth.data import Example, chunk_documents, load_documents
 from dataworth.fingerprint import data_fingerprint, optimizer_fingerprint
@@ -113,6 +113,11 @@ class LoggedShard(StageResult):
     )
     computed_tokens: int | None = Field(
         None, description="Tokens of the examples the model computed (all of them when none was reused)."
+    )
+    untracked_weights: dict[str, int] = Field(
+        default_factory=dict,
+        description="The model's weight tensors that no trackable layer holds (e.g. fused MoE experts): name → size "
+        "(dataworth.attribution.projection.untracked_weights).",
     )
 
     @property
@@ -455,6 +460,7 @@ def log_gradients(
         full_gradient_params=full_params,
         reused=len(examples) - len(examples_left),
         computed_tokens=sum(e.num_tokens for e in examples_left),
+        untracked_weights=untracked_weights(lm),
     )
 
 

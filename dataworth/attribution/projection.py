@@ -328,6 +328,20 @@ class Projector:
         return self._cache[key]
 
 
+def untracked_weights(model: nn.Module) -> dict[str, int]:
+    """{name: size} of the model's weight tensors (parameters of two or more dimensions) that no Linear/Conv1D layer
+    holds and that are not embeddings: what no logging config can track, so whose training signal is in no score.
+    A mixture of experts whose experts are fused 3-D tensors, or a convolution, lands here. (Linear layers left out
+    by the modules/exclude_modules patterns are a choice, and are not listed.)"""
+    held = {
+        id(p)
+        for m in model.modules()
+        if is_trackable(m) or isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+    }
+    return {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in held}
+
+
 def describe_layout(model: nn.Module, cfg: LoggingConfig) -> tuple[Layout, int]:
     """(layout of the stored vector, number of weights it compresses) without running the model."""
     check_projection(cfg)

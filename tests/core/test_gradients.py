@@ -11,6 +11,7 @@ from gradcheck import (
     reference_gradients,
     relative_error,
 )
+from tiny import make_tiny_gpt2, make_tiny_llama
 
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import draw_projection
@@ -235,3 +236,39 @@ def test_prompt_masked_examples_equal_autograd_on_the_response(tiny_model):
     assert torch.allclose(got, expected.float().double(), atol=1e-6, rtol=1e-5)
     unmasked = reference_gradients(tiny_model, cfg, SEQS)
     assert relative_error(got[0], unmasked[0]) > 1e-3  # the prompt's loss is left out, not only reweighted
+
+
+def test_untracked_weights_name_what_no_layer_holds():
+    """Weight tensors outside every Linear/Conv1D layer and the embeddings (fused MoE experts, a router's bare weight,
+    a convolution) are listed with their sizes; a model of Linear layers has none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dataworth.attribution.projection import untracked_weights
+
+    assert untracked_weights(make_tiny_gpt2()) == {} and untracked_weights(make_tiny_llama()) == {}
+    config = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=24,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    got = untracked_weights(model)
+    params = dict(model.named_parameters())
+    assert got and all(params[n].dim() >= 2 and params[n].numel() == v for n, v in got.items())
+    assert any(".experts." in n for n in got)
+    assert not any(n.endswith(("q_proj.weight", "embed_tokens.weight", "lm_head.weight")) for n in got)
+
+    class WithConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3)
+            self.proj = torch.nn.Linear(4, 4)
+            self.emb = torch.nn.Embedding(10, 4)
+
+    assert untracked_weights(WithConv()) == {"conv.weight": 48}
