@@ -80,10 +80,26 @@ class DataConfig(StageConfig):
         "on the text's tokens only, as in fine-tuning on responses. Unset: the loss covers every token.",
         exclude_if=lambda v: v is None,
     )
+    conversation_column: str | None = Field(
+        None,
+        description="Column holding each row as a conversation, a list of {role, content} messages (chat format), "
+        "instead of text_column: rendered with the tokenizer's chat template, the loss (so the logged gradient) on "
+        "the assistant's turns only, as supervised fine-tuning takes it. Needs a tokenizer with a chat template.",
+        exclude_if=lambda v: v is None,
+    )
     max_length: int = Field(256, ge=2, description="Tokens per example; longer documents are split into chunks.")
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (for trials).")
     skip_empty: bool = Field(False, description="Drop empty documents instead of raising an error.")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every document before chunking.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_row(self):
+        if self.prompt_column is not None and self.conversation_column is not None:
+            raise ValueError(
+                "prompt_column and conversation_column are two ways of giving a row's prompt; set one of them "
+                "(a conversation's user turns are its prompts)"
+            )
+        return self
 
 
 class LoggingConfig(StageConfig):

@@ -27,6 +27,9 @@ class Documents:
     sources: list[str]
     # With data.prompt_column: each document's prompt, whose tokens come first and carry no loss.
     prompts: list[str] | None = None
+    # With data.conversation_column: each document's messages ({"role", "content"}), rendered by the tokenizer's chat
+    # template; the loss falls on the assistant's turns only.
+    conversations: list[list[dict]] | None = None
 
 
 @dataclass
@@ -38,20 +41,13 @@ class Example:
     token_end: int
     input_ids: list[int] = field(repr=False)
     source: str = ""
-    # How many of this chunk's first tokens are prompt (data.prompt_column): their labels are masked, so the loss
-    # falls on the tokens after them only. 0: a loss on every token.
-    label_start: int = 0
+    # True where a token's label counts (the loss falls on it), False on a prompt's or a user turn's tokens
+    # (data.prompt_column, data.conversation_column); None: every token's label counts.
+    label_mask: list[bool] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def label_mask(self) -> list[bool] | None:
-        """True where a token's label counts; None when every one does."""
-        if self.label_start <= 0:
-            return None
-        return [False] * self.label_start + [True] * (len(self.input_ids) - self.label_start)
 
 
 def _data_files(path: str) -> list[str]:
@@ -153,8 +149,9 @@ def load_documents(cfg: DataConfig) -> Documents:
     """Documents from a hub name, a saved dataset, or local files; checked before any model work."""
     ds = _load_dataset(cfg)
     columns = list(ds.column_names)
+    chats = cfg.conversation_column
     for label, col in (
-        ("text_column", cfg.text_column),
+        ("conversation_column" if chats else "text_column", chats or cfg.text_column),
         ("id_column", cfg.id_column),
         ("source_column", cfg.source_column),
         ("prompt_column", cfg.prompt_column),
@@ -166,7 +163,7 @@ def load_documents(cfg: DataConfig) -> Documents:
     if len(ds) == 0:
         raise DataError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) is empty")
     try:  # JSON text is decoded only here: a file that is not UTF-8 fails now, not when datasets read it
-        texts = list(ds[cfg.text_column])  # a lazy column in datasets 4: decode it here
+        texts = list(ds[chats or cfg.text_column])  # a lazy column in datasets 4: decode it here
         ids = [str(v) for v in ds[cfg.id_column]] if cfg.id_column else [str(i) for i in range(len(ds))]
         sources = [str(v) for v in ds[cfg.source_column]] if cfg.source_column else [""] * len(ds)
         prompts = list(ds[cfg.prompt_column]) if cfg.prompt_column else None
@@ -180,6 +177,8 @@ def load_documents(cfg: DataConfig) -> Documents:
             raise DataError(
                 f"document {ids[i]!r} (row {i}): prompt_column {cfg.prompt_column!r} holds {type(p).__name__}, not text"
             )
+    if chats:
+        return _conversations(cfg, texts, ids, sources)
     keep = []
     for i, t in enumerate(texts):
         # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
@@ -198,42 +197,126 @@ def load_documents(cfg: DataConfig) -> Documents:
     return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep], picked)
 
 
+def _conversations(cfg: DataConfig, rows: list, ids: list[str], sources: list[str]) -> Documents:
+    """The conversation_column's rows as Documents, each checked to be a list of {role, content} messages with
+    an assistant turn (without one a row has no loss: an error, or dropped with skip_empty)."""
+    keep = []
+    for i, row in enumerate(rows):
+        where = f"document {ids[i]!r} (row {i}): conversation_column {cfg.conversation_column!r}"
+        if not isinstance(row, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in row
+        ):
+            raise DataError(
+                f"{where} must be a list of {{'role': str, 'content': str}} messages, got {str(row)[:120]}",
+                fix='write each conversation as [{"role": "user", "content": ...}, '
+                '{"role": "assistant", "content": ...}]',
+            )
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in row):
+            if not cfg.skip_empty:
+                raise DataError(
+                    f"{where} has no assistant turn with text, so no token of loss; remove it or set skip_empty=True "
+                    "(--skip-empty)"
+                )
+            continue
+        keep.append(i)
+    if not keep:
+        raise DataError(f"no conversation of {cfg.dataset!r} has an assistant turn")
+    chats = [[{"role": m["role"], "content": m["content"]} for m in rows[i]] for i in keep]
+    texts = ["\n".join(f"{m['role']}: {m['content']}" for m in chat) for chat in chats]
+    return Documents(texts, [ids[i] for i in keep], [sources[i] for i in keep], conversations=chats)
+
+
 def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool = True) -> list[Example]:
     """Tokenize each document once and cut it into consecutive chunks of ≤ max_length tokens.
 
     A document with a prompt (data.prompt_column) is the prompt's tokens (with the tokenizer's special tokens) then
     the text's (without), as a query's prompt and completion are encoded; the prompt tokens' labels are masked
-    (Example.label_start). A prompt must leave room in the first chunk for a token of loss."""
+    (Example.label_mask). A prompt must leave room in the first chunk for a token of loss. A conversation
+    (data.conversation_column) is its chat-template rendering, the loss on the assistant's turns (`encode_chat`)."""
     examples: list[Example] = []
     eos = tokenizer.eos_token_id
-    if docs.prompts is None:
+    masks: list[list[bool] | None]
+    if docs.conversations is not None:
+        encoded, masks = zip(*(encode_chat(tokenizer, m, d) for m, d in zip(docs.conversations, docs.ids)))
+        add_eos = False  # the template ends each turn its own way
+    elif docs.prompts is None:
         encoded = tokenizer(docs.texts, add_special_tokens=True)["input_ids"]
-        prompt_lengths = [0] * len(encoded)
+        masks = [None] * len(encoded)
     else:
         heads = tokenizer(docs.prompts, add_special_tokens=True)["input_ids"]
         tails = tokenizer(docs.texts, add_special_tokens=False)["input_ids"]
         encoded = [list(h) + list(t) for h, t in zip(heads, tails)]
-        prompt_lengths = [len(h) for h in heads]
-        for doc_id, n_prompt in zip(docs.ids, prompt_lengths):
-            if n_prompt >= max_length:
+        masks = [[False] * len(h) + [True] * len(t) for h, t in zip(heads, tails)]
+        for doc_id, head in zip(docs.ids, heads):
+            if len(head) >= max_length:
                 raise DataError(
-                    f"document {doc_id!r} has a prompt of {n_prompt} tokens, as long as an example "
+                    f"document {doc_id!r} has a prompt of {len(head)} tokens, as long as an example "
                     f"(max_length {max_length}): its text would be cut from the prompt it answers",
                     fix="raise data.max_length (--max-length), or shorten or drop that document's prompt",
                 )
-    for doc_id, source, ids, n_prompt in zip(docs.ids, docs.sources, encoded, prompt_lengths):
+    for doc_id, source, ids, mask in zip(docs.ids, docs.sources, encoded, masks):
         ids = list(ids)
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
+            mask = None if mask is None else [*mask, True]
         for c, start in enumerate(range(0, len(ids), max_length)):
             chunk = ids[start : start + max_length]
-            masked = min(max(n_prompt - start, 0), len(chunk))
-            examples.append(Example(len(examples), doc_id, c, start, start + len(chunk), chunk, source, masked))
+            part = None if mask is None else mask[start : start + max_length]
+            part = None if part is None or all(part) else part  # every label counts: no mask
+            examples.append(Example(len(examples), doc_id, c, start, start + len(chunk), chunk, source, part))
     return examples
 
 
+def encode_chat(tokenizer, messages: list[dict], doc_id: str = "") -> tuple[list[int], list[bool]]:
+    """(token ids, label mask) of a conversation rendered by the tokenizer's chat template: True on the tokens of
+    each assistant turn as the template renders it (its content and the end of its turn, not the header the
+    template adds before it), False elsewhere, as supervised fine-tuning on the assistant's turns takes the loss.
+
+    A turn's span is the text the rendering of messages[:i+1] adds to that of messages[:i] with the generation
+    prompt; a template whose rendering of a conversation does not begin with the rendering of its first turns
+    cannot be split so, and is an error."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"document {doc_id!r} is a conversation, and the tokenizer has no chat template to render it",
+            fix="use the chat model's tokenizer (its tokenizer_config.json holds the template) or set "
+            "model.tokenizer to one that has it; or give the turns as prompt_column and text_column",
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"document {doc_id!r}: splitting a conversation into turns needs a fast tokenizer (character offsets)",
+            fix="load the model's tokenizer.json (a fast tokenizer), or give the turns as prompt_column, text_column",
+        )
+
+    def render(msgs: list[dict], generation: bool = False) -> str:
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, after = render(messages[:i], generation=True), render(messages[: i + 1])
+        if not (after.startswith(before) and full.startswith(after)):
+            raise DataError(
+                f"document {doc_id!r}: the chat template renders the conversation's first {i + 1} messages as "
+                "something other than the start of the whole conversation, so its assistant turns cannot be found",
+                fix="give the turns as prompt_column and text_column instead of conversation_column",
+            )
+        spans.append((len(before), len(after)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a <= lo < b for a, b in spans) for lo, _ in enc["offset_mapping"]]
+    if not any(mask):
+        raise DataError(
+            f"document {doc_id!r}: no token of its assistant turns survives tokenization; it has nothing to learn",
+            fix="drop it, or set skip_empty=True (--skip-empty) to drop conversations without assistant turns",
+        )
+    return list(enc["input_ids"]), mask
+
+
 def collate_examples(examples: list[Example], pad_id: int):
-    """collate() of examples' tokens, with labels masked on their prompt tokens (Example.label_start)."""
+    """collate() of examples' tokens, with labels masked where Example.label_mask is False."""
     return collate([e.input_ids for e in examples], pad_id, [e.label_mask for e in examples])
 
 

@@ -53,6 +53,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--split", ("data.split",)),
     Alias("--text-column", ("data.text_column",)),
     Alias("--prompt-column", ("data.prompt_column",)),
+    Alias("--conversation-column", ("data.conversation_column",)),
     Alias("--id-column", ("data.id_column",)),
     Alias("--max-length", ("data.max_length",)),
     Alias("--max-documents", ("data.max_documents",)),

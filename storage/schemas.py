@@ -41,20 +41,21 @@ def examples_schema() -> pa.Schema:
             pa.field("source", pa.string()),
             # The exact tokens gradients are logged on, so no shard task re-tokenizes.
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-            # Leading prompt tokens whose labels carry no loss (data.prompt_column); 0: a loss on every token.
-            pa.field(LABEL_START, pa.int32(), nullable=False),
+            # False on tokens whose labels carry no loss (a prompt, a conversation's user turns); null: every
+            # token's label counts.
+            pa.field(LABEL_MASK, pa.list_(pa.bool_())),
         ]
     )
 
 
 # Added to the examples table after schema version 1 was released: a stored table without it (written before)
 # reads as a loss on every token, which is what it was logged with.
-LABEL_START = "label_start"
+LABEL_MASK = "label_mask"
 
 
 def legacy_examples_schema() -> pa.Schema:
-    """The examples table as written before it had the label_start column."""
-    return _schema([f for f in examples_schema() if f.name != LABEL_START])
+    """The examples table as written before it had the label_mask column."""
+    return _schema([f for f in examples_schema() if f.name != LABEL_MASK])
 
 
 def gradients_schema(dim: int, dtype: str) -> pa.Schema:

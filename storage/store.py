@@ -32,7 +32,7 @@ from storage.errors import REBUILD_HINT, IndexStoreError
 from storage.gradients import batch_arrays, decode_vectors, gradient_table, show_ids
 from storage.manifest import IndexManifest, IndexState
 from storage.schemas import (
-    LABEL_START,
+    LABEL_MASK,
     SCHEMA_VERSION,
     artifacts_schema,
     check_stored_schema,
@@ -131,7 +131,7 @@ _STAGED = "_staged_gradients"
 
 # Schema expected of each stored table, given what is stored (gradients carry their own dim/dtype).
 _EXPECTED: dict[str, Callable[[pa.Schema], pa.Schema]] = {
-    EXAMPLES: lambda stored: examples_schema() if LABEL_START in stored.names else legacy_examples_schema(),
+    EXAMPLES: lambda stored: examples_schema() if LABEL_MASK in stored.names else legacy_examples_schema(),
     GRADIENTS: lambda stored: gradients_schema(*vector_layout(stored)),
     SCORES: lambda _: scores_schema(),
     QUERIES: lambda _: queries_schema(),
@@ -300,10 +300,10 @@ class IndexStore:
     # ---- examples --------------------------------------------------------------------------
 
     def write_examples(self, table: pa.Table) -> int:
-        """Replace the examples table (one new version, atomically); returns that version. Without a label_start
-        column every example's loss covers all its tokens (label_start 0)."""
-        if isinstance(table, pa.Table) and LABEL_START not in table.column_names:
-            table = table.append_column(LABEL_START, pa.array(np.zeros(table.num_rows, dtype=np.int32)))
+        """Replace the examples table (one new version, atomically); returns that version. Without a label_mask
+        column every example's loss covers all its tokens (label_mask null)."""
+        if isinstance(table, pa.Table) and LABEL_MASK not in table.column_names:
+            table = table.append_column(LABEL_MASK, pa.nulls(table.num_rows, pa.list_(pa.bool_())))
         data = conform(table, examples_schema(), EXAMPLES)
         if data.num_rows == 0:
             raise IndexStoreError("examples table is empty: the dataset produced no examples; check data.dataset")
@@ -377,27 +377,27 @@ class IndexStore:
         query = table.search()
         if where is not None:
             query = query.where(_check_key("where filter", where))
-        legacy = LABEL_START not in table.schema.names  # written before the column: a loss on every token
+        legacy = LABEL_MASK not in table.schema.names  # written before the column: a loss on every token
         if columns is not None:
             unknown = [c for c in columns if c not in examples_schema().names]
             if unknown:
                 raise IndexStoreError(f"unknown examples columns {unknown}; choose from {examples_schema().names}")
-            query = query.select([c for c in columns if not (legacy and c == LABEL_START)])
+            query = query.select([c for c in columns if not (legacy and c == LABEL_MASK)])
         out = query.to_arrow()
-        if legacy and (columns is None or LABEL_START in columns):
-            zeros = pa.array(np.zeros(out.num_rows, dtype=np.int32))
-            out = out.append_column(examples_schema().field(LABEL_START), zeros)
+        if legacy and (columns is None or LABEL_MASK in columns):
+            nulls = pa.nulls(out.num_rows, pa.list_(pa.bool_()))
+            out = out.append_column(examples_schema().field(LABEL_MASK), nulls)
             if columns is not None:
                 out = out.select(list(columns))
         return out
 
     def previous_examples(self, version: int, document_ids: list[str]) -> pa.Table:
-        """(example_id, document_id, input_ids, label_start) of these documents' examples in the examples table at
+        """(example_id, document_id, input_ids, label_mask) of these documents' examples in the examples table at
         `version` (the one the published index serves): what an incremental run compares a shard's examples with."""
         if not document_ids:
             return pa.table({"example_id": pa.array([], pa.int64())})
         where = f"document_id IN ({', '.join(_sql_str(str(d)) for d in sorted(set(document_ids)))})"
-        return self.read_examples(["example_id", "document_id", "input_ids", LABEL_START], version=version, where=where)
+        return self.read_examples(["example_id", "document_id", "input_ids", LABEL_MASK], version=version, where=where)
 
     def examples_version(self) -> int:
         return int(self._require(EXAMPLES).version)

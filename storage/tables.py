@@ -23,7 +23,7 @@ class ExampleRow(Protocol):
     token_end: int
     input_ids: list[int]
     source: str | None
-    label_start: int
+    label_mask: list[bool] | None
 
     @property
     def num_tokens(self) -> int: ...
@@ -54,7 +54,7 @@ def examples_table(examples: Sequence[ExampleRow], texts: Sequence[str]) -> pa.T
             "text": list(texts),
             "source": [e.source or None for e in examples],
             "input_ids": [list(e.input_ids) for e in examples],
-            "label_start": [e.label_start for e in examples],
+            "label_mask": [None if e.label_mask is None else list(e.label_mask) for e in examples],
         },
         schema=examples_schema(),
     )

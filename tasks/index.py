@@ -278,8 +278,8 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
         h = hashlib.sha256()
         for e in examples[lo : lo + shard_size]:
             h.update(f"{e.example_id}|{e.document_id}|{e.chunk_index}|{e.token_start}|".encode())
-            if e.label_start:  # (added only when set: the hashes of corpora without prompts stay as they were)
-                h.update(f"prompt {e.label_start}|".encode())
+            if e.label_mask is not None:  # (only when set: the hashes of corpora without prompts stay as they were)
+                h.update(b"mask" + np.asarray(e.label_mask, dtype=np.uint8).tobytes())
             h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
         out.append(h.hexdigest()[:20])
     return out
@@ -287,20 +287,20 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
 
 def _read_examples(store: IndexStore, examples_version: int, where: str) -> list[Example]:
     t = store.read_examples(
-        columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids", "label_start"],
+        columns=["example_id", "document_id", "chunk_index", "token_start", "token_end", "input_ids", "label_mask"],
         version=examples_version,
         where=where,
     ).to_pydict()
     return [
-        Example(eid, doc, c, s, e, ids, label_start=start)
-        for eid, doc, c, s, e, ids, start in zip(
+        Example(eid, doc, c, s, e, ids, label_mask=mask)
+        for eid, doc, c, s, e, ids, mask in zip(
             t["example_id"],
             t["document_id"],
             t["chunk_index"],
             t["token_start"],
             t["token_end"],
             t["input_ids"],
-            t["label_start"],
+            t["label_mask"],
         )
     ]
 
@@ -478,6 +478,11 @@ def previous_version(
     return PreviousVersion(examples_version=published.examples_version, gradients_version=published.gradients_version)
 
 
+def _mask_key(mask: list[bool] | None) -> bytes | None:
+    """An example's label mask as a hashable key (None: every label counts)."""
+    return None if mask is None else np.packbits(np.asarray(mask, dtype=bool)).tobytes() + bytes([len(mask) % 8])
+
+
 def copy_unchanged(
     store: IndexStore, examples: list[Example], previous: PreviousVersion, shard_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -489,16 +494,16 @@ def copy_unchanged(
     """
     old = store.previous_examples(previous.examples_version, [e.document_id for e in examples]).to_pydict()
     before = {
-        (doc, bytes(np.asarray(tokens, dtype=np.int32)), start): eid
-        for eid, doc, tokens, start in zip(
-            old["example_id"], old.get("document_id", []), old.get("input_ids", []), old.get("label_start", [])
+        (doc, bytes(np.asarray(tokens, dtype=np.int32)), _mask_key(mask)): eid
+        for eid, doc, tokens, mask in zip(
+            old["example_id"], old.get("document_id", []), old.get("input_ids", []), old.get("label_mask", [])
         )
     }
-    # The same tokens with another prompt boundary (label_start) are another loss, so another gradient.
+    # The same tokens with another label mask (a prompt boundary moved) are another loss, so another gradient.
     pairs = [
         (e.example_id, before[key])
         for e in examples
-        if (key := (e.document_id, bytes(np.asarray(e.input_ids, dtype=np.int32)), e.label_start)) in before
+        if (key := (e.document_id, bytes(np.asarray(e.input_ids, dtype=np.int32)), _mask_key(e.label_mask))) in before
     ]
     if not pairs:
         return None

@@ -120,7 +120,7 @@ def tokenwise_scores(
     examples = {
         r["example_id"]: r
         for r in store.read_examples(
-            ["example_id", "document_id", "input_ids", "label_start"], version=manifest.examples_version, where=where
+            ["example_id", "document_id", "input_ids", "label_mask"], version=manifest.examples_version, where=where
         ).to_pylist()
     }
     vectors, _ = store.read_gradients_by_id(ids, manifest.gradients_version)
@@ -147,7 +147,7 @@ def tokenwise_scores(
             stored=stored,
             norms=norms,
             task_mix=index_task_mix(score, manifest),
-            label_starts={i: examples[i]["label_start"] for i in stored},
+            label_masks={i: examples[i]["label_mask"] for i in stored},
         )
     seconds = time.perf_counter() - start
     decode = _decoder(index.tokenizer)

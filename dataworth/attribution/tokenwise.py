@@ -101,19 +101,17 @@ def iter_position_gradients(
     pad_id: int,
     batch_size: int,
     fitted: FittedProjections | None = None,
-    label_starts: Sequence[int] | None = None,
+    label_masks: Sequence[list[bool] | None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, per-position projected gradients [len, dim] on the CPU) of each training sequence (loss on every
-    token, as logged, or after its first `label_starts[i]` prompt tokens: Example.label_start), batch by batch
-    (shortest first: little padding), so that a caller keeps one batch at a time; each sums over its positions to
-    the sequence's logged gradient."""
+    token, as logged, or where `label_masks[i]` is True: Example.label_mask), batch by batch (shortest first:
+    little padding), so that a caller keeps one batch at a time; each sums over its positions to the sequence's
+    logged gradient."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     with PositionCollector(model, cfg, fitted) as collector:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            masks = None
-            if label_starts is not None and any(label_starts[i] > 0 for i in rows):
-                masks = [[t >= label_starts[i] for t in range(len(sequences[i]))] for i in rows]
+            masks = None if label_masks is None else [label_masks[i] for i in rows]
             input_ids, attention, labels = collate([list(sequences[i]) for i in rows], pad_id, masks)
             g = collector.position_gradients(input_ids, attention, labels).detach().cpu()  # [B, T, dim]
             for b, i in enumerate(rows):
@@ -236,14 +234,14 @@ def token_splits(
     stored: dict[int, torch.Tensor] | None = None,
     norms: dict[int, float] | None = None,
     task_mix: float = DEFAULT_TASK_MIX,
-    label_starts: dict[int, int] | None = None,
+    label_masks: dict[int, list[bool] | None] | None = None,
 ) -> list[TokenSplit]:
     """Both token splits of each (query index, mode, example id) pair.
 
     `query_grads` [Q, dim] are the gradients of all `queries` (the run's whole set: trackstar's T is fitted on it);
     `examples` maps each example id to its token ids; `stored` its logged gradient (default: the recomputed sum
     over positions) and `norms` its stored ‖(F+λ)^-½ g_i‖ (default: computed from that gradient), as the Scorer
-    used them; `label_starts` its prompt tokens that carry no loss (Example.label_start; default none). Token
+    used them; `label_masks` where its tokens' labels count (Example.label_mask; default everywhere). Token
     gradients are taken once per query and per example, however many pairs share them.
     """
     modes = list(dict.fromkeys(m for _, m, _ in pairs))
@@ -270,8 +268,8 @@ def token_splits(
         of_example.setdefault(e, []).append(k)
     out: list[TokenSplit | None] = [None] * len(pairs)
     sequences = [examples[e] for e in ex_ids]
-    starts = None if label_starts is None else [label_starts.get(e, 0) for e in ex_ids]
-    for i, per_pos in iter_position_gradients(model, sequences, cfg, pad_id, batch_size, fitted, starts):
+    masks = None if label_masks is None else [label_masks.get(e) for e in ex_ids]
+    for i, per_pos in iter_position_gradients(model, sequences, cfg, pad_id, batch_size, fitted, masks):
         e = ex_ids[i]
         per_pos = per_pos.to(torch.float64)  # [len, dim]
         g = per_pos.sum(0) if stored is None else stored[e].to(torch.float64)

@@ -117,8 +117,8 @@ def test_prompted_training_texts_score_the_loss_on_their_text(model, tokenizer):
         model, tokenizer, rows, QUERIES, logging=logging, curvature=CurvatureConfig(kind="identity"), modes=["dot"]
     )
     examples = result.examples
-    assert len(examples) == 4 and all(e.label_start > 0 for e in examples[:3])
-    assert examples[3].label_start == len(tokenizer("", add_special_tokens=True)["input_ids"])  # no prompt
+    assert len(examples) == 4 and all(e.label_mask is not None and not e.label_mask[0] for e in examples[:3])
+    assert examples[3].label_mask is None  # no prompt (this tokenizer adds no special token to one)
     masks = [e.label_mask for e in examples]
     train = reference_gradients(model, logging, [e.input_ids for e in examples], masks)
     q_masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in result.queries]

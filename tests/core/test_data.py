@@ -12,7 +12,7 @@ import torch
 
 from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import DataConfig
-from dataworth.data import Documents, chunk_documents, collate, load_documents
+from dataworth.data import Documents, chunk_documents, collate, encode_chat, load_documents
 from dataworth.errors import DataError
 
 ROWS = [
@@ -345,11 +345,12 @@ def test_prompt_tokens_come_first_and_carry_no_loss(tmp_path, tokenizer):
         mine = [e for e in examples if e.document_id == doc]
         # the tokens are the prompt's then the text's (then EOS), chunked as any document
         assert sum((e.input_ids for e in mine), []) == head + tail + [tokenizer.eos_token_id]
-        # label_start: the prompt tokens of each chunk, so only chunks reaching into the prompt mask any
+        # the label mask: False on the prompt tokens of each chunk, so only chunks reaching into the prompt have one
         for e in mine:
-            assert e.label_start == min(max(len(head) - e.token_start, 0), e.num_tokens)
+            masked = min(max(len(head) - e.token_start, 0), e.num_tokens)
+            assert e.label_mask == ([False] * masked + [True] * (e.num_tokens - masked) if masked else None)
     a = [e for e in examples if e.document_id == "a"]
-    assert a[0].label_start == n_a and a[0].label_mask == [False] * n_a + [True] * 3 and a[1].label_mask is None
+    assert a[0].label_mask == [False] * n_a + [True] * 3 and a[1].label_mask is None
     # collated: the prompt's labels are -100, the rest are the tokens
     from dataworth.data import collate_examples
 
@@ -358,7 +359,7 @@ def test_prompt_tokens_come_first_and_carry_no_loss(tmp_path, tokenizer):
     assert labels[1, : a[1].num_tokens].tolist() == a[1].input_ids
     # without a prompt column the same rows carry a loss on every token
     plain = chunk_documents(load(write_jsonl(tmp_path / "p.jsonl", ROWS), id_column="id"), tokenizer, 6)
-    assert all(e.label_start == 0 and e.label_mask is None for e in plain)
+    assert all(e.label_mask is None for e in plain)
 
 
 def test_prompt_column_errors(tmp_path, tokenizer):
@@ -372,5 +373,76 @@ def test_prompt_column_errors(tmp_path, tokenizer):
     n_a = len(tokenizer("one two three", add_special_tokens=True)["input_ids"])
     with pytest.raises(DataError, match=f"document 'a' has a prompt of {n_a} tokens, as long as an example") as err:
         chunk_documents(docs, tokenizer, max_length=n_a)
-    assert chunk_documents(docs, tokenizer, max_length=n_a + 1)[0].label_start == n_a  # one token of loss: fine
+    assert chunk_documents(docs, tokenizer, max_length=n_a + 1)[0].label_mask == [False] * n_a + [True]  # fine
     assert "--max-length" in err.value.fix
+
+
+# --- conversations (data.conversation_column) ---------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATS = [
+    {
+        "id": "a",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "the cat?"},
+            {"role": "assistant", "content": "sat on the mat."},
+            {"role": "user", "content": "and the dog?"},
+            {"role": "assistant", "content": "ran after the cat."},
+        ],
+    },
+    {"id": "b", "messages": [{"role": "user", "content": "a bird?"}, {"role": "assistant", "content": "sang."}]},
+]
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    tokenizer.chat_template = CHATML
+    yield tokenizer
+    tokenizer.chat_template = None
+
+
+def test_conversations_take_the_loss_on_assistant_turns(tmp_path, chat_tokenizer):
+    tok = chat_tokenizer
+    docs = load(write_jsonl(tmp_path / "c.jsonl", CHATS), id_column="id", conversation_column="messages")
+    assert docs.conversations == [c["messages"] for c in CHATS] and docs.ids == ["a", "b"]
+    for chat in docs.conversations:
+        ids, mask = encode_chat(tok, chat)
+        full = tok.apply_chat_template(chat, tokenize=False)
+        assert ids == tok(full, add_special_tokens=False)["input_ids"]
+        # the masked-in tokens decode to the assistant turns' text as the template ends them, in order
+        kept = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert kept == "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+        assert not mask[0] and mask[-1]
+    # chunked: each chunk keeps its slice of the mask (none where every label counts); no EOS is appended
+    examples = chunk_documents(docs, tok, max_length=16)
+    ids_a, mask_a = encode_chat(tok, docs.conversations[0])
+    mine = [e for e in examples if e.document_id == "a"]
+    assert sum((e.input_ids for e in mine), []) == ids_a
+    assert sum((e.label_mask or [True] * e.num_tokens for e in mine), []) == mask_a
+
+
+def test_conversation_errors(tmp_path, tokenizer, chat_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", CHATS)
+    with pytest.raises(ValueError, match="prompt_column and conversation_column"):
+        DataConfig(dataset=str(path), prompt_column="p", conversation_column="messages")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": "hello"}])
+    with pytest.raises(DataError, match="document 'x' .*must be a list of .*messages"):
+        load(bad, id_column="id", conversation_column="messages")
+    silent = [{"id": "s", "messages": [{"role": "user", "content": "hi"}]}, CHATS[1]]
+    path2 = write_jsonl(tmp_path / "silent.jsonl", silent)
+    with pytest.raises(DataError, match="document 's' .*has no assistant turn"):
+        load(path2, id_column="id", conversation_column="messages")
+    assert load(path2, id_column="id", conversation_column="messages", skip_empty=True).ids == ["b"]
+    docs = load(path, id_column="id", conversation_column="messages")
+    chat_tokenizer.chat_template = None
+    with pytest.raises(DataError, match="no chat template") as err:
+        chunk_documents(docs, tokenizer, 16)
+    assert "model.tokenizer" in err.value.fix
+    # a template whose whole rendering does not start with its first turns' (here: a count up front)
+    chat_tokenizer.chat_template = "{{ messages | length }}" + CHATML
+    with pytest.raises(DataError, match="cannot be found"):
+        chunk_documents(docs, tokenizer, 16)

@@ -221,14 +221,15 @@ def test_other_architectures_equal_autograd(arch):
 
 
 def test_prompt_masked_examples_equal_autograd_on_the_response(tiny_model):
-    """Examples with prompt tokens (Example.label_start) log the gradient of the loss on the tokens after them,
-    batched with examples that have none."""
+    """Examples with prompt or user-turn tokens (Example.label_mask False on them) log the gradient of the loss on
+    the other tokens, batched with examples that have none."""
     from dataworth.attribution.gradients import log_example_gradients
     from dataworth.data import Example
 
     starts = [3, 0, 5, 1]
-    examples = [Example(i, f"d{i}", 0, 0, len(s), s, label_start=k) for i, (s, k) in enumerate(zip(SEQS, starts))]
     masks = [[t >= k for t in range(len(s))] for s, k in zip(SEQS, starts)]
+    masks[2] = [False, False, True, True, False, False, True, True]  # two assistant turns of a conversation
+    examples = [Example(i, f"d{i}", 0, 0, len(s), s, label_mask=m) for i, (s, m) in enumerate(zip(SEQS, masks))]
     cfg = plain(projection="gaussian", proj_dim_in=4, proj_dim_out=3, batch_size=4)
     expected = reference_gradients(tiny_model, cfg, SEQS, masks)
     ids, got = next(log_example_gradients(tiny_model, _Tok(), examples, cfg))

@@ -37,7 +37,8 @@ def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
     index_flow(cfg, progress=False)
 
     store = IndexStore(cfg.index_uri)
-    ex = store.read_examples(["example_id", "document_id", "input_ids", "label_start"]).to_pydict()
+    ex = store.read_examples(["example_id", "document_id", "input_ids", "label_mask"]).to_pydict()
+    ex["label_start"] = [0 if m is None else m.index(True) for m in ex["label_mask"]]  # the prompt: a prefix
     starts = dict(zip(ex["example_id"], ex["label_start"]))
     # every document with a prompt masks it in its first chunk; the empty prompt masks only the start token
     first = {
@@ -53,14 +54,14 @@ def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
 
     # The next night one document's prompt ends a word earlier: the same tokens, another loss. An incremental run
     # logs it again instead of copying its gradient, and copies the others.
-    before = store.read_examples(["document_id", "input_ids", "label_start"]).to_pylist()
+    before = store.read_examples(["document_id", "input_ids", "label_mask"]).to_pylist()
     rows[1] = {"id": "d1", "prompt": "Who keeps", "text": " cats?" + rows[1]["text"]}
     (assets / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = index_flow(cfg, progress=False)
-    after = store.read_examples(["document_id", "input_ids", "label_start"]).to_pylist()
+    after = store.read_examples(["document_id", "input_ids", "label_mask"]).to_pylist()
     old_d1, new_d1 = ([r for r in t if r["document_id"] == "d1"] for t in (before, after))
     assert [r["input_ids"] for r in new_d1] == [r["input_ids"] for r in old_d1]
-    assert new_d1[0]["label_start"] < old_d1[0]["label_start"]
+    assert new_d1[0]["label_mask"].index(True) < old_d1[0]["label_mask"].index(True)
     assert out["examples_computed"] == 1 and out["examples_reused"] == len(after) - 1  # its first chunk only
     check_stored_gradients(store, model, cfg)
 
@@ -80,13 +81,13 @@ def test_prompt_corpus_logs_the_response_loss(harness, tmp_path):
 
 
 def check_stored_gradients(store: IndexStore, model, cfg) -> dict:
-    """The published gradients equal autograd's of the loss after each example's label_start; returns the examples."""
+    """The published gradients equal autograd's of the loss where each example's label_mask is True."""
     manifest = store.read_manifest()
     ex = store.read_examples(
-        ["example_id", "document_id", "input_ids", "label_start"], version=manifest.examples_version
+        ["example_id", "document_id", "input_ids", "label_mask"], version=manifest.examples_version
     ).to_pydict()
     seqs = ex["input_ids"]
-    masks = [[t >= s for t in range(len(q))] for q, s in zip(seqs, ex["label_start"])]
+    masks = ex["label_mask"]
     expected = reference_gradients(model, cfg.logging, seqs, masks)
     vectors, _ = store.read_gradients_by_id(torch.tensor(ex["example_id"]).numpy(), manifest.gradients_version)
     got = torch.from_numpy(vectors).double()
@@ -95,3 +96,49 @@ def check_stored_gradients(store: IndexStore, model, cfg) -> dict:
     unmasked = reference_gradients(model, cfg.logging, seqs)
     assert ((got - unmasked).norm(dim=1, keepdim=True) / scale).max() > 1e-2  # the prompts' loss is left out
     return ex
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.timeout(600)
+def test_conversation_corpus_logs_the_assistant_turns_loss(harness, tmp_path, capsys):
+    """`dataworth index --conversation-column messages` with a chat model's tokenizer: the stored gradients are
+    autograd's of the loss on the assistant turns' tokens, as the chat template renders them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dataworth.data import encode_chat
+
+    texts = TINY_CORPUS[:6]
+    assets = write_tiny_assets(tmp_path / "assets", texts + [p for p in PROMPTS if p] + [CHATML])
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(assets / "model")
+    chats = [
+        [{"role": "user", "content": PROMPTS[i % 2]}, {"role": "assistant", "content": t}]
+        + ([{"role": "user", "content": "And then?"}, {"role": "assistant", "content": texts[0]}] if i % 3 == 0 else [])
+        for i, t in enumerate(texts)
+    ]
+    rows = [{"id": f"c{i}", "messages": chat} for i, chat in enumerate(chats)]
+    (assets / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = tmp_path / "index"
+    args = ["index", "--model", str(assets / "model"), "--dataset", str(assets / "chats.jsonl"), "--id-column", "id"]
+    args += ["--conversation-column", "messages", "--index", str(index), "--max-length", "64"]
+    args += ["--precondition", "none", "--projection", "gaussian", "--proj-dim", "4", "--curvature", "raw"]
+    assert main([*args, "--no-mlflow", "--no-progress"]) == 0
+
+    store = IndexStore(str(index))
+    cfg = store.read_manifest().config
+    assert cfg.data.conversation_column == "messages"
+    ex = store.read_examples(["document_id", "input_ids", "label_mask"]).to_pylist()
+    assert len(ex) > len(chats)  # the longer conversations are chunked
+    for i, chat in enumerate(chats):  # a conversation's chunks: its rendering, the mask its assistant turns'
+        mine = [e for e in ex if e["document_id"] == f"c{i}"]
+        ids = sum((e["input_ids"] for e in mine), [])
+        mask = sum((e["label_mask"] or [True] * len(e["input_ids"]) for e in mine), [])
+        assert (ids, mask) == tuple(map(list, encode_chat(tokenizer, chat)))
+    model = AutoModelForCausalLM.from_pretrained(assets / "model").to(torch.float64).eval()
+    check_stored_gradients(store, model, cfg)

@@ -41,7 +41,7 @@ def test_examples_schema():
         ("text", pa.string(), False),
         ("source", pa.string(), True),
         ("input_ids", pa.list_(pa.int32()), False),
-        ("label_start", pa.int32(), False),
+        ("label_mask", pa.list_(pa.bool_()), True),
     ]
 
 

@@ -453,23 +453,25 @@ def test_every_published_version_can_be_read_back(store):
         store.read_manifest(first.gradients_version)
 
 
-def test_examples_without_label_start_read_as_a_loss_on_every_token(store):
-    """An examples table written before the label_start column (data.prompt_column) existed is still read: every
-    example's label_start is 0, which is how its gradients were logged. New tables store the column."""
+def test_examples_without_label_mask_read_as_a_loss_on_every_token(store):
+    """An examples table written before the label_mask column (data.prompt_column) existed is still read: every
+    example's label_mask is null (every label counts), which is how its gradients were logged. New tables store
+    the column."""
     from storage.schemas import legacy_examples_schema
 
     legacy = _examples(4).cast(legacy_examples_schema())
     db = lancedb.connect(store.uri)
     db.create_table("examples", data=legacy, schema=legacy_examples_schema())
-    assert store.read_examples(["example_id", "label_start"]).to_pydict() == {
+    assert store.read_examples(["example_id", "label_mask"]).to_pydict() == {
         "example_id": [0, 1, 2, 3],
-        "label_start": [0, 0, 0, 0],
+        "label_mask": [None] * 4,
     }
     whole = store.read_examples(where="example_id >= 2")
-    assert whole.schema.names == examples_schema().names and whole.column("label_start").to_pylist() == [0, 0]
+    assert whole.schema.names == examples_schema().names and whole.column("label_mask").to_pylist() == [None, None]
     assert store.read_examples(["text"]).schema.names == ["text"]
-    assert store.previous_examples(store.examples_version(), ["doc1"]).column("label_start").to_pylist() == [0, 0]
+    assert store.previous_examples(store.examples_version(), ["doc1"]).column("label_mask").null_count == 2
     # written now: the column is stored (filled with 0 when the table has none)
-    store.write_examples(_examples(2).append_column("label_start", pa.array([3, 0], pa.int32())))
-    assert store.read_examples(["label_start"]).column("label_start").to_pylist() == [3, 0]
-    assert "label_start" in lancedb.connect(store.uri).open_table("examples").schema.names
+    masks = [[False, True, True, True], None]
+    store.write_examples(_examples(2).append_column("label_mask", pa.array(masks, pa.list_(pa.bool_()))))
+    assert store.read_examples(["label_mask"]).column("label_mask").to_pylist() == masks
+    assert "label_mask" in lancedb.connect(store.uri).open_table("examples").schema.names

@@ -22,7 +22,7 @@ class _Query:
 
 
 def test_examples_table_from_examples(tmp_path):
-    examples = [Example(0, "d0", 0, 0, 3, [5, 6, 7], "web", label_start=2), Example(1, "d0", 1, 3, 4, [8], "")]
+    examples = [Example(0, "d0", 0, 0, 3, [5, 6, 7], "web", [False, False, True]), Example(1, "d0", 1, 3, 4, [8], "")]
     table = examples_table(examples, ["a b c", "d"])
     assert table.schema == examples_schema()
     assert table.to_pylist()[1] == {
@@ -35,9 +35,9 @@ def test_examples_table_from_examples(tmp_path):
         "text": "d",
         "source": None,  # an empty source is stored as null
         "input_ids": [8],
-        "label_start": 0,
+        "label_mask": None,
     }
-    assert table.column("label_start").to_pylist() == [2, 0]
+    assert table.column("label_mask").to_pylist() == [[False, False, True], None]
     store = IndexStore(str(tmp_path / "index"))
     store.write_examples(table)
     assert store.read_examples().to_pylist() == table.to_pylist()

@@ -29,7 +29,7 @@ def _examples(texts: list[str], offset: int = 0) -> pa.Table:
             "text": texts,
             "source": [None] * len(ids),
             "input_ids": [[1, 2, 3, 4]] * len(ids),
-            "label_start": np.zeros(len(ids), dtype=np.int32),
+            "label_mask": [None] * len(ids),
         },
         schema=examples_schema(),
     )
