@@ -158,6 +158,20 @@ def inverse_sqrt(factor: torch.Tensor, damping: float) -> torch.Tensor:
     return (evecs * evals.rsqrt()) @ evecs.T
 
 
+def cholesky_whitening(factor: torch.Tensor, damping: float) -> torch.Tensor:
+    """L⁻¹ for L Lᵀ = M + λ I, λ = damping × mean eigenvalue of M (its trace ÷ d): a W with WᵀW = (M + λ I)⁻¹,
+    equal to Q (M + λ I)^-½ for an orthogonal Q, from a Cholesky factorization and a triangular solve instead of an
+    eigendecomposition (inverse_sqrt, which it falls back to should the factorization fail)."""
+    sym = (factor + factor.T) / 2
+    d = sym.shape[0]
+    mean = float(torch.diagonal(sym).clamp(min=0.0).sum()) / d
+    eye = torch.eye(d, dtype=sym.dtype, device=sym.device)
+    chol, info = torch.linalg.cholesky_ex(sym + damping * (mean if mean > 0 else 1.0) * eye)
+    if int(info) != 0:  # not positive definite to working precision
+        return inverse_sqrt(factor, damping)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
 def pca_whitening(factor: torch.Tensor, damping: float, k: int) -> torch.Tensor:
     """The k×d rows U_kᵀ (M + λ I)^-½ = (Λ_k + λ)^-½ U_kᵀ: the top-k eigenvectors of M, each scaled by its damped
     eigenvalue's inverse square root (LoGra's PCA-initialized projection of a whitened side), largest first."""
@@ -209,7 +223,8 @@ def whitened_projections(
     meta: dict | None = None,
     scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> FittedProjections:
-    """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (R = identity for projection='identity'; with
+    """P_in = R_in A_λ^-½ and P_out = R_out S_λ^-½ per module (A_λ^-½ as L⁻¹ of A_λ = L Lᵀ for a factor at least
+    cfg.cholesky_from_dim wide, recorded in the meta as `cholesky`; R = identity for projection='identity'; with
     basis='pca' R = U_kᵀ, the top-k eigenvectors of the factor, so P = (Λ_k + λ)^-½ U_kᵀ),
     returned on the CPU; P = R (R0 A R0ᵀ + λ)^-½ R0 for a side in `pre_projection_dims`, whose factor is then
     the m×m one of R0 x (or R0 dy). The meta records those sides as `pre_projected`. With the optimizer-state
@@ -224,6 +239,7 @@ def whitened_projections(
     # The random part must be the one a no-preconditioning run draws.
     plain = Projector.unfitted(modules, cfg)
     matrices = {}
+    cholesky: list[str] = []  # the sides whitened by cholesky_whitening
     for name in modules:
         sides = []
         d = dict(zip(SIDES, plain.dims[name]))
@@ -238,7 +254,10 @@ def whitened_projections(
             if cfg.basis == "pca":  # the top-k eigenvectors of the factor instead of k random rows
                 p = pca_whitening(factor, cfg.precondition_damping, k[side])
             else:
-                w = inverse_sqrt(factor, cfg.precondition_damping)
+                wide = factor.shape[0] >= cfg.cholesky_from_dim
+                w = (cholesky_whitening if wide else inverse_sqrt)(factor, cfg.precondition_damping)
+                if wide:
+                    cholesky.append(f"{name}:{side}")
                 r = (
                     plain.random(name, side)
                     if m is None
@@ -261,6 +280,7 @@ def whitened_projections(
             "max_factor_dim": cfg.max_factor_dim,
             "pre_projected": pre_dims,
             **({"basis": cfg.basis} if cfg.basis != "random" else {}),
+            **({"cholesky": cholesky} if cholesky else {}),
         },
     )
 

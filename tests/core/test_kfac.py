@@ -19,6 +19,7 @@ from dataworth import attribute
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.kfac import (
     CovarianceCollector,
+    cholesky_whitening,
     fit_kfac_factors,
     fit_kfac_projections,
     inverse_sqrt,
@@ -59,6 +60,33 @@ def test_inverse_sqrt_is_damped_inverse_square_root():
     lam = 0.1 * torch.linalg.eigvalsh(cov).mean()
     assert torch.allclose(w @ w, torch.linalg.inv(cov + lam * torch.eye(5, dtype=torch.float64)), atol=1e-10)
     assert torch.allclose(w, w.T)
+
+
+def test_cholesky_whitening_has_the_damped_inverse_as_gram():
+    m = torch.randn(6, 3, dtype=torch.float64)
+    cov = m @ m.T  # rank 3
+    w = cholesky_whitening(cov, 0.1)
+    lam = 0.1 * torch.trace(cov) / 6
+    assert torch.allclose(w.T @ w, torch.linalg.inv(cov + lam * torch.eye(6, dtype=torch.float64)), atol=1e-10)
+    assert torch.allclose(w, torch.tril(w))  # L⁻¹: lower triangular, not the symmetric root
+    assert torch.allclose(w.T @ w, inverse_sqrt(cov, 0.1) @ inverse_sqrt(cov, 0.1), atol=1e-10)
+
+
+def test_cholesky_whitened_index_has_the_same_kfac_inner_products(tiny_model):
+    """Whitening by L⁻¹ (every factor: cholesky_from_dim 1) instead of (M + λ)^-½ changes the exact whitened
+    gradients (projection identity) by an orthogonal map per side: every inner product, so every KFAC influence
+    and norm, is the same; the meta names the sides so whitened."""
+    base = dict(projection="identity", precondition_damping=0.05)
+    sym_cfg, chol_cfg = LoggingConfig(**base), LoggingConfig(**base, cholesky_from_dim=1)
+    sym = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), sym_cfg)
+    chol = fit_kfac_projections(tiny_model, _Tok(), examples(SEQS), chol_cfg)
+    assert "cholesky" not in sym.meta and len(chol.meta["cholesky"]) == 2 * len(chol.matrices)
+    g_sym = hook_gradients(tiny_model, sym_cfg, SEQS, fitted=sym)
+    g_chol = hook_gradients(tiny_model, chol_cfg, SEQS, fitted=chol)
+    assert not torch.allclose(g_sym, g_chol, atol=1e-6)  # other coordinates ...
+    assert torch.allclose(g_sym @ g_sym.T, g_chol @ g_chol.T, atol=1e-9, rtol=1e-7)  # ... the same geometry
+    for name, (p_in, p_out) in chol.matrices.items():
+        assert torch.allclose(p_in, torch.tril(p_in)) and torch.allclose(p_out, torch.tril(p_out)), name
 
 
 @pytest.mark.parametrize("projection", ["identity", "gaussian"])
