@@ -178,7 +178,7 @@ def load_documents(cfg: DataConfig) -> Documents:
                 f"document {ids[i]!r} (row {i}): prompt_column {cfg.prompt_column!r} holds {type(p).__name__}, not text"
             )
     if chats:
-        return _conversations(cfg, texts, ids, sources)
+        return conversations_of(cfg, texts, ids, sources)
     keep = []
     for i, t in enumerate(texts):
         # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
@@ -197,7 +197,7 @@ def load_documents(cfg: DataConfig) -> Documents:
     return Documents([texts[i] for i in keep], [ids[i] for i in keep], [sources[i] for i in keep], picked)
 
 
-def _conversations(cfg: DataConfig, rows: list, ids: list[str], sources: list[str]) -> Documents:
+def conversations_of(cfg: DataConfig, rows: list, ids: list[str], sources: list[str]) -> Documents:
     """The conversation_column's rows as Documents, each checked to be a list of {role, content} messages with
     an assistant turn (without one a row has no loss: an error, or dropped with skip_empty)."""
     keep = []

@@ -24,8 +24,16 @@ from dataworth.attribution.gradients import log_example_gradients, query_gradien
 from dataworth.attribution.kfac import fit_projections
 from dataworth.attribution.projection import FittedProjections, Layout, describe_layout
 from dataworth.attribution.scoring import Scorer
-from dataworth.config import CurvatureConfig, GenerationConfig, LoggingConfig, QuerySpec, ScoreConfig, ScoreMode
-from dataworth.data import Documents, Example, chunk_documents, pad_token_id
+from dataworth.config import (
+    CurvatureConfig,
+    DataConfig,
+    GenerationConfig,
+    LoggingConfig,
+    QuerySpec,
+    ScoreConfig,
+    ScoreMode,
+)
+from dataworth.data import Documents, Example, chunk_documents, conversations_of, pad_token_id
 from dataworth.errors import ConfigError, DataError, QueryError
 from dataworth.model import DTYPES, context_length
 from dataworth.queries import EncodedQuery, encode_queries
@@ -80,6 +88,11 @@ def _as_examples(train, tokenizer, max_length: int) -> list[Example]:
             raise DataError("the training examples repeat an example_id; ids must be unique")
         return train
     prompts = None
+    if all(isinstance(t, dict) and "messages" in t for t in train):  # conversations (conversation_column)
+        cfg = DataConfig(dataset="attribute", conversation_column="messages")
+        ids = [str(i) for i in range(len(train))]
+        docs = conversations_of(cfg, [row["messages"] for row in train], ids, [""] * len(train))
+        return chunk_documents(docs, tokenizer, max_length)
     if all(isinstance(t, dict) for t in train):  # {"text", "prompt"?}: the loss on the text only (prompt_column)
         for i, row in enumerate(train):
             if not isinstance(row.get("text"), str) or not isinstance(row.get("prompt", ""), (str, type(None))):
@@ -150,7 +163,9 @@ def attribute(
 
     `train` is a list of texts (each tokenized and cut into chunks of `max_length` tokens,
     default the model's context), of {'text', 'prompt'?} dicts (instruction data: the prompt's tokens come
-    first and carry no loss, as the index's data.prompt_column) or of `dataworth.data.Example` chunks.
+    first and carry no loss, as the index's data.prompt_column), of {'messages': [{'role', 'content'}, ...]}
+    conversations (the loss on the assistant turns, as data.conversation_column) or of `dataworth.data.Example`
+    chunks.
     A query is a prompt string (its completion is generated greedily), a dict with 'prompt' and optionally
     'completion' and 'id', or a QuerySpec; string and dict queries without an id are named
     q0, q1, ... by position. `logging`, `curvature`, `modes` and `top_k` mean what they mean

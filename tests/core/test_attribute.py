@@ -128,6 +128,36 @@ def test_prompted_training_texts_score_the_loss_on_their_text(model, tokenizer):
         attribute(model, tokenizer, [{"text": "a"}, {"prompt": "b"}], "the cat")
 
 
+def test_conversations_score_the_loss_on_assistant_turns(model, tokenizer):
+    """{'messages': [...]} training rows: rendered by the chat template, dot equals autograd's with the user turns'
+    labels masked."""
+    from dataworth.data import encode_chat
+
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    try:
+        chats = [
+            {"messages": [{"role": "user", "content": TEXTS[i][:10]}, {"role": "assistant", "content": TEXTS[i][10:]}]}
+            for i in range(3)
+        ]
+        logging = plain(projection="identity", batch_size=2)
+        result = attribute(
+            model, tokenizer, chats, QUERIES, logging=logging, curvature=CurvatureConfig(kind="identity"), modes=["dot"]
+        )
+        encoded = [encode_chat(tokenizer, c["messages"]) for c in chats]
+        assert [(e.input_ids, e.label_mask) for e in result.examples] == [(list(i), list(m)) for i, m in encoded]
+        train = reference_gradients(model, logging, [i for i, _ in encoded], [m for _, m in encoded])
+        q_masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in result.queries]
+        queries = reference_gradients(model, logging, [q.input_ids for q in result.queries], q_masks)
+        assert relative_error(result.scores["dot"], queries @ train.T) < 1e-5
+        with pytest.raises(DataError, match="has no assistant turn"):
+            attribute(model, tokenizer, [{"messages": [{"role": "user", "content": "hi"}]}], "the cat")
+    finally:
+        tokenizer.chat_template = None
+
+
 def test_examples_as_input_and_model_mode_restored(model, tokenizer):
     docs = Documents(TEXTS[:3], ["a", "b", "c"], [""] * 3)
     examples = chunk_documents(docs, tokenizer, MAX_LENGTH)[2:]  # ids no longer start at 0
