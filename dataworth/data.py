@@ -183,7 +183,13 @@ def load_documents(cfg: DataConfig) -> Documents:
     for i, t in enumerate(texts):
         # A missing value (an empty CSV cell, a JSON null) is an empty document, not a type error.
         if t is not None and not isinstance(t, str):
-            raise DataError(f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text")
+            chat = isinstance(t, list) and all(isinstance(m, dict) and "role" in m for m in t)
+            raise DataError(
+                f"document {ids[i]!r} (row {i}): {cfg.text_column!r} holds {type(t).__name__}, not text",
+                fix=f"it holds chat messages: set conversation_column={cfg.text_column!r} (--conversation-column)"
+                if chat
+                else None,
+            )
         if t is None or not t.strip():
             if not cfg.skip_empty:
                 raise DataError(

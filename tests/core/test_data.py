@@ -427,6 +427,11 @@ def test_conversations_take_the_loss_on_assistant_turns(tmp_path, chat_tokenizer
 
 def test_conversation_errors(tmp_path, tokenizer, chat_tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", CHATS)
+    # chat messages given as the text column: the fix names conversation_column
+    as_text = write_jsonl(tmp_path / "as_text.jsonl", [{"id": "a", "text": CHATS[1]["messages"]}])
+    with pytest.raises(DataError, match="'text' holds list, not text") as err:
+        load(as_text, id_column="id")
+    assert "conversation_column='text'" in err.value.fix
     with pytest.raises(ValueError, match="prompt_column and conversation_column"):
         DataConfig(dataset=str(path), prompt_column="p", conversation_column="messages")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": "hello"}])
