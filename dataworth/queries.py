@@ -32,9 +32,11 @@ def load_queries(path: str | None, inline: list[QuerySpec] | None = None) -> lis
                     f"{path}:{n} is not valid JSON ({err.msg}); each line must be one JSON object"
                 ) from err
             if not isinstance(row, dict):
-                raise QueryError(f"{path}:{n} must be a JSON object with 'prompt' (and optionally 'id', 'completion')")
+                raise QueryError(
+                    f"{path}:{n} must be a JSON object with 'prompt' (and optionally 'id', 'completion') or 'messages'"
+                )
             row.setdefault("id", f"q{n}")
-            row = {k: row[k] for k in ("id", "prompt", "completion") if k in row}
+            row = {k: row[k] for k in ("id", "prompt", "completion", "messages") if k in row}
             try:
                 queries.append(QuerySpec(**{**row, "id": str(row["id"])}))
             except ValidationError as err:
@@ -91,6 +93,39 @@ def _cut_completion(ids: list[int], tokenizer, cfg: GenerationConfig) -> list[in
 
 
 @torch.no_grad()
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A query prompt's token ids, with the tokenizer's special tokens unless the text begins with its BOS token
+    already (a chat template's rendering): a rendered chat prompt, stored as text, encodes the same way again."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (isinstance(bos, str) and bos and prompt.startswith(bos))
+    return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+
+
+def render_chat_query(tokenizer, q: QuerySpec) -> tuple[str, str | None]:
+    """(prompt text, completion text or None: to generate) of a chat query, rendered by the tokenizer's chat
+    template: a last assistant message is the completion, its turn as the template writes it (the text the
+    rendering of the whole adds to that of the messages before it with the generation prompt); otherwise the
+    prompt is the whole chat with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise QueryError(
+            f"query {q.id!r} is a chat (messages), and the tokenizer has no chat template to render it",
+            fix="use the chat model's tokenizer (its tokenizer_config.json holds the template), or give the query "
+            "as prompt and completion text",
+        )
+    messages = [dict(m) for m in q.messages]
+    if messages[-1]["role"] != "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), None
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not whole.startswith(prompt) or len(whole) == len(prompt):
+        raise QueryError(
+            f"query {q.id!r}: the chat template renders the chat as something other than its first messages followed "
+            "by the reply, so the reply cannot be found",
+            fix="give the query as prompt and completion text",
+        )
+    return prompt, whole[len(prompt) :]
+
+
 def encode_queries(
     model, tokenizer, queries: list[QuerySpec], gen: GenerationConfig, max_length: int, batch_size: int = 16
 ) -> list[EncodedQuery]:
@@ -105,13 +140,14 @@ def encode_queries(
         if q.id in seen:
             raise QueryError(f"query id {q.id!r} appears twice; query ids must be unique")
         seen.add(q.id)
-        p_ids = tokenizer(q.prompt, add_special_tokens=True)["input_ids"]
-        c_ids = tokenizer(q.completion, add_special_tokens=False)["input_ids"] if q.completion is not None else []
-        if q.completion is not None and not c_ids:
+        prompt, completion = render_chat_query(tokenizer, q) if q.messages is not None else (q.prompt, q.completion)
+        p_ids = encode_prompt(tokenizer, prompt)
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] if completion is not None else []
+        if completion is not None and not c_ids:
             raise QueryError(
                 f"query {q.id!r} has an empty completion; give text or leave completion out to generate one"
             )
-        encoded.append(EncodedQuery(q.id, q.prompt, list(p_ids), list(c_ids), q.completion or "", q.completion is None))
+        encoded.append(EncodedQuery(q.id, prompt, list(p_ids), list(c_ids), completion or "", completion is None))
     for e in encoded:  # before generating: an over-long prompt would fail deep inside the position embedding
         total = len(e.prompt_ids) + (gen.max_new_tokens if e.generated else len(e.completion_ids))
         if total > max_length:

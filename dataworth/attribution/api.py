@@ -121,7 +121,7 @@ def _as_query_specs(queries) -> list[QuerySpec]:
         elif isinstance(q, str):
             specs.append(QuerySpec(id=f"q{i}", prompt=q))
         elif isinstance(q, dict):
-            fields = {k: q[k] for k in ("id", "prompt", "completion") if k in q}
+            fields = {k: q[k] for k in ("id", "prompt", "completion", "messages") if k in q}
             specs.append(QuerySpec(**{**fields, "id": str(fields.get("id", f"q{i}"))}))
         else:
             raise QueryError(

@@ -152,6 +152,10 @@ def test_conversations_score_the_loss_on_assistant_turns(model, tokenizer):
         q_masks = [[False] * len(q.prompt_ids) + [True] * len(q.completion_ids) for q in result.queries]
         queries = reference_gradients(model, logging, [q.input_ids for q in result.queries], q_masks)
         assert relative_error(result.scores["dot"], queries @ train.T) < 1e-5
+        # a chat query: rendered by the template, its reply attributed
+        chat = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": " sat"}]
+        (q,) = attribute(model, tokenizer, chats, {"id": "c", "messages": chat}, logging=logging, modes=["dot"]).queries
+        assert q.prompt + q.completion == tokenizer.apply_chat_template(chat, tokenize=False) and not q.generated
         with pytest.raises(DataError, match="has no assistant turn"):
             attribute(model, tokenizer, [{"messages": [{"role": "user", "content": "hi"}]}], "the cat")
     finally:

@@ -9,6 +9,7 @@ from tiny import make_tiny_gpt2
 from dataworth.benchmarks.tiny_model import train_tokenizer
 from dataworth.config import GenerationConfig, QuerySpec
 from dataworth.data import pad_token_id
+from dataworth.errors import QueryError
 from dataworth.queries import encode_queries, greedy_generate, load_queries
 
 CONTEXT = 64  # n_positions of the tiny GPT-2
@@ -71,7 +72,7 @@ def test_line_that_is_not_an_object(tmp_path, line):
     "row, message",
     [
         ({"id": "e", "prompt": "  "}, "prompt is empty"),
-        ({"id": "m", "completion": "x"}, "Field required"),
+        ({"id": "m", "completion": "x"}, "prompt is empty"),
     ],
 )
 def test_empty_or_missing_prompt(tmp_path, row, message):
@@ -278,3 +279,66 @@ def test_duplicate_ids_raise(model, tokenizer):
     queries = [QuerySpec(id="a", prompt="the", completion=" cat"), QuerySpec(id="a", prompt="a", completion=" dog")]
     with pytest.raises(ValueError, match="query id 'a' appears twice"):
         encode_queries(model, tokenizer, queries, GenerationConfig(), CONTEXT)
+
+
+# --- chat queries (messages) ------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    yield tokenizer
+    tokenizer.chat_template = None
+
+
+def test_chat_queries_render_with_the_template(tmp_path, model, chat_tokenizer):
+    tok = chat_tokenizer
+    rows = [
+        {"id": "given", "messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]},
+        {"id": "gen", "messages": [{"role": "user", "content": "the dog"}]},
+    ]
+    specs = load_queries(str(write(tmp_path / "q.jsonl", rows)))
+    assert [q.messages for q in specs] == [r["messages"] for r in rows] and specs[0].prompt == ""
+    given, gen = encode_queries(model, tok, specs, GenerationConfig(max_new_tokens=3), CONTEXT)
+    # the reply is the attributed completion, its turn as the template writes it; the prompt ends in its header
+    assert given.prompt == "<user>the cat</user>\n<assistant>" and given.completion == "sat</assistant>\n"
+    assert not given.generated and given.completion_ids == tok(given.completion, add_special_tokens=False)["input_ids"]
+    assert given.prompt_ids == tok(given.prompt, add_special_tokens=True)["input_ids"]
+    # without a reply the model's is generated after the generation prompt
+    assert gen.prompt == "<user>the dog</user>\n<assistant>" and gen.generated
+    assert gen.completion_ids == greedy_by_hand(model, gen.prompt_ids, 3)
+    # stored as text and encoded again (token-wise runs, tracked runs): the same tokens
+    again = encode_queries(
+        model, tok, [QuerySpec(id="g", prompt=given.prompt, completion=given.completion)], GenerationConfig(), CONTEXT
+    )[0]
+    assert (again.prompt_ids, again.completion_ids) == (given.prompt_ids, given.completion_ids)
+
+
+def test_a_prompt_that_begins_with_bos_gets_no_second_one(chat_tokenizer):
+    from dataworth.queries import encode_prompt
+
+    tok = chat_tokenizer
+    old = tok.bos_token
+    try:
+        tok.bos_token = "the"
+        assert encode_prompt(tok, "the cat") == tok("the cat", add_special_tokens=False)["input_ids"]
+    finally:
+        tok.bos_token = old
+
+
+def test_chat_query_errors(model, tokenizer, chat_tokenizer):
+    with pytest.raises(ValueError, match="messages alone"):
+        QuerySpec(id="x", prompt="p", messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(ValueError, match="role"):
+        QuerySpec(id="x", messages=[{"text": "a"}])
+    with pytest.raises(ValueError, match="needs a message before"):
+        QuerySpec(id="x", messages=[{"role": "assistant", "content": "a"}])
+    chat_tokenizer.chat_template = None
+    q = QuerySpec(id="c", messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(QueryError, match="query 'c' is a chat .* no chat template"):
+        encode_queries(model, tokenizer, [q], GenerationConfig(), CONTEXT)

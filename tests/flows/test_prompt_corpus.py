@@ -142,3 +142,22 @@ def test_conversation_corpus_logs_the_assistant_turns_loss(harness, tmp_path, ca
         assert (ids, mask) == tuple(map(list, encode_chat(tokenizer, chat)))
     model = AutoModelForCausalLM.from_pretrained(assets / "model").to(torch.float64).eval()
     check_stored_gradients(store, model, cfg)
+
+    # a chat query against it: rendered by the same template, its reply attributed; token-wise, the query side sums
+    # to the stored score (the stored prompt text encodes to the same tokens again)
+    queries = tmp_path / "chat-queries.jsonl"
+    chat = [{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": "Tova keeps"}]
+    queries.write_text(json.dumps({"id": "q", "messages": chat}) + "\n")
+    results = tmp_path / "results"
+    args = ["query", "--index", str(index), "--queries", str(queries), "--results", str(results), "--modes", "dot"]
+    assert main([*args, "--top-k", "3", "--tokenwise-top", "3", "--no-mlflow", "--no-progress"]) == 0
+    out = IndexStore(str(results))
+    (stored,) = out.read_queries().to_pylist()
+    assert stored["prompt"] == tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    assert stored["prompt"] + stored["completion"] == tokenizer.apply_chat_template(chat, tokenize=False)
+    scores = {r["rank"]: r["score"] for r in out.read_scores().to_pylist()}
+    rows = [r for r in out.read_token_scores().to_pylist() if r["side"] == "query"]
+    assert {r["rank"] for r in rows} == {1, 2, 3}
+    for rank, score in scores.items():
+        total = sum(r["score"] for r in rows if r["rank"] == rank)
+        assert abs(total - score) <= 1e-4 * max(1.0, abs(score))
