@@ -469,9 +469,14 @@ def test_examples_without_label_mask_read_as_a_loss_on_every_token(store):
     whole = store.read_examples(where="example_id >= 2")
     assert whole.schema.names == examples_schema().names and whole.column("label_mask").to_pylist() == [None, None]
     assert store.read_examples(["text"]).schema.names == ["text"]
-    assert store.previous_examples(store.examples_version(), ["doc1"]).column("label_mask").null_count == 2
+    legacy_version = store.examples_version()
+    assert store.previous_examples(legacy_version, ["doc1"]).column("label_mask").null_count == 2
     # written now: the column is stored (filled with 0 when the table has none)
     masks = [[False, True, True, True], None]
     store.write_examples(_examples(2).append_column("label_mask", pa.array(masks, pa.list_(pa.bool_()))))
     assert store.read_examples(["label_mask"]).column("label_mask").to_pylist() == masks
     assert "label_mask" in lancedb.connect(store.uri).open_table("examples").schema.names
+    # an upgraded index's first incremental run reads the version before the column beside the one after it
+    old = store.previous_examples(legacy_version, ["doc0", "doc1"]).to_pydict()
+    assert old["example_id"] == [0, 1, 2, 3] and old["label_mask"] == [None] * 4
+    assert store.read_examples(["example_id"], version=legacy_version).num_rows == 4
