@@ -273,6 +273,25 @@ def chunk_documents(docs: Documents, tokenizer, max_length: int, add_eos: bool =
     return examples
 
 
+def render_chat(tokenizer, messages: list[dict], generation: bool = False) -> str:
+    """The chat template's text of `messages` (with the generation prompt after them when `generation`); ''
+    for no message."""
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+
+
+def assistant_span(tokenizer, messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
+    """The characters of `full` (the rendering of all `messages`) that message i, an assistant turn, adds: from
+    the end of the rendering of the messages before it with the generation prompt to the end of the rendering up
+    to it. None when those renderings are not prefixes of one another and of `full` (such a template's turns
+    cannot be found by rendering)."""
+    before, after = render_chat(tokenizer, messages[:i], generation=True), render_chat(tokenizer, messages[: i + 1])
+    if not (after.startswith(before) and full.startswith(after)):
+        return None
+    return len(before), len(after)
+
+
 def encode_chat(tokenizer, messages: list[dict], doc_id: str = "") -> tuple[list[int], list[bool]]:
     """(token ids, label mask) of a conversation rendered by the tokenizer's chat template: True on the tokens of
     each assistant turn as the template renders it (its content and the end of its turn, not the header the
@@ -293,24 +312,19 @@ def encode_chat(tokenizer, messages: list[dict], doc_id: str = "") -> tuple[list
             fix="load the model's tokenizer.json (a fast tokenizer), or give the turns as prompt_column, text_column",
         )
 
-    def render(msgs: list[dict], generation: bool = False) -> str:
-        if not msgs:
-            return ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-
-    full = render(messages)
+    full = render_chat(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, after = render(messages[:i], generation=True), render(messages[: i + 1])
-        if not (after.startswith(before) and full.startswith(after)):
+        span = assistant_span(tokenizer, messages, i, full)
+        if span is None:
             raise DataError(
                 f"document {doc_id!r}: the chat template renders the conversation's first {i + 1} messages as "
                 "something other than the start of the whole conversation, so its assistant turns cannot be found",
                 fix="give the turns as prompt_column and text_column instead of conversation_column",
             )
-        spans.append((len(before), len(after)))
+        spans.append(span)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(a <= lo < b for a, b in spans) for lo, _ in enc["offset_mapping"]]
     if not any(mask):

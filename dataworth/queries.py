@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from dataworth.config import GenerationConfig, QuerySpec
-from dataworth.data import collate, pad_token_id
+from dataworth.data import assistant_span, collate, pad_token_id, render_chat
 from dataworth.errors import ConfigError, QueryError
 from dataworth.model import context_length
 
@@ -114,16 +114,16 @@ def render_chat_query(tokenizer, q: QuerySpec) -> tuple[str, str | None]:
         )
     messages = [dict(m) for m in q.messages]
     if messages[-1]["role"] != "assistant":
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), None
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not whole.startswith(prompt) or len(whole) == len(prompt):
+        return render_chat(tokenizer, messages, generation=True), None
+    whole = render_chat(tokenizer, messages)
+    span = assistant_span(tokenizer, messages, len(messages) - 1, whole)
+    if span is None or span[0] == span[1]:
         raise QueryError(
             f"query {q.id!r}: the chat template renders the chat as something other than its first messages followed "
             "by the reply, so the reply cannot be found",
             fix="give the query as prompt and completion text",
         )
-    return prompt, whole[len(prompt) :]
+    return whole[: span[0]], whole[span[0] :]
 
 
 def encode_queries(

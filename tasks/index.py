@@ -279,7 +279,7 @@ def shard_hashes(examples: list[Example], shard_size: int) -> list[str]:
         for e in examples[lo : lo + shard_size]:
             h.update(f"{e.example_id}|{e.document_id}|{e.chunk_index}|{e.token_start}|".encode())
             if e.label_mask is not None:  # (only when set: the hashes of corpora without prompts stay as they were)
-                h.update(b"mask" + np.asarray(e.label_mask, dtype=np.uint8).tobytes())
+                h.update(b"mask" + _mask_key(e.label_mask))
             h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
         out.append(h.hexdigest()[:20])
     return out
@@ -479,8 +479,8 @@ def previous_version(
 
 
 def _mask_key(mask: list[bool] | None) -> bytes | None:
-    """An example's label mask as a hashable key (None: every label counts)."""
-    return None if mask is None else np.packbits(np.asarray(mask, dtype=bool)).tobytes() + bytes([len(mask) % 8])
+    """An example's label mask as bytes, one per token (None: every label counts): a reuse key and shard-hash input."""
+    return None if mask is None else np.asarray(mask, dtype=np.uint8).tobytes()
 
 
 def copy_unchanged(
