@@ -40,6 +40,27 @@ def make_tiny_llama(dtype=torch.float64, vocab=61, seed=0):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def make_tiny_mixtral(dtype=torch.float32, vocab=61, seed=0):
+    """A tiny Mixtral, whose experts are fused 3-D tensors and whose router is a bare weight (transformers 5):
+    weights no Linear layer holds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=24,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
 # A small corpus of the task and flow tests; the last document is longer than 16 tokens, so it is chunked.
 TINY_CORPUS = [
     "The river Ambel runs past the old mill.",

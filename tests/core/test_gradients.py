@@ -11,7 +11,7 @@ from gradcheck import (
     reference_gradients,
     relative_error,
 )
-from tiny import make_tiny_gpt2, make_tiny_llama
+from tiny import make_tiny_gpt2, make_tiny_llama, make_tiny_mixtral
 
 from dataworth.attribution.hooks import GradientCollector
 from dataworth.attribution.projection import draw_projection
@@ -242,23 +242,10 @@ def test_prompt_masked_examples_equal_autograd_on_the_response(tiny_model):
 def test_untracked_weights_name_what_no_layer_holds():
     """Weight tensors outside every Linear/Conv1D layer and the embeddings (fused MoE experts, a router's bare weight,
     a convolution) are listed with their sizes; a model of Linear layers has none."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from dataworth.attribution.projection import untracked_weights
 
     assert untracked_weights(make_tiny_gpt2()) == {} and untracked_weights(make_tiny_llama()) == {}
-    config = AutoConfig.for_model(
-        "mixtral",
-        vocab_size=61,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=24,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = make_tiny_mixtral()
     got = untracked_weights(model)
     params = dict(model.named_parameters())
     assert got and all(params[n].dim() >= 2 and params[n].numel() == v for n, v in got.items())

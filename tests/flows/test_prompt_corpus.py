@@ -105,7 +105,7 @@ CHATML = (
 
 
 @pytest.mark.timeout(600)
-def test_conversation_corpus_logs_the_assistant_turns_loss(harness, tmp_path, capsys):
+def test_conversation_corpus_logs_the_assistant_turns_loss(harness, tmp_path):
     """`dataworth index --conversation-column messages` with a chat model's tokenizer: the stored gradients are
     autograd's of the loss on the assistant turns' tokens, as the chat template renders them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
